@@ -1,1 +1,7 @@
+"""The captioner model: config, encoder, attention, decoder, loss (no training, no data)."""
+from model.captioner import Captioner
+from model.config import CaptionerConfig
+from model.decoder import DecoderState
+from model.losses import CaptionLoss, caption_loss
 
+__all__ = ["Captioner", "CaptionerConfig", "DecoderState", "CaptionLoss", "caption_loss"]

@@ -1,0 +1,61 @@
+"""The captioner's hyper-parameters: one object, saved next to every checkpoint.
+
+A checkpoint holds variables, not shapes; `CaptionerConfig.to_json()` is written beside it so
+that `Captioner(CaptionerConfig.from_json(...))` always rebuilds the model the weights came from.
+"""
+import dataclasses
+import json
+
+_DTYPES = ("float32", "bfloat16")
+
+
+@dataclasses.dataclass(frozen=True)
+class CaptionerConfig:
+    vocab_size: int                 # from the data dir's vocab.txt (id 0 = <pad>)
+    embedding_dim: int = 256        # word embedding and encoded-feature width
+    units: int = 512                # GRU state and attention width
+    num_positions: int = 64         # 8x8 InceptionV3 grid
+    feature_dim: int = 2048         # channels of the stored features
+    dropout: float = 0.1            # on word embeddings and on the GRU output
+    attention_reg: float = 1.0      # lambda of the doubly stochastic regulariser; 0 = off
+    gate: bool = False              # the paper's beta_t = sigmoid(f_beta(h_{t-1})) context gate
+    compute_dtype: str = "float32"  # or "bfloat16" (variables and logits stay float32)
+
+    def __post_init__(self):
+        for name in ("vocab_size", "embedding_dim", "units", "num_positions", "feature_dim"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"CaptionerConfig.{name} must be a positive int, got {value!r}")
+        if self.vocab_size < 5:
+            raise ValueError(f"CaptionerConfig.vocab_size must be >= 5 (<pad>, <unk>, <start>, "
+                             f"<end> and a word), got {self.vocab_size}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"CaptionerConfig.dropout must be in [0, 1), got {self.dropout!r}")
+        if self.attention_reg < 0:
+            raise ValueError(f"CaptionerConfig.attention_reg must be >= 0, "
+                             f"got {self.attention_reg!r}")
+        if self.compute_dtype not in _DTYPES:
+            raise ValueError(f"CaptionerConfig.compute_dtype must be one of {_DTYPES}, "
+                             f"got {self.compute_dtype!r}")
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d):
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"CaptionerConfig: unknown key(s) {unknown}; "
+                             f"known keys are {sorted(known)}")
+        return cls(**d)
+
+    def to_json(self):
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text):
+        return cls.from_dict(json.loads(text))
+
+    def replace(self, **changes):
+        return dataclasses.replace(self, **changes)

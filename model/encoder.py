@@ -1,0 +1,58 @@
+"""Image side: standardise the stored CNN features, then project them (Dense + ReLU)."""
+import keras
+import numpy as np
+import tensorflow as tf
+
+# Channels that never vary (dead ReLUs) have std 0; x - mean is 0 there too, so any floor works.
+_MIN_STD = 1e-8
+
+
+class FeatureEncoder(keras.layers.Layer):
+    """[..., positions, feature_dim] float16/32 features -> [..., positions, embedding_dim].
+
+    The per-channel mean and std come from the training split (the pipeline computes them) and
+    are non-trainable weights of this layer, so checkpoints and the SavedModel carry them.
+    Seeded-random encoder features have std ~8e-4: unstandardised, the model does not learn
+    the image in minutes (see ARCHITECTURE.md).
+    """
+
+    def __init__(self, embedding_dim, feature_dim, feature_mean=None, feature_std=None, **kw):
+        # autocast=False: Keras would cast float16 inputs straight to bfloat16 under a mixed
+        # policy; standardise in float32 first, cast after (see standardize).
+        super().__init__(autocast=False, **kw)
+        self.embedding_dim = embedding_dim
+        self.feature_dim = feature_dim
+        # None means "to be restored from a checkpoint": identity until then.
+        self._init_mean = _stat(feature_mean, 0.0, feature_dim, "feature_mean")
+        self._init_std = _stat(feature_std, 1.0, feature_dim, "feature_std")
+        self.dense = keras.layers.Dense(embedding_dim, activation="relu", name="dense",
+                                        dtype=self.dtype_policy)
+
+    def build(self, input_shape=None):
+        # Statistics are kept in float32 whatever the compute dtype: standardising in bf16
+        # would lose the small differences that carry the signal.
+        self.mean = self.add_weight(shape=(self.feature_dim,), name="feature_mean",
+                                    initializer=keras.initializers.Constant(self._init_mean),
+                                    trainable=False, dtype="float32", autocast=False)
+        self.std = self.add_weight(shape=(self.feature_dim,), name="feature_std",
+                                   initializer=keras.initializers.Constant(self._init_std),
+                                   trainable=False, dtype="float32", autocast=False)
+        self.dense.build((None, self.feature_dim))
+        self.built = True
+
+    def standardize(self, features):
+        x = tf.cast(features, tf.float32)
+        x = (x - self.mean) / tf.maximum(self.std, _MIN_STD)
+        return tf.cast(x, self.compute_dtype)
+
+    def call(self, features):
+        return self.dense(self.standardize(features))
+
+
+def _stat(value, default, dim, name):
+    if value is None:
+        return np.full((dim,), default, np.float32)
+    value = np.asarray(value, np.float32)
+    if value.shape != (dim,):
+        raise ValueError(f"{name} must have shape ({dim},), got {value.shape}")
+    return value

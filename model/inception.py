@@ -1,0 +1,103 @@
+"""The image encoder: InceptionV3 without its top, 299x299 in, an 8x8x2048 map out.
+
+The same network, with the same weights, makes the features in the pipeline and
+runs inside the exported SavedModel (ARCHITECTURE.md), so building it, scaling
+its input and saving/loading its weights all live here.
+"""
+from __future__ import annotations
+
+import os
+import socket
+
+import keras
+import tensorflow as tf
+
+INPUT_SIZE = 299
+GRID = 8
+CHANNELS = 2048
+ARCHITECTURE = "InceptionV3/mixed10"
+WEIGHT_CHOICES = ("imagenet", "random", "PATH")
+_IMAGENET_HOST = "storage.googleapis.com"
+_IMAGENET_FILE = "inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5"
+
+
+class EncoderWeightsError(ValueError):
+    """The requested encoder weights cannot be had."""
+
+
+def prepare(images) -> tf.Tensor:
+    """Pixels (uint8 or float in 0..255, [B, H, W, 3]) to the network's input:
+    bilinear resize to 299x299, then InceptionV3's scaling to [-1, 1]."""
+    images = tf.image.resize(tf.cast(images, tf.float32), (INPUT_SIZE, INPUT_SIZE), method="bilinear")
+    return images / 127.5 - 1.0
+
+
+def _imagenet_reachable() -> bool:
+    cached = os.path.join(os.path.expanduser(os.environ.get("KERAS_HOME", "~/.keras")), "models", _IMAGENET_FILE)
+    if os.path.exists(cached):
+        return True
+    try:
+        socket.create_connection((_IMAGENET_HOST, 443), timeout=5).close()
+        return True
+    except OSError:
+        return False
+
+
+def build(weights: str = "random", seed: int = 0) -> keras.Model:
+    """InceptionV3 feature extractor: [B, 299, 299, 3] scaled pixels -> [B, 64, 2048].
+
+    weights: "imagenet" (Keras' download), "random" (seeded, for offline demos
+    and tests: random conv features still carry colour, shape and place), or a
+    path to a weights file for this architecture.
+    """
+    if weights == "imagenet":
+        if not _imagenet_reachable():
+            raise EncoderWeightsError(
+                "--encoder-weights imagenet: the ImageNet weights are not cached and "
+                f"{_IMAGENET_HOST} cannot be reached; use --encoder-weights random "
+                "(seeded) or --encoder-weights PATH (a weights file you have)")
+        base_weights = "imagenet"
+    else:
+        base_weights = None
+        if weights != "random" and not tf.io.gfile.exists(weights):
+            raise EncoderWeightsError(
+                f"--encoder-weights {weights}: no such file (choices: imagenet, random, or PATH to a weights file)")
+    if weights == "random":
+        # Initializers draw from the global Keras seed: the same seed gives the
+        # same network. The weights are saved with the data all the same, so
+        # nothing downstream depends on this being reproducible.
+        keras.utils.set_random_seed(seed)
+    base = keras.applications.InceptionV3(
+        include_top=False, weights=base_weights, input_shape=(INPUT_SIZE, INPUT_SIZE, 3))
+    grid = keras.layers.Reshape((GRID * GRID, CHANNELS), name="flatten_grid")(base.output)
+    model = keras.Model(base.input, grid, name="inception_v3_features")
+    if weights not in ("imagenet", "random"):
+        from pipelines import fileio
+
+        try:
+            model.load_weights(fileio.local_copy(weights))
+        except Exception as e:  # h5py/keras raise a zoo of types for a wrong file
+            raise EncoderWeightsError(
+                f"--encoder-weights {weights}: not InceptionV3 (no top) weights: {e}") from e
+    return model
+
+
+def load(weights_path: str) -> keras.Model:
+    """The encoder saved with a data directory (see `save`)."""
+    return build(weights_path)
+
+
+def save(model: keras.Model, path: str) -> None:
+    """Save the weights (a .weights.h5 file), locally or to gs://."""
+    from pipelines import fileio
+
+    if fileio.is_gcs(path):
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            local = os.path.join(tmp, os.path.basename(path))
+            model.save_weights(local)
+            fileio.upload(local, path)
+    else:
+        fileio.makedirs(os.path.dirname(path) or ".")
+        model.save_weights(path)

@@ -1,0 +1,143 @@
+"""Reading and writing the small files of a data or job directory, local or gs://.
+
+metadata.json, vocab.txt, feature statistics, encoder weights and rejected
+records all go through here, so there is one place that knows how to talk to
+Cloud Storage. Large files (TFRecord shards, images) are streamed by Beam and
+tf.data, which have their own gs:// support.
+
+gs:// goes through the google-cloud-storage client, which honours
+STORAGE_EMULATOR_HOST: tests point it at an emulator on loopback.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+
+
+def is_gcs(path: str) -> bool:
+    return str(path).startswith("gs://")
+
+
+def join(base: str, *parts: str) -> str:
+    if is_gcs(base):
+        return "/".join([base.rstrip("/")] + [p.strip("/") for p in parts])
+    return os.path.join(base, *parts)
+
+
+def _split_gcs(path: str) -> tuple[str, str]:
+    bucket, _, blob = path[len("gs://"):].partition("/")
+    if not bucket:
+        raise ValueError(f"{path}: a gs:// path needs a bucket name")
+    return bucket, blob
+
+
+_CLIENT = None
+
+
+def _bucket(name: str):
+    global _CLIENT
+    if _CLIENT is None:
+        from google.cloud import storage  # heavy import, only when gs:// is used
+
+        if os.environ.get("STORAGE_EMULATOR_HOST"):
+            from google.auth.credentials import AnonymousCredentials
+
+            _CLIENT = storage.Client(project="emulator", credentials=AnonymousCredentials())
+        else:
+            _CLIENT = storage.Client()
+    return _CLIENT.bucket(name)
+
+
+def _blob(path: str):
+    bucket, blob = _split_gcs(path)
+    return _bucket(bucket).blob(blob)
+
+
+def exists(path: str) -> bool:
+    if is_gcs(path):
+        bucket, prefix = _split_gcs(path)
+        if _blob(path).exists():
+            return True
+        # A "directory" exists when some object lives under it.
+        return any(True for _ in _bucket(bucket).list_blobs(prefix=prefix.rstrip("/") + "/", max_results=1))
+    return os.path.exists(path)
+
+
+def makedirs(path: str) -> None:
+    if not is_gcs(path):  # GCS has no directories
+        os.makedirs(path, exist_ok=True)
+
+
+def read_bytes(path: str) -> bytes:
+    if is_gcs(path):
+        return _blob(path).download_as_bytes()
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def write_bytes(path: str, data: bytes) -> None:
+    if is_gcs(path):
+        _blob(path).upload_from_string(data)
+        return
+    makedirs(os.path.dirname(path) or ".")
+    # Write then rename, so a reader never sees half a file.
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def read_text(path: str) -> str:
+    return read_bytes(path).decode("utf-8")
+
+
+def write_text(path: str, text: str) -> None:
+    write_bytes(path, text.encode("utf-8"))
+
+
+def read_json(path: str):
+    return json.loads(read_text(path))
+
+
+def write_json(path: str, obj) -> None:
+    write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def list_files(prefix_dir: str, suffix: str = "") -> list[str]:
+    """Files directly or indirectly under a directory, sorted."""
+    if is_gcs(prefix_dir):
+        bucket, prefix = _split_gcs(prefix_dir)
+        prefix = prefix.rstrip("/") + "/"
+        names = [b.name for b in _bucket(bucket).list_blobs(prefix=prefix)]
+        return sorted(f"gs://{bucket}/{n}" for n in names if n.endswith(suffix))
+    out = []
+    for root, _, files in os.walk(prefix_dir):
+        out.extend(os.path.join(root, f) for f in files if f.endswith(suffix))
+    return sorted(out)
+
+
+def upload(local_path: str, dest: str) -> None:
+    if is_gcs(dest):
+        _blob(dest).upload_from_filename(local_path)
+    else:
+        makedirs(os.path.dirname(dest) or ".")
+        shutil.copyfile(local_path, dest)
+
+
+def local_copy(path: str) -> str:
+    """A local file with the contents of `path` (itself when already local)."""
+    if not is_gcs(path):
+        return path
+    fd, tmp = tempfile.mkstemp(suffix="-" + os.path.basename(path))
+    os.close(fd)
+    _blob(path).download_to_filename(tmp)
+    return tmp
+
+
+def remove(path: str) -> None:
+    if is_gcs(path):
+        _blob(path).delete()
+    elif os.path.exists(path):
+        os.remove(path)

@@ -1,0 +1,111 @@
+"""The TFRecord format of a data directory: the one place that names its keys.
+
+One tf.train.Example per image (ARCHITECTURE.md): the image's feature map once,
+and every caption of the image. Features are raw float16 bytes rather than a
+float_list, because a float_list stores 4 bytes a value and would double the
+shards; token ids are a flat int64 list plus one length per caption (a ragged
+[captions, tokens] matrix), and varint-encoded ids cost ~1 byte each.
+
+The pipeline writes with `make_example`; the trainer, evaluator and tests read
+with `parse_examples` (batched, inside tf.data). Nothing else spells the keys.
+"""
+from __future__ import annotations
+
+import numpy as np
+import tensorflow as tf
+
+FEATURE_SHAPE = (64, 2048)  # InceptionV3's 8x8x2048 mixed10 map, flattened
+FEATURE_DTYPE = np.float16
+
+IMAGE_ID = "image/id"
+FILE_NAME = "image/file_name"
+FEATURES = "image/features"
+CAPTION_IDS = "caption/ids"
+CAPTION_LENGTHS = "caption/lengths"
+CAPTION_TEXT = "caption/text"
+
+SPLITS = ("train", "val", "test")
+
+
+def shard_prefix(data_dir: str, split: str) -> str:
+    return f"{data_dir.rstrip('/')}/{split}"
+
+
+SHARD_SUFFIX = ".tfrecord"
+SHARD_TEMPLATE = "-SSSSS-of-NNNNN"  # Beam's template: train-00000-of-00004.tfrecord
+
+
+def shard_glob(data_dir: str, split: str) -> str:
+    return f"{shard_prefix(data_dir, split)}-?????-of-?????{SHARD_SUFFIX}"
+
+
+def make_example(image_id: int, file_name: str, features: np.ndarray,
+                 caption_ids: list[list[int]], caption_texts: list[str]) -> bytes:
+    """Serialise one image and its captions."""
+    features = np.asarray(features)
+    if features.shape != FEATURE_SHAPE:
+        raise ValueError(f"image {image_id}: features have shape {features.shape}, expected {FEATURE_SHAPE}")
+    if len(caption_ids) != len(caption_texts) or not caption_ids:
+        raise ValueError(f"image {image_id}: needs one or more captions, each with ids and text")
+    flat = [int(t) for ids in caption_ids for t in ids]
+    feature = {
+        IMAGE_ID: tf.train.Feature(int64_list=tf.train.Int64List(value=[int(image_id)])),
+        FILE_NAME: tf.train.Feature(bytes_list=tf.train.BytesList(value=[file_name.encode("utf-8")])),
+        FEATURES: tf.train.Feature(bytes_list=tf.train.BytesList(
+            value=[features.astype(FEATURE_DTYPE).tobytes()])),
+        CAPTION_IDS: tf.train.Feature(int64_list=tf.train.Int64List(value=flat)),
+        CAPTION_LENGTHS: tf.train.Feature(int64_list=tf.train.Int64List(
+            value=[len(ids) for ids in caption_ids])),
+        CAPTION_TEXT: tf.train.Feature(bytes_list=tf.train.BytesList(
+            value=[t.encode("utf-8") for t in caption_texts])),
+    }
+    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+
+
+_SPEC = {
+    IMAGE_ID: tf.io.FixedLenFeature([], tf.int64),
+    FILE_NAME: tf.io.FixedLenFeature([], tf.string),
+    FEATURES: tf.io.FixedLenFeature([], tf.string),
+    CAPTION_TEXT: tf.io.RaggedFeature(tf.string),
+    # [captions, tokens]: the flat ids partitioned by each caption's length.
+    "captions": tf.io.RaggedFeature(
+        tf.int64, value_key=CAPTION_IDS,
+        partitions=[tf.io.RaggedFeature.RowLengths(CAPTION_LENGTHS)]),
+}
+
+
+def parse_examples(serialized: tf.Tensor, feature_shape=FEATURE_SHAPE) -> dict:
+    """Parse a batch of serialised examples (a string vector).
+
+    Returns image_id [B] int64, file_name [B] string, features [B, 64, 2048]
+    float16, captions [B, (captions), (tokens)] int32 ragged, caption_text
+    [B, (captions)] string ragged. Works eagerly and inside tf.data.map.
+    """
+    parsed = tf.io.parse_example(serialized, _SPEC)
+    features = tf.io.decode_raw(parsed[FEATURES], tf.float16)
+    features = tf.reshape(features, [-1, *feature_shape])
+    return {
+        "image_id": parsed[IMAGE_ID],
+        "file_name": parsed[FILE_NAME],
+        "features": features,
+        "captions": tf.cast(parsed["captions"], tf.int32),
+        "caption_text": parsed[CAPTION_TEXT],
+    }
+
+
+def read_records(paths, feature_shape=FEATURE_SHAPE) -> list[dict]:
+    """Every record of some shard files as plain numpy/python values (for tests and tools)."""
+    out = []
+    ds = tf.data.TFRecordDataset(list(paths)).batch(64)
+    for batch in ds:
+        p = parse_examples(batch, feature_shape)
+        captions, texts = p["captions"].to_list(), p["caption_text"].to_list()
+        for i in range(len(captions)):
+            out.append({
+                "image_id": int(p["image_id"][i]),
+                "file_name": p["file_name"][i].numpy().decode("utf-8"),
+                "features": p["features"][i].numpy(),
+                "captions": captions[i],
+                "caption_text": [t.decode("utf-8") for t in texts[i]],
+            })
+    return out

@@ -1,0 +1,287 @@
+"""A synthetic "scene set" in MS-COCO 2014 format: the offline stand-in for COCO.
+
+The build machines cannot download COCO, so the pipelines, the download code
+and the trainer are exercised on pictures of one to three flat shapes whose
+colour, shape, size and place are known, each with five differently worded
+captions, written exactly where and how COCO 2014 keeps its files:
+
+    DIR/annotations/captions_{train,val}2014.json    (images + 5 captions each)
+    DIR/annotations/instances_{train,val}2014.json   (one box per shape, + colour, size)
+    DIR/{train,val}2014/COCO_{split}2014_%012d.jpg
+
+The captions must be *learnable* by a small attention captioner on features of
+a randomly initialised InceptionV3, which carry colour, shape, size and coarse
+position. So every caption is a function of those four things only: each image
+gets the same five templates (the wording differs between templates, like
+COCO's five annotators, not at random), and everything random (shade of the
+background, noise, exact placement, capitals and full stops) is either
+invisible after text normalisation or never mentioned.
+
+    python -m pipelines.synthetic --output DIR [--train 1500] [--val 200] [--seed 0]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+COLOURS = ("red", "green", "blue", "yellow", "white", "black")
+SHAPES = ("circle", "square", "triangle")
+SIZES = ("small", "large")
+# Objects sit in the cells of a coarse 3x2 grid, one object per cell, so they
+# never overlap and "where" reduces to a column word and a row word.
+COLUMNS = ("left", "middle", "right")
+ROWS = ("top", "bottom")
+
+WIDTH, HEIGHT = 320, 240  # deliberately not 299x299: the pipeline must resize
+JPEG_QUALITY = 90
+SPLITS = ("train", "val")
+
+# Saturated colours far from the greyish background (and from each other), so
+# "red" stays red after JPEG, noise and the encoder's resize.
+_RGB = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 70, 220),
+        "yellow": (240, 210, 40), "white": (245, 245, 245), "black": (20, 20, 20)}
+# Side length in pixels. The gap between the ranges keeps "small" and "large"
+# unambiguous; the large range still fits a grid cell with a margin.
+_SIDE = {"small": (26, 38), "large": (62, 86)}
+_MARGIN = 6
+_OBJECT_COUNT_P = (0.40, 0.35, 0.25)  # share of 1-, 2- and 3-object scenes
+# Split s draws image ids from [s * _ID_BLOCK + 1, (s + 1) * _ID_BLOCK): unique
+# across splits, scattered like COCO's (so nothing can assume id == row index),
+# and a split's ids do not depend on the other split's size.
+_ID_BLOCK = 1_000_000
+
+
+def _cell(bbox) -> tuple[int, int]:
+    """(column, row) index of the grid cell holding a box's centre."""
+    x, y, w, h = bbox
+    col = min(int((x + w / 2) * len(COLUMNS) // WIDTH), len(COLUMNS) - 1)
+    row = min(int((y + h / 2) * len(ROWS) // HEIGHT), len(ROWS) - 1)
+    return col, row
+
+
+def _sample_scene(rng: np.random.Generator) -> list[dict]:
+    k = int(rng.choice(3, p=_OBJECT_COUNT_P)) + 1
+    cells = rng.choice(len(COLUMNS) * len(ROWS), size=k, replace=False)
+    # Distinct (colour, shape) pairs within a scene, so the set of pairs a
+    # caption names identifies the objects exactly (no "two red circles").
+    kinds = rng.choice(len(COLOURS) * len(SHAPES), size=k, replace=False)
+    cell_w, cell_h = WIDTH // len(COLUMNS), HEIGHT // len(ROWS)
+    objects = []
+    for cell, kind in zip(cells, kinds):
+        col, row = divmod(int(cell), len(ROWS))
+        colour, shape = COLOURS[kind // len(SHAPES)], SHAPES[kind % len(SHAPES)]
+        size = SIZES[int(rng.integers(len(SIZES)))]
+        side = int(rng.integers(_SIDE[size][0], _SIDE[size][1] + 1))
+        x0, y0 = col * cell_w + _MARGIN, row * cell_h + _MARGIN
+        x = int(rng.integers(x0, x0 + cell_w - 2 * _MARGIN - side + 1))
+        y = int(rng.integers(y0, y0 + cell_h - 2 * _MARGIN - side + 1))
+        objects.append({"colour": colour, "shape": shape, "size": size, "bbox": [x, y, side, side]})
+    # The order captions mention objects in: left to right, then top to bottom.
+    objects.sort(key=lambda o: _cell(o["bbox"]))
+    return objects
+
+
+def _render(objects: list[dict], rng: np.random.Generator) -> Image.Image:
+    # Greyish background with a slight tint and vertical gradient, so images
+    # are not trivially identical outside the shapes; none of it is captioned.
+    grey = rng.uniform(100, 160) + rng.uniform(-10, 10, size=3)
+    gradient = rng.uniform(-12, 12) * np.linspace(-1, 1, HEIGHT, dtype=np.float32)
+    background = grey[None, None, :] + gradient[:, None, None] + np.zeros((1, WIDTH, 1))
+    image = Image.fromarray(np.clip(background, 0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(image)
+    for obj in objects:
+        fill = tuple(int(v) for v in np.clip(np.add(_RGB[obj["colour"]], rng.integers(-12, 13, 3)), 0, 255))
+        x, y, w, h = obj["bbox"]
+        box = [x, y, x + w - 1, y + h - 1]  # PIL boxes are inclusive: stay inside bbox
+        if obj["shape"] == "circle":
+            draw.ellipse(box, fill=fill)
+        elif obj["shape"] == "square":
+            draw.rectangle(box, fill=fill)
+        else:
+            draw.polygon([(x + (w - 1) / 2, y), (x, y + h - 1), (x + w - 1, y + h - 1)], fill=fill)
+    # A third of the images are plain; the rest get light sensor-like noise.
+    if rng.random() >= 1 / 3:
+        noise = rng.standard_normal((HEIGHT, WIDTH, 3), dtype=np.float32) * rng.uniform(2, 7)
+        image = Image.fromarray(np.clip(np.asarray(image, np.float32) + noise, 0, 255).astype(np.uint8))
+    return image
+
+
+def _area(obj: dict) -> float:
+    _, _, w, h = obj["bbox"]
+    return {"circle": np.pi * w * h / 4, "square": float(w * h), "triangle": w * h / 2}[obj["shape"]]
+
+
+def _phrase(obj: dict, sized: bool = False) -> str:
+    return f"a {obj['size'] + ' ' if sized else ''}{obj['colour']} {obj['shape']}"
+
+
+def _join(parts: list[str]) -> str:
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+
+
+def captions_for(objects: list[dict]) -> list[str]:
+    """The five captions (canonical: lower case, no punctuation but commas/colons)
+    of a scene, given its objects as dicts with colour, shape, size and bbox.
+
+    A pure function of what the picture shows: the five differ in wording, not
+    in content, and objects are named left to right, then top to bottom.
+    """
+    objects = sorted(objects, key=lambda o: _cell(o["bbox"]))
+    where = [(COLUMNS[c], ROWS[r]) for c, r in (_cell(o["bbox"]) for o in objects)]
+    plain = _join([_phrase(o) for o in objects])
+    sized = _join([_phrase(o, sized=True) for o in objects])
+    if len(objects) == 1:
+        (obj,), ((col, row),) = objects, where
+        side = "in the middle of the picture" if col == "middle" else f"on the {col} side of the picture"
+        return [f"{sized} in the {row} {col}",
+                f"there is {sized} {side}",
+                f"a picture showing {plain}",
+                f"a single {obj['colour']} {obj['shape']} near the {row}",
+                f"{plain} on a grey background"]
+    count = {2: "two", 3: "three"}[len(objects)]
+    placed = _join([f"{_phrase(o)} in the {row} {col}" for o, (col, row) in zip(objects, where)])
+    if len(objects) == 2:
+        # Same column means the first is the upper one (top-to-bottom order).
+        relation = "to the left of" if where[0][0] != where[1][0] else "above"
+        last = f"{_phrase(objects[0], True)} {relation} {_phrase(objects[1], True)}"
+    else:
+        last = f"{plain} on a grey background"
+    return [sized, f"there are {count} shapes: {plain}", f"a picture showing {plain}", placed, last]
+
+
+def _annotator_style(caption: str, rng: np.random.Generator) -> str:
+    # Real COCO captions are inconsistently capitalised and punctuated; the
+    # project's normalisation removes both, so this adds no content to learn.
+    if rng.random() < 0.4:
+        caption = caption[0].upper() + caption[1:]
+    return caption + "." if rng.random() < 0.3 else caption
+
+
+_WORD = re.compile(r"[a-z]+")
+
+
+def objects_in_caption(text: str) -> set[tuple[str, str]]:
+    """The (colour, shape) pairs a caption names: a colour word directly
+    followed by a shape word (the templates always say "red circle"); a plural
+    shape ("red circles") counts as the singular."""
+    words = _WORD.findall(text.lower())
+    pairs = set()
+    for colour, shape in zip(words, words[1:]):
+        if shape not in SHAPES and shape.endswith("s"):
+            shape = shape[:-1]
+        if colour in COLOURS and shape in SHAPES:
+            pairs.add((colour, shape))
+    return pairs
+
+
+def scene_objects(instances_json_path: str) -> dict[int, list[dict]]:
+    """image id -> its objects ({"colour", "shape", "size", "bbox", "area"}), in
+    caption order, read back from an instances_{split}2014.json file."""
+    with open(instances_json_path) as f:
+        instances = json.load(f)
+    names = {c["id"]: c["name"] for c in instances["categories"]}
+    scenes = {image["id"]: [] for image in instances["images"]}
+    for ann in sorted(instances["annotations"], key=lambda a: a["id"]):
+        scenes[ann["image_id"]].append({"colour": ann["colour"], "shape": names[ann["category_id"]],
+                                        "size": ann["size"], "bbox": ann["bbox"], "area": ann["area"]})
+    return scenes
+
+
+def _write_json(path: str, obj) -> None:
+    # Write-then-rename: a JSON file that exists is complete, and it is written
+    # after the images it lists.
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f)
+    os.replace(path + ".tmp", path)
+
+
+def _generate_split(output_dir: str, split: str, n: int, seed: int) -> dict:
+    index = SPLITS.index(split)
+    # One stream per split, so the val set does not change with --train.
+    rng = np.random.default_rng([seed, index])
+    ids = np.sort(rng.choice(_ID_BLOCK - 1, size=n, replace=False)) + 1 + index * _ID_BLOCK
+    image_dir = os.path.join(output_dir, f"{split}2014")
+    os.makedirs(image_dir, exist_ok=True)
+    info = {"description": "Synthetic shapes scene set in COCO 2014 format", "version": "1.0",
+            "year": 2014, "contributor": "pipelines.synthetic", "url": "",
+            "date_created": "2014-01-01", "seed": seed}
+    images, captions, instances = [], [], []
+    for image_id in (int(i) for i in ids):
+        objects = _sample_scene(rng)
+        file_name = f"COCO_{split}2014_{image_id:012d}.jpg"
+        _render(objects, rng).save(os.path.join(image_dir, file_name), "JPEG", quality=JPEG_QUALITY)
+        images.append({"id": image_id, "file_name": file_name, "width": WIDTH, "height": HEIGHT})
+        # Annotation ids derive from the image id: unique across files and
+        # stable whatever else is generated.
+        for k, caption in enumerate(captions_for(objects)):
+            captions.append({"id": image_id * 10 + k, "image_id": image_id,
+                             "caption": _annotator_style(caption, rng)})
+        for k, obj in enumerate(objects):
+            instances.append({"id": image_id * 10 + k, "image_id": image_id,
+                              "category_id": SHAPES.index(obj["shape"]) + 1, "bbox": obj["bbox"],
+                              "area": round(_area(obj), 2), "iscrowd": 0,
+                              "colour": obj["colour"], "size": obj["size"]})
+    categories = [{"id": i + 1, "name": s, "supercategory": "shape"} for i, s in enumerate(SHAPES)]
+    captions_json = os.path.join(output_dir, "annotations", f"captions_{split}2014.json")
+    instances_json = os.path.join(output_dir, "annotations", f"instances_{split}2014.json")
+    _write_json(captions_json, {"info": info, "licenses": [], "images": images, "annotations": captions})
+    _write_json(instances_json, {"info": info, "licenses": [], "images": images,
+                                 "annotations": instances, "categories": categories})
+    return {"images": n, "captions": len(captions), "objects": len(instances), "image_dir": image_dir,
+            "captions_json": captions_json, "instances_json": instances_json}
+
+
+def generate(output_dir: str, n_train: int = 1500, n_val: int = 200, seed: int = 0) -> dict:
+    """Write the scene set under output_dir; returns paths and counts per split."""
+    for name, n in (("n_train", n_train), ("n_val", n_val)):
+        if not 0 <= n < _ID_BLOCK:
+            raise ValueError(f"{name} must be in [0, {_ID_BLOCK - 1}], got {n}")
+    if seed < 0:
+        raise ValueError(f"seed must be non-negative, got {seed}")
+    output_dir = os.fspath(output_dir)
+    os.makedirs(os.path.join(output_dir, "annotations"), exist_ok=True)
+    splits = {split: _generate_split(output_dir, split, n, seed)
+              for split, n in zip(SPLITS, (n_train, n_val))}
+    return {"output_dir": output_dir, "seed": seed, "splits": splits}
+
+
+def _count(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if not 0 <= n < _ID_BLOCK:
+        raise argparse.ArgumentTypeError(f"expected a whole number from 0 to {_ID_BLOCK - 1}, got {text!r}")
+    return n
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    def error(self, message):  # the message alone, without the usage block
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = _OneLineParser(prog="pipelines.synthetic", description=__doc__.split("\n")[0])
+    parser.add_argument("--output", required=True, help="directory to write the scene set into")
+    parser.add_argument("--train", type=_count, default=1500, help="number of train2014 images")
+    parser.add_argument("--val", type=_count, default=200, help="number of val2014 images")
+    parser.add_argument("--seed", type=int, default=0, help="same seed, same files")
+    args = parser.parse_args(argv)
+    try:
+        summary = generate(args.output, args.train, args.val, args.seed)
+    except ValueError as e:
+        parser.error(str(e))
+    except OSError as e:
+        parser.error(f"cannot write the scene set to {args.output!r}: {e.strerror or e}")
+    print(json.dumps(summary))
+    return summary
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

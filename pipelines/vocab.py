@@ -1,0 +1,56 @@
+"""The vocabulary file: one token a line, line number = id.
+
+0 <pad>, 1 <unk>, 2 <start>, 3 <end>, then words by falling count in the
+training split, ties broken alphabetically (so the file is the same whatever
+order the pipeline saw the captions in).
+"""
+from __future__ import annotations
+
+from . import fileio
+
+PAD, UNK, START, END = "<pad>", "<unk>", "<start>", "<end>"
+SPECIALS = (PAD, UNK, START, END)
+PAD_ID, UNK_ID, START_ID, END_ID = range(4)
+FILE_NAME = "vocab.txt"
+
+
+def select_words(counts: dict[str, int], max_words: int, min_count: int = 1) -> list[str]:
+    """The vocabulary from word counts: specials, then the `max_words` most
+    frequent words seen at least `min_count` times."""
+    kept = [(w, c) for w, c in counts.items() if c >= min_count and w not in SPECIALS]
+    kept.sort(key=lambda wc: (-wc[1], wc[0]))
+    return list(SPECIALS) + [w for w, _ in kept[:max_words]]
+
+
+def write(path: str, tokens: list[str]) -> None:
+    bad = [t for t in tokens if not t or any(ch.isspace() for ch in t)]
+    if bad:
+        raise ValueError(f"{path}: vocabulary tokens may not be empty or hold whitespace: {bad[:5]}")
+    fileio.write_text(path, "\n".join(tokens) + "\n")
+
+
+def read(path: str) -> list[str]:
+    tokens = fileio.read_text(path).split("\n")
+    if tokens and tokens[-1] == "":
+        tokens.pop()
+    if tuple(tokens[:4]) != SPECIALS:
+        raise ValueError(f"{path}: not a vocabulary file (the first four lines must be {', '.join(SPECIALS)})")
+    return tokens
+
+
+def encode(words: list[str], index: dict[str, int]) -> list[int]:
+    """<start> w1 ... wn <end>, unknown words as <unk>."""
+    return [START_ID] + [index.get(w, UNK_ID) for w in words] + [END_ID]
+
+
+def decode(ids, tokens: list[str]) -> str:
+    """Words of a token id sequence, stopping at <end>, without specials."""
+    out = []
+    for i in ids:
+        i = int(i)
+        if i == END_ID:
+            break
+        if i in (PAD_ID, START_ID):
+            continue
+        out.append(tokens[i])
+    return " ".join(out)

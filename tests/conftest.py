@@ -1,0 +1,93 @@
+"""Shared fixtures: a small scene set, and the same with faults mixed in."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+from PIL import Image
+
+from pipelines import synthetic
+
+# Small enough to encode in seconds with the random-weight InceptionV3.
+N_TRAIN, N_VAL = 14, 5
+
+
+@pytest.fixture(scope="session")
+def scene_dir(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("scene"))
+    synthetic.generate(out, n_train=N_TRAIN, n_val=N_VAL, seed=3)
+    return out
+
+
+def _load(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def _dump(obj, path):
+    with open(path, "w") as f:
+        json.dump(obj, f)
+
+
+@pytest.fixture(scope="session")
+def faulty_scene(scene_dir, tmp_path_factory):
+    """The scene set with one of each fault a real data set has, and a record of
+    what each fault should become: {"rejected_images": {file_name: reason words},
+    "rejected_captions": {text: reason words}, "odd_but_good": [file names]}."""
+    out = str(tmp_path_factory.mktemp("faulty")) + "/coco"
+    shutil.copytree(scene_dir, out)
+    ann_path = os.path.join(out, "annotations", "captions_train2014.json")
+    ann = _load(ann_path)
+    images = ann["images"]
+    path = lambda img: os.path.join(out, "train2014", img["file_name"])  # noqa: E731
+
+    expect_images = {}
+    # 0: truncated JPEG
+    with open(path(images[0]), "rb") as f:
+        data = f.read()
+    with open(path(images[0]), "wb") as f:
+        f.write(data[: len(data) // 2])
+    expect_images[images[0]["file_name"]] = "truncated"
+    # 1: empty file
+    open(path(images[1]), "wb").close()
+    expect_images[images[1]["file_name"]] = "empty"
+    # 2: missing file
+    os.remove(path(images[2]))
+    expect_images[images[2]["file_name"]] = "missing"
+    # 3: not an image under .jpg
+    with open(path(images[3]), "w") as f:
+        f.write("<html>this is not a picture</html>\n")
+    expect_images[images[3]["file_name"]] = "not an image"
+    # 4, 5, 6: odd formats that must still be read: greyscale, CMYK, PNG bytes named .jpg
+    Image.open(path(images[4])).convert("L").save(path(images[4]), format="JPEG")
+    Image.open(path(images[5])).convert("CMYK").save(path(images[5]), format="JPEG")
+    Image.open(path(images[6])).save(path(images[6]), format="PNG")
+    odd = [images[i]["file_name"] for i in (4, 5, 6)]
+
+    expect_captions = {}
+    img7 = images[7]["id"]
+    next_id = max(a["id"] for a in ann["annotations"]) + 1
+    extra = [
+        {"id": next_id, "image_id": img7, "caption": "   "},                      # blank
+        {"id": next_id + 1, "image_id": img7, "caption": "!!! ..."},              # blank once punctuation goes
+        {"id": next_id + 2, "image_id": img7, "caption": "Un CARRÉ rouge, à gauche."},  # non-ASCII, kept
+        {"id": next_id + 3, "image_id": 987654321, "caption": "a caption of no image"},
+    ]
+    expect_captions["   "] = "blank"
+    expect_captions["!!! ..."] = "blank"
+    expect_captions["a caption of no image"] = "names no image"
+    dup = dict(ann["annotations"][40])  # image 8's caption, again, with the same id
+    extra.append(dup)
+    expect_captions[dup["caption"]] = "duplicate"
+    ann["annotations"] += extra
+    _dump(ann, ann_path)
+
+    # A word only the val split uses: it must not enter the vocabulary.
+    val_path = os.path.join(out, "annotations", "captions_val2014.json")
+    val = _load(val_path)
+    val["annotations"].append({"id": 10**9, "image_id": val["images"][0]["id"], "caption": "a zebra"})
+    _dump(val, val_path)
+    return {"dir": out, "rejected_images": expect_images, "rejected_captions": expect_captions,
+            "odd_but_good": odd, "non_ascii": "Un CARRÉ rouge, à gauche.", "val_only_word": "zebra"}

@@ -1,0 +1,231 @@
+"""The Beam pipeline on a scene set with faults mixed in."""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from model import inception
+from pipelines import images, preprocess, records, text, vocab
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(args):
+    return preprocess.run(args + ["--encoder-weights", "random", "--seed", "5"])
+
+
+def _rejects(data_dir):
+    out = []
+    for path in glob.glob(os.path.join(data_dir, "rejected", "*.jsonl")):
+        with open(path) as f:
+            out += [json.loads(line) for line in f if line.strip()]
+    return out
+
+
+def _records(data_dir, split):
+    return records.read_records(sorted(glob.glob(records.shard_glob(data_dir, split))))
+
+
+@pytest.fixture(scope="module")
+def faulty_run(faulty_scene, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("data"))
+    meta = _run(["--coco-dir", faulty_scene["dir"], "--output", out, "--num-shards", "train=3,val=2"])
+    return out, meta
+
+
+def test_shards_are_named_and_counted(faulty_run):
+    out, meta = faulty_run
+    names = sorted(os.path.basename(p) for p in glob.glob(os.path.join(out, "*.tfrecord")))
+    assert names == [f"train-0000{i}-of-00003.tfrecord" for i in range(3)] + \
+                    [f"val-0000{i}-of-00002.tfrecord" for i in range(2)]
+    assert meta == json.load(open(os.path.join(out, "metadata.json")))
+    assert meta["splits"]["train"]["shards"] == 3
+
+
+def test_good_images_all_written_bad_ones_rejected_with_reason(faulty_run, faulty_scene):
+    out, meta = faulty_run
+    from tests.conftest import N_TRAIN, N_VAL
+
+    written = {r["file_name"] for r in _records(out, "train")}
+    bad = faulty_scene["rejected_images"]
+    assert len(written) == N_TRAIN - len(bad)
+    assert not written & set(bad)
+    assert set(faulty_scene["odd_but_good"]) <= written  # greyscale, CMYK, PNG-as-.jpg
+    image_rejects = {r["input"]["file_name"]: r for r in _rejects(out) if r["kind"] == "image"}
+    assert set(image_rejects) == set(bad)
+    for name, words in bad.items():
+        assert words in image_rejects[name]["reason"], (name, image_rejects[name]["reason"])
+        assert image_rejects[name]["captions"] == 5  # the image's captions go with it, counted
+    assert len(_records(out, "val")) == N_VAL
+
+
+def test_caption_faults_rejected_with_reason(faulty_run, faulty_scene):
+    out, _ = faulty_run
+    caption_rejects = [r for r in _rejects(out) if r["kind"] == "caption"]
+    by_text = {r["input"]["caption"]: r["reason"] for r in caption_rejects}
+    assert set(by_text) == set(faulty_scene["rejected_captions"])
+    for caption, words in faulty_scene["rejected_captions"].items():
+        assert words in by_text[caption]
+
+
+def test_counts_add_up(faulty_run, faulty_scene):
+    out, meta = faulty_run
+    from tests.conftest import N_TRAIN, N_VAL
+
+    train, val = meta["splits"]["train"], meta["splits"]["val"]
+    for info in (train, val):
+        for what in ("images", "captions"):
+            c = info[what]
+            assert c["seen"] == c["written"] + c["rejected"]
+    assert train["images"] == {"seen": N_TRAIN, "written": N_TRAIN - 4, "rejected": 4}
+    # 5 a scene image, + 2 blank + 1 non-ASCII + 1 orphan + 1 duplicate added
+    assert train["captions"]["seen"] == 5 * N_TRAIN + 5
+    assert train["captions"]["rejected"] == 4 * 5 + 4
+    assert train["captions"]["written"] == sum(len(r["captions"]) for r in _records(out, "train"))
+    assert val["captions"] == {"seen": 5 * N_VAL + 1, "written": 5 * N_VAL + 1, "rejected": 0}
+    rejects = _rejects(out)
+    assert sum(r["captions"] for r in rejects) == train["captions"]["rejected"] + val["captions"]["rejected"]
+
+
+def test_features_equal_the_saved_encoder_output(faulty_run, faulty_scene):
+    out, meta = faulty_run
+    encoder = inception.load(os.path.join(out, meta["encoder"]["file"]))
+    recs = {r["file_name"]: r for r in _records(out, "train")}
+    names = faulty_scene["odd_but_good"] + sorted(set(recs) - set(faulty_scene["odd_but_good"]))[:2]
+    for name in names:
+        with open(os.path.join(faulty_scene["dir"], "train2014", name), "rb") as f:
+            pixels = images.decode(f.read())
+        expected = encoder(inception.prepare(pixels[None]), training=False).numpy()[0]
+        got = recs[name]["features"]
+        assert got.dtype == np.float16 and got.shape == (64, 2048)
+        # float16 keeps ~3 significant digits; batch composition may move the last bits.
+        np.testing.assert_allclose(got.astype(np.float32), expected, rtol=2e-3, atol=2e-3 * np.abs(expected).max())
+
+
+def test_caption_ids_map_back_to_normalised_text(faulty_run, faulty_scene):
+    out, meta = faulty_run
+    tokens = vocab.read(os.path.join(out, "vocab.txt"))
+    assert len(tokens) == meta["vocab"]["size"]
+    seen_non_ascii = False
+    for rec in _records(out, "train") + _records(out, "val"):
+        for ids, raw in zip(rec["captions"], rec["caption_text"]):
+            assert ids[0] == vocab.START_ID and ids[-1] == vocab.END_ID
+            expected = [w if w in tokens else vocab.UNK for w in text.words([raw])[0]]
+            assert [tokens[i] for i in ids[1:-1]] == expected
+            if raw == faulty_scene["non_ascii"]:
+                seen_non_ascii = True
+                assert [tokens[i] for i in ids[1:-1]] == ["un", "carré", "rouge", "à", "gauche"]
+    assert seen_non_ascii
+
+
+def test_vocabulary_from_train_only_sorted_by_count(faulty_run, faulty_scene):
+    out, _ = faulty_run
+    tokens = vocab.read(os.path.join(out, "vocab.txt"))
+    assert tokens[:4] == list(vocab.SPECIALS)
+    assert faulty_scene["val_only_word"] not in tokens
+    counts = {}
+    for rec in _records(out, "train"):
+        for raw in rec["caption_text"]:
+            for w in text.words([raw])[0]:
+                counts[w] = counts.get(w, 0) + 1
+    assert tokens[4:] == sorted(counts, key=lambda w: (-counts[w], w))
+
+
+def test_feature_statistics_over_train(faulty_run):
+    out, meta = faulty_run
+    stats = np.load(os.path.join(out, "feature_stats.npz"))
+    feats = np.stack([r["features"] for r in _records(out, "train")]).astype(np.float64).reshape(-1, 2048)
+    np.testing.assert_allclose(stats["mean"], feats.mean(0), rtol=1e-4, atol=1e-9)
+    np.testing.assert_allclose(stats["std"], feats.std(0), rtol=1e-3, atol=1e-9)
+    assert int(stats["count"]) == feats.shape[0] == meta["features"]["stats_count"]
+
+
+def test_channel_stats_combiner_merges_exactly():
+    rng = np.random.default_rng(0)
+    parts = [rng.normal(3e-4, 8e-4, (64 * k, 8)) for k in (1, 3, 2)]
+    fn = preprocess.ChannelStats()
+    accs = []
+    for part in parts:
+        acc = fn.create_accumulator()
+        for x in np.split(part, len(part) // 64):
+            acc = fn.add_input(acc, x)
+        accs.append(acc)
+    got = fn.extract_output(fn.merge_accumulators(accs))
+    allx = np.concatenate(parts)
+    np.testing.assert_allclose(got["mean"], allx.mean(0), rtol=1e-5)
+    np.testing.assert_allclose(got["std"], allx.std(0), rtol=1e-5)
+
+
+def test_multiprocess_runner_gives_the_same_records(faulty_run, faulty_scene, tmp_path):
+    out, _ = faulty_run
+    out2 = str(tmp_path / "mp")
+    _run(["--coco-dir", faulty_scene["dir"], "--output", out2, "--num-shards", "train=3,val=2",
+          "--direct_num_workers", "2", "--direct_running_mode", "multi_processing"])
+    for split in ("train", "val"):
+        a = {r["image_id"]: r for r in _records(out, split)}
+        b = {r["image_id"]: r for r in _records(out2, split)}
+        assert a.keys() == b.keys()
+        for k in a:
+            assert a[k]["captions"] == b[k]["captions"] and a[k]["caption_text"] == b[k]["caption_text"]
+            np.testing.assert_allclose(a[k]["features"].astype(np.float32), b[k]["features"].astype(np.float32),
+                                       rtol=2e-3, atol=1e-6)
+    assert open(os.path.join(out, "vocab.txt")).read() == open(os.path.join(out2, "vocab.txt")).read()
+
+
+def _cli(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "pipelines.preprocess", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300, env=env)
+
+
+def _one_error_line(proc):
+    lines = [l for l in proc.stderr.strip().splitlines() if l.strip()]
+    assert lines and "error" in lines[-1], proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    return lines[-1]
+
+
+@pytest.mark.parametrize("args,words", [
+    (["--output", "X"], "--coco-dir"),
+    (["--coco-dir", "/nonexistent", "--output", "X", "--encoder-weights", "random"], "does not exist"),
+    (["--coco-dir", "/tmp", "--output", "X", "--vocab-size", "0"], "--vocab-size"),
+    (["--coco-dir", "/tmp", "--output", "X", "--num-shards", "train=0"], "--num-shards"),
+    (["--coco-dir", "/tmp", "--output", "X", "--num-shards", "bogus=2"], "unknown split"),
+    (["--coco-dir", "/tmp", "--output", "X", "--batch-size", "many"], "--batch-size"),
+])
+def test_bad_flags_exit_with_one_line(args, words, tmp_path):
+    proc = _cli(*args)
+    assert proc.returncode == 2
+    assert words in _one_error_line(proc)
+
+
+def test_unreadable_annotations_exit_nonzero(scene_dir, tmp_path):
+    coco = tmp_path / "coco"
+    (coco / "annotations").mkdir(parents=True)
+    (coco / "annotations" / "captions_train2014.json").write_text("{not json")
+    proc = _cli("--coco-dir", str(coco), "--output", str(tmp_path / "out"), "--encoder-weights", "random")
+    assert proc.returncode == 1
+    line = _one_error_line(proc)
+    assert "captions_train2014.json" in line and "not valid JSON" in line
+
+
+def test_imagenet_weights_offline_fail_at_once_naming_the_choices(scene_dir, tmp_path):
+    env = dict(os.environ, KERAS_HOME=str(tmp_path / "keras"))
+    if inception._imagenet_reachable():
+        pytest.skip("this machine can download the ImageNet weights")
+    proc = _cli("--coco-dir", scene_dir, "--output", str(tmp_path / "out"), "--encoder-weights", "imagenet", env=env)
+    assert proc.returncode == 2
+    line = _one_error_line(proc)
+    assert "random" in line and "PATH" in line
+    assert not glob.glob(str(tmp_path / "out" / "*.tfrecord"))
+
+
+def test_existing_output_needs_overwrite(faulty_run, faulty_scene):
+    out, _ = faulty_run
+    with pytest.raises(preprocess.UsageError, match="--overwrite"):
+        _run(["--coco-dir", faulty_scene["dir"], "--output", out])
