@@ -158,9 +158,10 @@ class EncodeImages(beam.DoFn):
     per element or per DoFn instance.
     """
 
-    def __init__(self, weights_path: str, shared_handle):
+    def __init__(self, weights_path: str, shared_handle, total: int):
         self._weights_path = weights_path
         self._shared = shared_handle
+        self._total = total  # images in the whole run, for the progress line
 
     def setup(self):
         path = self._weights_path
@@ -177,8 +178,8 @@ class EncodeImages(beam.DoFn):
         now = time.time()
         if now - self._last_log > 15:  # a line a user can follow on a long local run
             self._last_log = now
-            log.warning("encoded %d images in this worker (%.1f images/s)", self._count,
-                        self._count / (now - self._start))
+            log.info("encoded %d of %d images in this worker (%.1f images/s)", self._count, self._total,
+                     self._count / (now - self._start))
         for entry, f in zip(entries, features):
             yield entry, f
 
@@ -297,8 +298,8 @@ def _word_list(entry):
 def build(p: beam.Pipeline, opts: dict) -> None:
     """Add the preprocessing transforms to `p` (tests drive this directly).
 
-    opts: output, splits {split: manifest path}, annotation_rejects (path),
-    num_shards {split: n}, batch_size, vocab_size, min_count, encoder_path, static (metadata).
+    opts: output, splits {split: manifest path}, annotation_rejects (path), num_shards
+    {split: n}, batch_size, total_images, vocab_size, min_count, encoder_path, static (metadata).
     """
     from apache_beam.utils import shared
 
@@ -326,7 +327,7 @@ def build(p: beam.Pipeline, opts: dict) -> None:
         encoded = (pixels.ok
                    | f"BatchImages[{split}]" >> beam.BatchElements(
                        min_batch_size=opts["batch_size"], max_batch_size=opts["batch_size"])
-                   | f"Encode[{split}]" >> beam.ParDo(EncodeImages(opts["encoder_path"], encoder_handle)))
+                   | f"Encode[{split}]" >> beam.ParDo(EncodeImages(opts["encoder_path"], encoder_handle, opts["total_images"])))
         all_rejects += [tokenized.rejected, checked.rejected, pixels.rejected]
         all_events.append(encoded | f"Written[{split}]" >> beam.FlatMap(_events_from_written))
         longest.append(encoded | f"Lengths[{split}]" >> beam.FlatMap(
@@ -501,6 +502,7 @@ def prepare(args) -> dict:
     }
     return {"output": out, "splits": manifests, "annotation_rejects": rejects_path,
             "num_shards": {s: args.num_shards[s] for s in splits}, "batch_size": args.batch_size,
+            "total_images": sum(len(e) for e in splits.values()),
             "vocab_size": args.vocab_size, "min_count": args.min_count, "encoder_path": encoder_path,
             "static": static}
 

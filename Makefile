@@ -1,0 +1,31 @@
+# Two commands do all the set-up on a fresh machine:
+#   make demo   scene set -> Beam pipeline -> (trainer, export, caption: as they land)
+#   make test   the whole test suite (CI runs exactly this)
+VENV    ?= .venv
+PY      := $(VENV)/bin/python
+STAMP   := $(VENV)/.installed
+DEMO    ?= demo_out
+
+.PHONY: demo test java clean
+
+# The venv is rebuilt when setup.py changes (its dependencies are declared there).
+$(STAMP): setup.py
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[test]"
+	touch $(STAMP)
+
+# The COCO caption metrics (pycocoevalcap) run Java; install it where missing.
+java:
+	@command -v java >/dev/null 2>&1 || { \
+	  echo "installing Java for the COCO caption metrics (default-jre-headless)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq default-jre-headless >/dev/null; }
+
+test: $(STAMP) java
+	$(PY) -m pytest -q -rs
+
+demo: $(STAMP) java
+	bash scripts/demo.sh $(DEMO)
+
+clean:
+	rm -rf $(DEMO) .pytest_cache
