@@ -16,11 +16,13 @@ REQUIRED = [
     # a pure-Python CRC that is ~100x slower on 256 KiB feature records.
     "google-crc32c>=1.5",
     "tqdm>=4.66",
+    "tensorboard>=2.20",  # tf.summary needs it; logs/ is read with TensorBoard
+    "matplotlib>=3.8",   # loss.png, attention plots
 ]
 
 EXTRAS = {
-    "eval": ["pycocoevalcap>=1.2", "matplotlib>=3.8"],
-    "test": ["pytest>=8", "pycocoevalcap>=1.2", "matplotlib>=3.8"],
+    "eval": ["pycocoevalcap>=1.2"],
+    "test": ["pytest>=8", "pycocoevalcap>=1.2"],
 }
 
 setup(

@@ -48,6 +48,8 @@ class CaptionerConfig:
         if unknown:
             raise ValueError(f"CaptionerConfig: unknown key(s) {unknown}; "
                              f"known keys are {sorted(known)}")
+        if "vocab_size" not in d:
+            raise ValueError("CaptionerConfig: missing required key 'vocab_size'")
         return cls(**d)
 
     def to_json(self):

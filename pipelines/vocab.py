@@ -14,6 +14,10 @@ PAD_ID, UNK_ID, START_ID, END_ID = range(4)
 FILE_NAME = "vocab.txt"
 
 
+class VocabError(ValueError):
+    """A file that is not a vocabulary."""
+
+
 def select_words(counts: dict[str, int], max_words: int, min_count: int = 1) -> list[str]:
     """The vocabulary from word counts: specials, then the `max_words` most
     frequent words seen at least `min_count` times."""
@@ -34,7 +38,7 @@ def read(path: str) -> list[str]:
     if tokens and tokens[-1] == "":
         tokens.pop()
     if tuple(tokens[:4]) != SPECIALS:
-        raise ValueError(f"{path}: not a vocabulary file (the first four lines must be {', '.join(SPECIALS)})")
+        raise VocabError(f"{path}: not a vocabulary file (the first four lines must be {', '.join(SPECIALS)})")
     return tokens
 
 

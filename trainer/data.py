@@ -1,0 +1,117 @@
+"""The trainer's view of a data directory: its metadata, and tf.data pipelines
+that stream the shards (local or gs://) as caption batches.
+
+One record holds an image and all its captions, so parsing decodes each
+feature map once; the batch is then expanded to one row per caption, so an
+epoch visits every caption once.
+"""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import tensorflow as tf
+
+from pipelines import fileio, records
+from pipelines import vocab as vocab_lib
+
+METADATA_FILE = "metadata.json"
+
+
+class DataError(ValueError):
+    """A data directory the trainer cannot use (one readable line)."""
+
+
+def load_metadata(data_dir: str) -> dict:
+    path = fileio.join(data_dir, METADATA_FILE)
+    if not fileio.exists(path):
+        raise DataError(f"--data {data_dir}: no metadata.json (make a data directory with "
+                        "`python -m pipelines.preprocess`)")
+    try:
+        meta = fileio.read_json(path)
+        meta["features"]["shape"], meta["vocab"]["size"], meta["splits"]["train"]  # noqa: B018
+    except (ValueError, KeyError, TypeError) as e:
+        raise DataError(f"--data {data_dir}: metadata.json is unreadable or incomplete ({e})") from None
+    return meta
+
+
+def load_vocab(data_dir: str, meta: dict) -> list[str]:
+    tokens = vocab_lib.read(fileio.join(data_dir, meta["vocab"]["file"]))
+    if len(tokens) != meta["vocab"]["size"]:
+        raise DataError(f"--data {data_dir}: vocab.txt has {len(tokens)} tokens, metadata.json says {meta['vocab']['size']}")
+    return tokens
+
+
+def load_feature_stats(data_dir: str, meta: dict) -> tuple[np.ndarray, np.ndarray]:
+    with np.load(io.BytesIO(fileio.read_bytes(fileio.join(data_dir, meta["features"]["stats_file"])))) as z:
+        return z["mean"].astype(np.float32), z["std"].astype(np.float32)
+
+
+def shard_files(data_dir: str, split: str) -> list[str]:
+    files = sorted(tf.io.gfile.glob(records.shard_glob(data_dir, split)))
+    if not files:
+        raise DataError(f"--data {data_dir}: no {split} shards ({records.shard_glob(data_dir, split)})")
+    return files
+
+
+def check_shards(files: list[str], feature_shape) -> None:
+    """Parse the first record of the first shard, so a data directory whose
+    shards are not this format fails before training starts."""
+    try:
+        first = next(iter(tf.data.TFRecordDataset(files[:1]).take(1)))
+        records.parse_examples(tf.reshape(first, [1]), feature_shape)
+    except StopIteration:
+        return  # an empty shard: nothing to check
+    except (tf.errors.OpError, ValueError) as e:
+        msg = str(e).strip().splitlines()[0][:200]
+        raise DataError(f"{files[0]}: not a captioner TFRecord shard ({msg})") from None
+
+
+def caption_dataset(files: list[str], batch_size: int, *, feature_shape=records.FEATURE_SHAPE,
+                    shuffle: bool = True, seed: int = 0, shuffle_buffer: int = 1024,
+                    bucket_boundaries: tuple[int, ...] = (), input_context: tf.distribute.InputContext | None = None,
+                    read_batch: int = 32) -> tf.data.Dataset:
+    """(features [B, 64, 2048] float16, tokens [B, T] int32) batches, T = the
+    longest caption in the batch (tokens include <start> and <end>).
+
+    Deterministic for a given seed: file order, interleave and shuffle are all
+    seeded, so a run can be repeated and an epoch can be resumed by skipping
+    the batches already trained on.
+    """
+    files = list(files)
+    ds = tf.data.Dataset.from_tensor_slices(files)
+    if input_context and input_context.num_input_pipelines > 1:
+        # Each worker reads its own files when there are enough, else its own records.
+        if len(files) >= input_context.num_input_pipelines:
+            ds = ds.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
+    if shuffle:
+        ds = ds.shuffle(len(files), seed=seed)
+    ds = ds.interleave(tf.data.TFRecordDataset, cycle_length=min(len(files), 8),
+                       num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    if input_context and input_context.num_input_pipelines > 1 and len(files) < input_context.num_input_pipelines:
+        ds = ds.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
+
+    def expand(serialized):
+        p = records.parse_examples(serialized, feature_shape)
+        per_image = p["captions"].row_lengths()  # captions per image
+        # Features are decoded once per image and repeated per caption here.
+        feats = tf.repeat(p["features"], per_image, axis=0)
+        captions = p["captions"].values  # [captions, (tokens)]
+        return tf.data.Dataset.from_tensor_slices((feats, captions.to_tensor(), captions.row_lengths()))
+
+    # Each caption keeps its own length, so a batch is padded to its own longest.
+    ds = ds.batch(read_batch).flat_map(expand).map(lambda f, t, n: (f, t[:n]))
+    if shuffle:
+        ds = ds.shuffle(shuffle_buffer, seed=seed)
+    if bucket_boundaries:
+        boundaries = list(bucket_boundaries)
+        ds = ds.bucket_by_sequence_length(
+            lambda f, t: tf.shape(t)[0], boundaries, [batch_size] * (len(boundaries) + 1),
+            pad_to_bucket_boundary=False)
+    else:
+        ds = ds.padded_batch(batch_size, padded_shapes=([*feature_shape], [None]))  # pads to the batch's longest
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def count_captions(meta: dict, split: str) -> int:
+    return int(meta["splits"][split]["captions"]["written"])

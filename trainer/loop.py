@@ -1,0 +1,427 @@
+"""The training loop: strategy, compiled step, checkpoints, summaries, resume.
+
+The model, loss and inputs are single-replica code (model/, trainer/data.py);
+this module runs them on whatever tf.distribute strategy the machine calls for.
+
+Resuming: the checkpoint holds the model, the optimizer (and so the step),
+the dropout RNG state, the epoch and the number of batches already trained in
+it. Each epoch's data order is fixed by (seed, epoch), so a restarted run skips
+exactly the batches it had trained on and continues with the same ones an
+uninterrupted run would have seen.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import signal
+import sys
+import time
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from model import Captioner, CaptionerConfig, caption_loss
+from pipelines import fileio
+
+from . import data, distribute
+
+CONFIG_FILE = "config.json"
+
+
+class TrainError(ValueError):
+    """A job that cannot start (one readable line, before any training)."""
+
+
+@dataclasses.dataclass
+class Settings:
+    data: str
+    job_dir: str
+    epochs: int = 10
+    batch_size: int = 64                   # global, over all replicas
+    learning_rate: float = 1e-3
+    lr_schedule: str = "constant"          # constant | cosine
+    warmup_steps: int = 0
+    clip_norm: float = 5.0
+    embedding_dim: int = 256
+    units: int = 512
+    dropout: float = 0.1
+    attention_reg: float = 1.0
+    gate: bool = False
+    mixed_precision: bool = False          # bfloat16 compute, float32 variables and logits
+    strategy: str = "auto"
+    seed: int = 0
+    shuffle_buffer: int = 1024
+    bucket_boundaries: tuple = ()
+    checkpoint_every: int = 500            # steps; and at every epoch end
+    keep_checkpoints: int = 3
+    early_stopping: int = 0                # epochs without val improvement; 0 = off
+    max_steps: int = 0                     # stop after this many steps in all; 0 = no limit
+    validate: bool = True
+    progress: bool | None = None           # None: a bar when stderr is a terminal
+
+
+class _Sigterm:
+    """Turns SIGTERM (preemptible machines send it) into a flag the loop checks."""
+
+    def __init__(self):
+        self.received = False
+        self._old = None
+
+    def __enter__(self):
+        try:
+            self._old = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread: leave signals alone
+            self._old = None
+        return self
+
+    def _handle(self, *_):
+        self.received = True
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
+
+
+class Interrupted(Exception):
+    """Training stopped by SIGTERM after saving a checkpoint."""
+
+
+class _PreReducedAdam(keras.optimizers.Adam):
+    # The train step all-reduces the gradients itself, so that clipping sees the
+    # global gradient (Keras clips per replica, before its own all-reduce, which
+    # would make 2 replicas clip differently from 1 device). Skip the second sum.
+    def _all_reduce_sum_gradients(self, grads_and_vars):
+        return grads_and_vars
+
+
+def model_config(s: Settings, vocab_size: int) -> CaptionerConfig:
+    return CaptionerConfig(vocab_size=vocab_size, embedding_dim=s.embedding_dim, units=s.units,
+                           dropout=s.dropout, attention_reg=s.attention_reg, gate=s.gate,
+                           compute_dtype="bfloat16" if s.mixed_precision else "float32")
+
+
+def _resolve_config(s: Settings, vocab_size: int) -> CaptionerConfig:
+    """The config of a new job, or the saved one of a job being resumed (which
+    must agree with the data and the flags)."""
+    wanted = model_config(s, vocab_size)
+    path = fileio.join(s.job_dir, CONFIG_FILE)
+    if not fileio.exists(path):
+        return wanted
+    saved = CaptionerConfig.from_json(fileio.read_text(path))
+    if saved.vocab_size != vocab_size:
+        raise TrainError(f"--job-dir {s.job_dir}: its checkpoint has vocab size {saved.vocab_size} "
+                         f"but --data {s.data} has {vocab_size}; use a new --job-dir")
+    diff = {k: (v, getattr(wanted, k)) for k, v in saved.to_dict().items() if getattr(wanted, k) != v}
+    if diff:
+        k, (old, new) = next(iter(diff.items()))
+        raise TrainError(f"--job-dir {s.job_dir}: the job was started with {k}={old}, now {k}={new}; "
+                         "resume with the same flags or use a new --job-dir")
+    return saved
+
+
+def _learning_rate(s: Settings, total_steps: int):
+    if s.lr_schedule == "constant":
+        if s.warmup_steps:
+            return keras.optimizers.schedules.CosineDecay(
+                0.0, decay_steps=1, alpha=1.0, warmup_target=s.learning_rate, warmup_steps=s.warmup_steps)
+        return s.learning_rate
+    if s.lr_schedule == "cosine":
+        return keras.optimizers.schedules.CosineDecay(
+            0.0 if s.warmup_steps else s.learning_rate, decay_steps=max(1, total_steps - s.warmup_steps),
+            warmup_target=s.learning_rate if s.warmup_steps else None, warmup_steps=s.warmup_steps, alpha=0.01)
+    raise TrainError(f"--lr-schedule {s.lr_schedule}: choose constant or cosine")
+
+
+def _write_loss_plot(history: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    epochs = [h["epoch"] for h in history]
+    ax.plot(epochs, [h["train_loss"] for h in history], marker="o", label="train")
+    if any("val_loss" in h for h in history):
+        ax.plot([h["epoch"] for h in history if "val_loss" in h],
+                [h["val_loss"] for h in history if "val_loss" in h], marker="o", label="validation")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("loss per token")
+    ax.set_title("training loss")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    fileio.write_bytes(path, buf.getvalue())
+
+
+class Trainer:
+    def __init__(self, s: Settings):
+        self.s = s
+        meta = data.load_metadata(s.data)
+        self.meta = meta
+        self.vocab = data.load_vocab(s.data, meta)
+        self.feature_shape = tuple(meta["features"]["shape"])
+        self.train_files = data.shard_files(s.data, "train")
+        data.check_shards(self.train_files, self.feature_shape)
+        self.val_files = []
+        if s.validate and "val" in meta["splits"] and meta["splits"]["val"]["images"]["written"]:
+            self.val_files = data.shard_files(s.data, "val")
+            data.check_shards(self.val_files, self.feature_shape)
+        mean, std = data.load_feature_stats(s.data, meta)
+        self.config = _resolve_config(s, len(self.vocab))
+
+        keras.utils.set_random_seed(s.seed)
+        self.strategy = distribute.get_strategy(s.strategy)
+        self.chief = distribute.is_chief(self.strategy)
+        replicas = self.strategy.num_replicas_in_sync
+        if s.batch_size % replicas:
+            raise TrainError(f"--batch-size {s.batch_size} does not split over {replicas} replicas")
+        self.steps_per_epoch = math.ceil(data.count_captions(meta, "train") / s.batch_size)
+        total = self.steps_per_epoch * s.epochs
+        with self.strategy.scope():
+            self.model = Captioner(self.config, mean, std)
+            self.optimizer = _PreReducedAdam(learning_rate=_learning_rate(s, total), name="adam")
+            self.optimizer.build(self.model.trainable_variables)
+            self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
+            self.step_in_epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="step_in_epoch")
+            self.best_val = tf.Variable(np.inf, dtype=tf.float64, trainable=False, name="best_val")
+            self.bad_epochs = tf.Variable(0, dtype=tf.int64, trainable=False, name="bad_epochs")
+        # Keras' dropout RNG states are not tracked by tf.train.Checkpoint: add them,
+        # or a resumed run would draw different dropout masks.
+        rng = [v.value for v in self.model.non_trainable_variables if "seed_generator" in v.path]
+        self.checkpoint = tf.train.Checkpoint(
+            model=self.model, optimizer=self.optimizer, rng=rng, epoch=self.epoch,
+            step_in_epoch=self.step_in_epoch, best_val=self.best_val, bad_epochs=self.bad_epochs)
+        ckpt_dir = fileio.join(s.job_dir, "checkpoints")
+        if not self.chief:  # non-chief workers save too (collective ops), somewhere throwaway
+            task = self.strategy.cluster_resolver.task_id
+            ckpt_dir = fileio.join(s.job_dir, "tmp", f"worker-{task}", "checkpoints")
+        self.manager = tf.train.CheckpointManager(self.checkpoint, ckpt_dir, max_to_keep=s.keep_checkpoints)
+        self._train_step = None
+        self._eval_step = None
+
+    # ------------------------------------------------------------------ data
+    def _dataset(self, files, epoch, shuffle, skip=0):
+        s = self.s
+
+        def fn(ctx):
+            ds = data.caption_dataset(
+                files, ctx.get_per_replica_batch_size(s.batch_size) if ctx else s.batch_size,
+                feature_shape=self.feature_shape, shuffle=shuffle, seed=s.seed * 1000 + epoch,
+                shuffle_buffer=s.shuffle_buffer, bucket_boundaries=s.bucket_boundaries, input_context=ctx)
+            return ds.skip(skip) if skip else ds
+
+        return self.strategy.distribute_datasets_from_function(fn)
+
+    # ------------------------------------------------------------------ steps
+    def _replica_loss(self, features, tokens, training):
+        targets = tokens[:, 1:]
+        ctx = tf.distribute.get_replica_context()
+        local_tokens = tf.math.count_nonzero(targets, dtype=tf.int64)
+        global_tokens = ctx.all_reduce(tf.distribute.ReduceOp.SUM, local_tokens)
+        logits, attention = self.model.teacher_forced(features, tokens, training=training)
+        parts = caption_loss(logits, targets, attention, self.config.attention_reg,
+                             global_token_count=global_tokens)
+        return parts, local_tokens
+
+    def _build_steps(self, element_spec):
+        s = self.s
+        strategy = self.strategy
+
+        def replica_train(features, tokens):
+            with tf.GradientTape() as tape:
+                parts, ntok = self._replica_loss(features, tokens, True)
+            variables = self.model.trainable_variables
+            grads = tape.gradient(parts.loss, variables)
+            grads = [tf.convert_to_tensor(g) for g in grads]  # embedding: IndexedSlices -> dense for all_reduce
+            grads = tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, grads)
+            grads, norm = tf.clip_by_global_norm(grads, s.clip_norm)
+            self.optimizer.apply_gradients(zip(grads, variables))
+            return parts.loss, parts.xent, parts.reg, ntok, norm
+
+        def replica_eval(features, tokens):
+            parts, ntok = self._replica_loss(features, tokens, False)
+            return parts.loss, parts.xent, parts.reg, ntok
+
+        def reduce(values):
+            return [strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None) for v in values]
+
+        # One trace for every batch: the signature leaves batch and caption length open.
+        @tf.function(input_signature=[element_spec])
+        def train_step(batch):
+            out = strategy.run(replica_train, args=batch)
+            loss, xent, reg, ntok = reduce(out[:4])
+            norm = strategy.reduce(tf.distribute.ReduceOp.MEAN, out[4], axis=None)
+            return {"loss": loss, "xent": xent, "reg": reg, "tokens": ntok, "grad_norm": norm}
+
+        @tf.function(input_signature=[element_spec])
+        def eval_step(batch):
+            loss, xent, reg, ntok = reduce(strategy.run(replica_eval, args=batch))
+            return {"loss": loss, "xent": xent, "reg": reg, "tokens": ntok}
+
+        self._train_step, self._eval_step = train_step, eval_step
+        self.trace_count = lambda: (train_step.experimental_get_tracing_count(),
+                                    eval_step.experimental_get_tracing_count())
+
+    # ------------------------------------------------------------------ loop
+    def validate(self, epoch) -> dict | None:
+        if not self.val_files:
+            return None
+        total = {"loss": 0.0, "xent": 0.0, "reg": 0.0, "tokens": 0}
+        for batch in self._dataset(self.val_files, epoch, shuffle=False):
+            out = self._eval_step(batch)
+            # Each batch's loss is divided by its own token count: weight it back.
+            n = int(out["tokens"])
+            for k in ("loss", "xent", "reg"):
+                total[k] += float(out[k]) * n
+            total["tokens"] += n
+        n = max(total["tokens"], 1)
+        return {k: total[k] / n for k in ("loss", "xent", "reg")}
+
+    def run(self) -> dict:
+        s = self.s
+        restored = self.manager.restore_or_initialize()
+        if self.chief:
+            fileio.write_text(fileio.join(s.job_dir, CONFIG_FILE), self.config.to_json())
+        history_path = fileio.join(s.job_dir, "history.json")
+        history = fileio.read_json(history_path) if restored and fileio.exists(history_path) else []
+        writers = {}
+        if self.chief:
+            writers = {k: tf.summary.create_file_writer(fileio.join(s.job_dir, "logs", k)) for k in ("train", "val")}
+        progress = sys.stderr.isatty() if s.progress is None else s.progress
+        start_time = time.time()
+        trained_tokens, stop_reason = 0, "epochs done"
+        if restored:
+            print(f"resuming from {restored}: epoch {int(self.epoch) + 1}, step {int(self.optimizer.iterations)}",
+                  file=sys.stderr)
+
+        with _Sigterm() as sigterm:
+            while int(self.epoch) < s.epochs:
+                epoch = int(self.epoch)
+                skip = int(self.step_in_epoch)
+                ds = self._dataset(self.train_files, epoch, shuffle=True, skip=skip)
+                if self._train_step is None:
+                    self._build_steps(ds.element_spec)
+                bar = None
+                if progress:
+                    from tqdm import tqdm
+
+                    bar = tqdm(total=self.steps_per_epoch, initial=skip, desc=f"epoch {epoch + 1}/{s.epochs}",
+                               unit="step", file=sys.stderr, dynamic_ncols=True)
+                sums = {"loss": 0.0, "tokens": 0}
+                t_epoch = time.time()
+                for batch in ds:
+                    out = self._train_step(batch)
+                    step = int(self.optimizer.iterations)
+                    self.step_in_epoch.assign_add(1)
+                    n = int(out["tokens"])
+                    sums["loss"] += float(out["loss"]) * n
+                    sums["tokens"] += n
+                    trained_tokens += n
+                    rate = sums["tokens"] / max(time.time() - t_epoch, 1e-9)
+                    if writers and step % 10 == 0:
+                        with writers["train"].as_default(step=step):
+                            for k in ("loss", "xent", "reg", "grad_norm"):
+                                tf.summary.scalar(k, out[k])
+                            tf.summary.scalar("learning_rate", self._current_lr())
+                            tf.summary.scalar("tokens_per_s", rate)
+                    if bar:
+                        bar.update(1)
+                        bar.set_postfix(loss=f"{float(out['loss']):.3f}", tok_s=f"{rate:,.0f}")
+                    if s.checkpoint_every and step % s.checkpoint_every == 0:
+                        self.manager.save(checkpoint_number=step)
+                    if sigterm.received:
+                        path = self.manager.save(checkpoint_number=step)
+                        if bar:
+                            bar.close()
+                        raise Interrupted(f"stopped by SIGTERM at step {step}; saved {path}; "
+                                          "run the same command to continue")
+                    if s.max_steps and step >= s.max_steps:
+                        break
+                if bar:
+                    bar.close()
+                if s.max_steps and int(self.optimizer.iterations) >= s.max_steps and \
+                        int(self.step_in_epoch) < self.steps_per_epoch:
+                    # Stopped mid-epoch by --max-steps: keep the position for a later run.
+                    self.manager.save(checkpoint_number=int(self.optimizer.iterations))
+                    stop_reason = "max steps"
+                    break
+                record = {"epoch": epoch + 1, "step": int(self.optimizer.iterations),
+                          "train_loss": sums["loss"] / max(sums["tokens"], 1),
+                          "tokens_per_s": sums["tokens"] / max(time.time() - t_epoch, 1e-9)}
+                val = self.validate(epoch)
+                if val:
+                    record.update(val_loss=val["loss"], val_xent=val["xent"])
+                    if writers:
+                        with writers["val"].as_default(step=int(self.optimizer.iterations)):
+                            for k, v in val.items():
+                                tf.summary.scalar(k, v)
+                history.append(record)
+                line = f"epoch {epoch + 1}/{s.epochs}: train loss {record['train_loss']:.4f}"
+                if val:
+                    line += f", val loss {val['loss']:.4f}"
+                print(line + f", {record['tokens_per_s']:,.0f} tokens/s", file=sys.stderr)
+                self.epoch.assign_add(1)
+                self.step_in_epoch.assign(0)
+                stop = False
+                if val:
+                    if val["loss"] < float(self.best_val):
+                        self.best_val.assign(val["loss"])
+                        self.bad_epochs.assign(0)
+                    else:
+                        self.bad_epochs.assign_add(1)
+                        stop = bool(s.early_stopping) and int(self.bad_epochs) >= s.early_stopping
+                self.manager.save(checkpoint_number=int(self.optimizer.iterations))
+                if self.chief:
+                    fileio.write_json(history_path, history)
+                if stop:
+                    stop_reason = f"early stopping: no val improvement in {s.early_stopping} epochs"
+                    break
+        for w in writers.values():
+            w.flush()
+        metrics = self._final_metrics(history, trained_tokens, time.time() - start_time, stop_reason)
+        if self.chief:
+            fileio.write_json(fileio.join(s.job_dir, "metrics.json"), metrics)
+            if history:
+                _write_loss_plot(history, fileio.join(s.job_dir, "loss.png"))
+            self.save_weights()
+        return metrics
+
+    def _current_lr(self):
+        lr = self.optimizer.learning_rate
+        return lr(self.optimizer.iterations) if callable(lr) else lr
+
+    def _final_metrics(self, history, tokens, seconds, reason):
+        last = history[-1] if history else {}
+        return {"steps": int(self.optimizer.iterations), "epochs_completed": int(self.epoch),
+                "final_train_loss": last.get("train_loss"), "final_val_loss": last.get("val_loss"),
+                "best_val_loss": None if math.isinf(float(self.best_val)) else float(self.best_val),
+                "stopped": reason, "wall_seconds": round(seconds, 2),
+                "tokens_per_s_this_run": round(tokens / max(seconds, 1e-9), 1),
+                "replicas": self.strategy.num_replicas_in_sync, "history": history}
+
+    def save_weights(self) -> str:
+        """The trained weights and what rebuilds them, for export."""
+        path = fileio.join(self.s.job_dir, "final", "model.weights.h5")
+        local = path if not fileio.is_gcs(path) else os.path.join("/tmp", f"captioner-{os.getpid()}.weights.h5")
+        fileio.makedirs(os.path.dirname(local))
+        self.model.save_weights(local)
+        if local != path:
+            fileio.upload(local, path)
+        fileio.write_text(fileio.join(self.s.job_dir, "final", CONFIG_FILE), self.config.to_json())
+        fileio.write_json(fileio.join(self.s.job_dir, "final", "data.json"), {"data": self.s.data})
+        return path
+
+
+def train(s: Settings) -> dict:
+    return Trainer(s).run()
+
+
+def settings_dict(s: Settings) -> dict:
+    return json.loads(json.dumps(dataclasses.asdict(s)))
