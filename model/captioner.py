@@ -4,12 +4,15 @@
     logits, attention = model.teacher_forced(features, tokens, training=True)   # training
     state = model.init_state(features)                                           # decoding
     logits, state, attention = model.step(state, prev_tokens)
+    loss, xent, reg = model.teacher_forced_loss(features, tokens, training=True)  # fast path
 
 features: [B, P, F] float16/32; tokens: [B, T] int (0 = <pad>, column 0 = <start>).
 teacher_forced predicts tokens[:, 1:] from tokens[:, :-1] and equals T-1 calls of step.
 """
 import keras
+import tensorflow as tf
 
+from model import losses
 from model.config import CaptionerConfig
 from model.decoder import AttentionGRUDecoder, DecoderState
 from model.encoder import FeatureEncoder
@@ -52,6 +55,24 @@ class Captioner(keras.Model):
         """-> (logits [B, T-1, V] float32, attention [B, T-1, P] float32)."""
         state = self.init_state(features, training)
         return self.decoder.teacher_forced(state, tokens[:, :-1], training)
+
+    def teacher_forced_loss(self, features, tokens, training=False, attention_reg=None,
+                            global_token_count=None):
+        """The training loss, fast path: caption_loss(*teacher_forced(...)) computed on real
+        positions only: captions are packed by length, so padded steps cost nothing, in the
+        time loop or in the vocabulary projection. -> CaptionLoss(loss, xent, reg).
+
+        attention_reg defaults to config.attention_reg. Packing gives data-dependent shapes,
+        so this is not for jit_compile=True; teacher_forced + caption_loss is.
+        """
+        if attention_reg is None:
+            attention_reg = self.config.attention_reg
+        state = self.init_state(features, training)
+        packed = self.decoder.packed_teacher_forced(state, tokens[:, :-1], tokens[:, 1:],
+                                                    training)
+        return losses.packed_caption_loss(
+            self.decoder.logits(packed.outputs, training), packed.targets, packed.attention,
+            packed.caption, tf.shape(tokens)[0], attention_reg, global_token_count)
 
     def call(self, inputs, training=False):
         features, tokens = inputs

@@ -1,28 +1,30 @@
 """Word side: a GRU that attends over the image and carries its state from word to word.
 
-Per step t (h = h_{t-1}, w = the previous word):
-    q, gh, b  = split(h @ K + c)                 one fused matmul: W2 h | GRU gates | f_beta(h)
-    alpha, z  = attention(keys + q)              z = sum_i alpha_i f_i  (z *= sigmoid(b) if gate)
-    gx        = E(w) @ Kw + bx + z @ Kz          GRU input gates from [z ; E(w)]
-    h_t       = GRU(gx, gh, h)                   (Keras/cuDNN "reset_after" form)
-    logits_t  = fc2(fc1(dropout(h_t)))
+Per step t (h = h_{t-1}, w = the previous word; the arithmetic is in recurrence.py):
+    q | gh | b  = h @ K + c                      one fused matmul: W2 h | GRU gates | f_beta(h)
+    alpha, z    = attention(keys + q)            z = sum_i alpha_i f_i  (z *= sigmoid(b) if gate)
+    h_t         = GRU([z ; E(w)], gh, h)         input gates: E(w) @ Kw + bx + z @ Kz
+    logits_t    = fc2(fc1(dropout(h_t)))
 
-`teacher_forced` hoists out of the time loop everything that does not depend on h: the word
-embeddings and their share of the GRU input matmul (E(w) @ Kw, one [T*B, E] x [E, 3U] matmul),
-and fc1/fc2 (one [B*T, U] x [U, V] matmul after the loop). The loop keeps only the fused
-h-matmul, attention and the GRU gates; W1 f is projected once per image by the caller.
+Hoisted out of the time loop: the keys W1 f + b (once per image, Captioner.init_state), the
+word embeddings and their share of the GRU input gates (one [T*B, E] x [E, 3U] matmul), and
+fc1/fc2 (one [T*B, U] x [U, V] matmul after the loop). The loop keeps only the fused
+h-matmul, attention and the GRU gates. Dropout: on word embeddings and on h_t before fc1
+(both outside the loop, so the recurrence stays deterministic).
 """
 import collections
 
 import keras
 import tensorflow as tf
 
+from model import recurrence
 from model.attention import BahdanauAttention
 
 # What one decode step needs: encoded features [B, P, E], their attention keys W1 f + b
 # [B, P, U] (both fixed per image) and the GRU state [B, U]. A namedtuple, so tf.while_loop
 # and beam search's tf.nest gathers handle it.
 DecoderState = collections.namedtuple("DecoderState", ["features", "keys", "hidden"])
+Packed = collections.namedtuple("Packed", ["outputs", "attention", "targets", "caption"])
 
 
 class AttentionGRUDecoder(keras.layers.Layer):
@@ -89,62 +91,64 @@ class AttentionGRUDecoder(keras.layers.Layer):
         gates = tf.reshape(gates, tf.concat([tf.shape(tokens), [3 * self.config.units]], 0))
         return gates + tf.cast(self.input_bias, x.dtype)
 
-    def _loop_weights(self):
-        # Cast once per call (outside any loop), not once per step.
+    def loop_weights(self):
+        """The recurrence's weights in the compute dtype: cast once per call, not per step."""
         dt = self.compute_dtype
-        return (tf.cast(self.recurrent_kernel, dt), tf.cast(self.recurrent_bias, dt),
-                tf.cast(self.context_kernel, dt))
-
-    def _cell(self, weights, state, word_gates):
-        """One step from h_{t-1}: returns h_t [B, U] and attention [B, P] (float32)."""
-        rec_kernel, rec_bias, ctx_kernel = weights
-        u = self.config.units
-        hidden = state.hidden
-        sizes = [u, u, u, u] + ([1] if self.config.gate else [])
-        parts = tf.split(tf.matmul(hidden, rec_kernel) + rec_bias, sizes, axis=-1)
-        query, hz, hr, hn = parts[:4]
-        context, alpha = self.attention(state.features, state.keys, query)
-        if self.config.gate:
-            context = context * tf.sigmoid(parts[4])
-        xz, xr, xn = tf.split(word_gates + tf.matmul(context, ctx_kernel), 3, axis=-1)
-        z = tf.sigmoid(xz + hz)
-        r = tf.sigmoid(xr + hr)
-        n = tf.tanh(xn + r * hn)
-        return n + z * (hidden - n), alpha      # = z * h + (1 - z) * n
+        return recurrence.LoopWeights(
+            tf.cast(self.recurrent_kernel, dt), tf.cast(self.recurrent_bias, dt),
+            tf.cast(self.context_kernel, dt), tf.cast(self.attention.v, dt))
 
     # ------------------------------------------------------------------ public
     def step(self, state, prev_tokens, training=False):
         """prev_tokens [B] -> (logits [B, V] float32, h_t [B, U], attention [B, P])."""
         gates = self.word_gates(prev_tokens, training)
-        hidden, alpha = self._cell(self._loop_weights(), state, gates)
+        hidden, alpha, _ = recurrence.cell(state.features, state.keys, state.hidden, gates,
+                                           self.loop_weights(), self.config.gate)
         return self.logits(hidden, training), hidden, alpha
 
-    def teacher_forced(self, state, inputs, training=False):
-        """inputs [B, T] token ids -> (logits [B, T, V] float32, attention [B, T, P]).
+    def teacher_forced_outputs(self, state, inputs, training=False):
+        """inputs [B, T] token ids -> (GRU outputs [B, T, U], attention [B, T, P] float32).
 
-        One tf.while_loop over a dynamic T: traced once whatever the caption length.
+        Every position, padding included (what T calls of `step` would give).
         """
-        c = self.config
-        weights = self._loop_weights()
-        words = tf.transpose(inputs)                         # time-major [T, B]
-        gates = self.word_gates(words, training)             # [T, B, 3U], all steps at once
-        steps = tf.shape(words)[0]
-        dtype = gates.dtype
-        gates_ta = tf.TensorArray(dtype, size=steps, element_shape=[None, 3 * c.units])
-        gates_ta = gates_ta.unstack(gates)
-        out_ta = tf.TensorArray(dtype, size=steps, element_shape=[None, c.units])
-        att_ta = tf.TensorArray(tf.float32, size=steps, element_shape=[None, c.num_positions])
+        steps, batch = tf.shape(inputs)[1], tf.shape(inputs)[0]
+        words = tf.reshape(tf.transpose(inputs), [-1])             # time-major, packed
+        hidden, attention = recurrence.recurrence(
+            state.features, state.keys, state.hidden, self.word_gates(words, training),
+            self.loop_weights(), self.config.gate)
+        unpack = lambda x: tf.transpose(tf.reshape(x, [steps, batch, -1]), [1, 0, 2])  # noqa
+        return unpack(hidden), unpack(attention)
 
-        def body(t, hidden, out_ta, att_ta):
-            hidden, alpha = self._cell(weights, state._replace(hidden=hidden), gates_ta.read(t))
-            return t + 1, hidden, out_ta.write(t, hidden), att_ta.write(t, alpha)
+    def teacher_forced(self, state, inputs, training=False):
+        """inputs [B, T] -> (logits [B, T, V] float32, attention [B, T, P] float32)."""
+        outputs, attention = self.teacher_forced_outputs(state, inputs, training)
+        return self.logits(outputs, training), attention   # fc1/fc2 once, after the loop
 
-        _, _, out_ta, att_ta = tf.while_loop(
-            lambda t, *_: t < steps, body, (tf.constant(0), state.hidden, out_ta, att_ta),
-            maximum_iterations=steps)   # a bound XLA needs to compile the gradient
-        outputs = tf.transpose(out_ta.stack(), [1, 0, 2])    # [B, T, U]: cheap, before fc2
-        attention = tf.transpose(att_ta.stack(), [1, 0, 2])  # [B, T, P]
-        return self.logits(outputs, training), attention
+    def packed_teacher_forced(self, state, inputs, targets, training=False):
+        """Teacher forcing on real positions only (the training path).
+
+        A caption runs up to its last non-pad target; captions are sorted longest first so
+        that step t runs the first active[t] of them. Returns Packed(outputs [N, U],
+        attention [N, P], targets [N], caption [N] = each row's index in the batch), rows in
+        time-major order, N = the number of positions up to each caption's end.
+        """
+        steps = tf.shape(targets)[1]
+        real = tf.not_equal(targets, 0)
+        lengths = tf.reduce_max(tf.where(real, tf.range(1, steps + 1)[None, :], 0), axis=1)
+        order = tf.argsort(lengths, direction="DESCENDING", stable=True)
+        sorted_lengths = tf.gather(lengths, order)
+        longest = tf.reduce_max(tf.concat([lengths, [0]], 0))   # trailing pad columns: skipped
+        running = tf.range(longest)[:, None] < sorted_lengths[None, :]       # [T', B] sorted
+        active = tf.reduce_sum(tf.cast(running, tf.int32), axis=1)          # [T']
+        where = tf.where(running)                          # (t, i): time-major, i < active[t]
+        caption = tf.gather(order, where[:, 1])
+        index = tf.stack([caption, tf.cast(where[:, 0], caption.dtype)], 1)
+        sorted_state = tf.nest.map_structure(lambda x: tf.gather(x, order), state)
+        hidden, attention = recurrence.recurrence(
+            sorted_state.features, sorted_state.keys, sorted_state.hidden,
+            self.word_gates(tf.gather_nd(inputs, index), training),
+            self.loop_weights(), self.config.gate, active=active)
+        return Packed(hidden, attention, tf.gather_nd(targets, index), caption)
 
 
 def _fused_recurrent_init(units, gate):

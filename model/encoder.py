@@ -46,7 +46,20 @@ class FeatureEncoder(keras.layers.Layer):
         return tf.cast(x, self.compute_dtype)
 
     def call(self, features):
-        return self.dense(self.standardize(features))
+        if self.compute_dtype != "float32":
+            # bf16 cannot hold x - mean precisely when mean >> std: standardise in float32.
+            return self.dense(self.standardize(features))
+        # float32: fold the standardisation into the dense layer,
+        #   ((x - m) / s) W + b = x (W / s) + (b - (m / s) W),
+        # which skips three elementwise passes over the [B, 64, 2048] features (as many
+        # bytes as the matmul reads) for a [2048, 256] rescale of the kernel.
+        inv_std = 1.0 / tf.maximum(self.std, _MIN_STD)
+        kernel = self.dense.kernel * inv_std[:, None]
+        bias = self.dense.bias - tf.linalg.matvec(kernel, self.mean, transpose_a=True)
+        x = tf.cast(features, tf.float32)
+        y = tf.matmul(tf.reshape(x, [-1, self.feature_dim]), kernel) + bias
+        shape = tf.concat([tf.shape(x)[:-1], [self.embedding_dim]], 0)
+        return tf.nn.relu(tf.reshape(y, shape))
 
 
 def _stat(value, default, dim, name):

@@ -7,7 +7,7 @@ Both parts are sums over the batch divided by ONE denominator, the number of rea
     R(caption) = sum_i (1 - sum_t alpha_ti)^2 over the caption's real steps t,
 
 which is the paper's per-caption objective (-log p + lambda R) summed over the batch and scaled
-by the token count. Summing per-replica losses built this way gives the global loss exactly,
+by the token count. Per-replica losses built this way add up to the global loss exactly,
 whether the batch is split over 1 or 8 replicas.
 """
 import collections
@@ -24,26 +24,63 @@ def caption_loss(logits, targets, attention, attention_reg, global_token_count=N
 
     Returns CaptionLoss(loss, xent, reg), float32 scalars with loss = xent + reg.
     """
-    logits = tf.cast(logits, tf.float32)
-    mask = tf.cast(tf.not_equal(targets, PAD_ID), tf.float32)                # [B, T]
-    if global_token_count is None:
-        denominator = tf.reduce_sum(mask)
-    else:
-        denominator = tf.cast(global_token_count, tf.float32)
-    denominator = tf.maximum(denominator, 1.0)   # an all-pad batch gives 0, not NaN
-
+    mask = _mask(targets)
+    denominator = _denominator(mask, global_token_count)
     token_xent = tf.nn.sparse_softmax_cross_entropy_with_logits(
-        labels=tf.cast(targets, tf.int32), logits=logits)
+        labels=tf.cast(targets, tf.int32), logits=tf.cast(logits, tf.float32))
     xent = tf.reduce_sum(token_xent * mask) / denominator
-
-    # A Python 0 skips the computation; a tensor lambda (a schedule) is always applied.
-    if not (isinstance(attention_reg, (int, float)) and attention_reg == 0):
-        attention = tf.cast(attention, tf.float32)
-        coverage = tf.reduce_sum(attention * mask[:, :, None], axis=1)       # [B, P]
-        per_caption = tf.reduce_sum(tf.square(1.0 - coverage), axis=1)      # [B]
-        # A caption with no real step (padding rows of a distributed batch) adds nothing.
-        has_tokens = tf.cast(tf.reduce_any(mask > 0, axis=1), tf.float32)
-        reg = attention_reg * tf.reduce_sum(per_caption * has_tokens) / denominator
-    else:
-        reg = tf.constant(0.0)
+    reg = _regulariser(attention, mask, attention_reg) / denominator
     return CaptionLoss(xent + reg, xent, reg)
+
+
+def packed_caption_loss(logits, targets, attention, caption, num_captions, attention_reg,
+                        global_token_count=None):
+    """The same loss on packed rows (see AttentionGRUDecoder.packed_teacher_forced):
+    logits [N, V], targets [N], attention [N, P], caption [N] = each row's caption in
+    [0, num_captions). Rows with target 0 are masked as in caption_loss."""
+    mask = _mask(targets)                                           # [N]
+    denominator = _denominator(mask, global_token_count)
+    token_xent = tf.nn.sparse_softmax_cross_entropy_with_logits(
+        labels=tf.cast(targets, tf.int32), logits=tf.cast(logits, tf.float32))
+    xent = tf.reduce_sum(token_xent * mask) / denominator
+    if _is_zero(attention_reg):
+        reg = tf.constant(0.0)
+    else:
+        coverage = tf.math.unsorted_segment_sum(
+            tf.cast(attention, tf.float32) * mask[:, None], caption, num_captions)
+        tokens = tf.math.unsorted_segment_sum(mask, caption, num_captions)
+        reg = _penalty(coverage, tokens, attention_reg) / denominator
+    return CaptionLoss(xent + reg, xent, reg)
+
+
+def _mask(targets):
+    return tf.cast(tf.not_equal(targets, PAD_ID), tf.float32)       # [B, T]
+
+
+def _denominator(mask, global_token_count):
+    if global_token_count is None:
+        count = tf.reduce_sum(mask)
+    else:
+        count = tf.cast(global_token_count, tf.float32)
+    return tf.maximum(count, 1.0)   # an all-pad batch gives 0, not NaN
+
+
+def _is_zero(attention_reg):
+    # A Python 0 skips the computation; a tensor lambda (a schedule) is always applied.
+    return isinstance(attention_reg, (int, float)) and attention_reg == 0
+
+
+def _regulariser(attention, mask, attention_reg):
+    """lambda * sum over captions of sum_i (1 - sum_t alpha_ti)^2, real steps only."""
+    if _is_zero(attention_reg):
+        return tf.constant(0.0)
+    coverage = tf.reduce_sum(tf.cast(attention, tf.float32) * mask[:, :, None], axis=1)
+    return _penalty(coverage, tf.reduce_sum(mask, axis=1), attention_reg)
+
+
+def _penalty(coverage, tokens, attention_reg):
+    """coverage [C, P] = sum_t alpha_t over real steps, tokens [C] = real steps a caption."""
+    per_caption = tf.reduce_sum(tf.square(1.0 - coverage), axis=1)          # [C]
+    # A caption with no real step (padding rows of a distributed batch) adds nothing.
+    has_tokens = tf.cast(tokens > 0, tf.float32)
+    return tf.cast(attention_reg, tf.float32) * tf.reduce_sum(per_caption * has_tokens)

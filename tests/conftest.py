@@ -91,3 +91,14 @@ def faulty_scene(scene_dir, tmp_path_factory):
     _dump(val, val_path)
     return {"dir": out, "rejected_images": expect_images, "rejected_captions": expect_captions,
             "odd_but_good": odd, "non_ascii": "Un CARRÉ rouge, à gauche.", "val_only_word": "zebra"}
+
+
+@pytest.fixture(scope="session")
+def small_data(scene_dir, tmp_path_factory):
+    """The small scene set through the pipeline: a data directory to train on."""
+    from pipelines import preprocess
+
+    out = str(tmp_path_factory.mktemp("small_data"))
+    preprocess.run(["--coco-dir", scene_dir, "--output", out, "--encoder-weights", "random", "--seed", "1",
+                    "--num-shards", "train=2,val=1"])
+    return out

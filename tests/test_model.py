@@ -68,7 +68,8 @@ def test_teacher_forced_equals_step_loop(gate):
     np.testing.assert_allclose(attention, step_attention, atol=1e-6)
 
 
-def test_loop_traced_once_for_different_lengths():
+@pytest.mark.parametrize("packed", [False, True])
+def test_loop_traced_once_for_different_lengths(packed):
     model = make_model()
     opt = keras.optimizers.Adam(1e-3)
     # Build the optimizer's slots first: a tf.function that creates variables on its first
@@ -81,16 +82,38 @@ def test_loop_traced_once_for_different_lengths():
     def train_step(features, tokens):
         traces.append(1)
         with tf.GradientTape() as tape:
-            logits, attention = model.teacher_forced(features, tokens, training=True)
-            loss = caption_loss(logits, tokens[:, 1:], attention, 1.0).loss
+            if packed:
+                loss = model.teacher_forced_loss(features, tokens, training=True).loss
+            else:
+                logits, attention = model.teacher_forced(features, tokens, training=True)
+                loss = caption_loss(logits, tokens[:, 1:], attention, 1.0).loss
         grads = tape.gradient(loss, model.trainable_variables)
         opt.apply_gradients(zip(grads, model.trainable_variables))
-        return logits
+        return loss
 
     for batch, length in [(2, 5), (3, 11), (4, 8)]:
         features, tokens = random_inputs(batch=batch, length=length)
-        assert train_step(features, tokens).shape == (batch, length - 1, V)
+        assert np.isfinite(train_step(features, tokens))
     assert len(traces) == 1
+
+
+def test_dense_path_compiles_with_xla():
+    # The dense path has no data-dependent shapes, so jit_compile=True works (GPU trainers).
+    model = make_model(gate=True)
+    features, tokens = random_inputs(batch=3, length=6)
+
+    def loss_and_grads(features, tokens):
+        with tf.GradientTape() as tape:
+            logits, attention = model.teacher_forced(features, tokens)
+            loss = caption_loss(logits, tokens[:, 1:], attention, 1.0).loss
+        return loss, tape.gradient(loss, model.trainable_variables)
+
+    plain = tf.function(loss_and_grads)(features, tokens)
+    xla = tf.function(loss_and_grads, jit_compile=True)(features, tokens)
+    np.testing.assert_allclose(xla[0], plain[0], rtol=1e-5)
+    for var, a, b in zip(model.trainable_variables, xla[1], plain[1]):
+        np.testing.assert_allclose(tf.convert_to_tensor(a), tf.convert_to_tensor(b),
+                                   atol=1e-5, err_msg=var.path)
 
 
 def test_hidden_state_is_carried():
@@ -136,6 +159,34 @@ def test_bfloat16_close_to_float32_with_same_weights():
     assert {v.dtype for v in bf16.weights} <= {"float32", "int64", "uint32"}
     np.testing.assert_allclose(l16, l32, atol=0.05)
     np.testing.assert_allclose(a16, a32, atol=0.02)
+    fast16, fast32 = bf16.teacher_forced_loss(features, tokens), f32.teacher_forced_loss(
+        features, tokens)
+    np.testing.assert_allclose(fast16.loss, fast32.loss, rtol=0.02)
+
+
+@pytest.mark.parametrize("gate,graph", [(False, False), (True, False), (True, True)])
+def test_hand_written_gradient_matches_autodiff(gate, graph):
+    # teacher_forced runs the loop with a hand-written backward pass; step() is plain
+    # autodiff of the same cell. Same loss (with the attention regulariser) -> same grads.
+    model = make_model(gate=gate)
+    features, tokens = random_inputs(batch=3, length=7)
+    targets = tokens[:, 1:]
+
+    def grads(run):
+        with tf.GradientTape() as tape:
+            logits, attention = run()
+            loss = caption_loss(logits, targets, attention, 0.7).loss
+        return tape.gradient(loss, model.trainable_variables)
+
+    def fast_grads():
+        return grads(lambda: model.teacher_forced(features, tokens))
+
+    fast = tf.function(fast_grads)() if graph else fast_grads()
+    slow = grads(lambda: step_by_step(model, features, tokens))
+    for var, a, b in zip(model.trainable_variables, fast, slow):
+        a, b = tf.convert_to_tensor(a), tf.convert_to_tensor(b)
+        scale = float(tf.reduce_max(tf.abs(b))) + 1e-6
+        np.testing.assert_allclose(a / scale, b / scale, atol=1e-5, err_msg=var.path)
 
 
 def test_gradients_reach_every_trainable_variable():
@@ -188,6 +239,37 @@ def test_loss_regulariser_by_hand_and_lambda_zero():
     out = caption_loss(logits, targets, tf.constant(attention), 0.0)
     assert float(out.reg) == 0.0
     np.testing.assert_allclose(out.loss, xent_sum / 3, rtol=1e-5)
+
+
+@pytest.mark.parametrize("graph", [False, True])
+def test_packed_loss_path_equals_full_logits_path(graph):
+    # teacher_forced_loss packs captions by length and skips padded steps and padded
+    # vocabulary projections; loss and gradients must equal the dense path's.
+    model = make_model(gate=True)
+    features, tokens = random_inputs(batch=5, length=8)
+    tokens = tokens.numpy()
+    tokens[1, 4:] = PAD
+    tokens[3, 1:] = PAD                                  # a caption with no real target
+    tokens = tf.pad(tf.constant(tokens), [[0, 0], [0, 3]])
+
+    def both(features, tokens):
+        with tf.GradientTape(persistent=True) as tape:
+            logits, attention = model.teacher_forced(features, tokens)
+            full = caption_loss(logits, tokens[:, 1:], attention, 0.5, global_token_count=40)
+            fast = model.teacher_forced_loss(features, tokens, attention_reg=0.5,
+                                             global_token_count=40)
+        return (full, fast, tape.gradient(full.loss, model.trainable_variables),
+                tape.gradient(fast.loss, model.trainable_variables))
+
+    if graph:
+        both = tf.function(both)
+    full, fast, g_full, g_fast = both(features, tokens)
+    for a, b in zip(full, fast):
+        np.testing.assert_allclose(a, b, rtol=1e-5)
+    for var, a, b in zip(model.trainable_variables, g_full, g_fast):
+        np.testing.assert_allclose(tf.convert_to_tensor(a), tf.convert_to_tensor(b),
+                                   atol=2e-6, err_msg=var.path)
+    assert model.teacher_forced_loss(features, tokens).reg > 0     # config's lambda = 1
 
 
 # ---------------------------------------------------------------------------- config
@@ -255,9 +337,8 @@ def test_learns_the_copy_task():
 
     @tf.function
     def train_step(features, tokens):
-        with tf.GradientTape() as tape:
-            logits, attention = model.teacher_forced(features, tokens, training=True)
-            loss = caption_loss(logits, tokens[:, 1:], attention, 0.0).loss
+        with tf.GradientTape() as tape:   # the trainer's fast path
+            loss = model.teacher_forced_loss(features, tokens, training=True).loss
         grads = tape.gradient(loss, model.trainable_variables)
         opt.apply_gradients(zip(grads, model.trainable_variables))
         return loss

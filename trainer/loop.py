@@ -23,10 +23,11 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from model import Captioner, CaptionerConfig, caption_loss
+from model import CaptionerConfig
 from pipelines import fileio
 
 from . import data, distribute
+from .steps import CaptionSteps
 
 CONFIG_FILE = "config.json"
 
@@ -87,14 +88,6 @@ class _Sigterm:
 
 class Interrupted(Exception):
     """Training stopped by SIGTERM after saving a checkpoint."""
-
-
-class _PreReducedAdam(keras.optimizers.Adam):
-    # The train step all-reduces the gradients itself, so that clipping sees the
-    # global gradient (Keras clips per replica, before its own all-reduce, which
-    # would make 2 replicas clip differently from 1 device). Skip the second sum.
-    def _all_reduce_sum_gradients(self, grads_and_vars):
-        return grads_and_vars
 
 
 def model_config(s: Settings, vocab_size: int) -> CaptionerConfig:
@@ -163,6 +156,8 @@ def _write_loss_plot(history: list[dict], path: str) -> None:
 class Trainer:
     def __init__(self, s: Settings):
         self.s = s
+        # First: MultiWorkerMirroredStrategy must exist before any TensorFlow op runs.
+        self.strategy = distribute.get_strategy(s.strategy)
         meta = data.load_metadata(s.data)
         self.meta = meta
         self.vocab = data.load_vocab(s.data, meta)
@@ -177,34 +172,36 @@ class Trainer:
         self.config = _resolve_config(s, len(self.vocab))
 
         keras.utils.set_random_seed(s.seed)
-        self.strategy = distribute.get_strategy(s.strategy)
         self.chief = distribute.is_chief(self.strategy)
         replicas = self.strategy.num_replicas_in_sync
         if s.batch_size % replicas:
             raise TrainError(f"--batch-size {s.batch_size} does not split over {replicas} replicas")
         self.steps_per_epoch = math.ceil(data.count_captions(meta, "train") / s.batch_size)
         total = self.steps_per_epoch * s.epochs
-        with self.strategy.scope():
-            self.model = Captioner(self.config, mean, std)
-            self.optimizer = _PreReducedAdam(learning_rate=_learning_rate(s, total), name="adam")
-            self.optimizer.build(self.model.trainable_variables)
-            self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
-            self.step_in_epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="step_in_epoch")
-            self.best_val = tf.Variable(np.inf, dtype=tf.float64, trainable=False, name="best_val")
-            self.bad_epochs = tf.Variable(0, dtype=tf.int64, trainable=False, name="bad_epochs")
+        self.steps = CaptionSteps(self.config, mean, std, self.strategy, _learning_rate(s, total), s.clip_norm)
+        self.model, self.optimizer = self.steps.model, self.steps.optimizer
+        # Loop bookkeeping: plain host variables (outside the strategy's scope, so
+        # they are not mirrored), saved in the checkpoint with the model.
+        self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
+        self.step_in_epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="step_in_epoch")
+        self.best_val = tf.Variable(np.inf, dtype=tf.float64, trainable=False, name="best_val")
+        self.bad_epochs = tf.Variable(0, dtype=tf.int64, trainable=False, name="bad_epochs")
+        # The epoch's running loss, so a resumed epoch reports the same mean.
+        self.epoch_loss_sum = tf.Variable(0.0, dtype=tf.float64, trainable=False, name="epoch_loss_sum")
+        self.epoch_xent_sum = tf.Variable(0.0, dtype=tf.float64, trainable=False, name="epoch_xent_sum")
+        self.epoch_tokens = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch_tokens")
         # Keras' dropout RNG states are not tracked by tf.train.Checkpoint: add them,
         # or a resumed run would draw different dropout masks.
         rng = [v.value for v in self.model.non_trainable_variables if "seed_generator" in v.path]
         self.checkpoint = tf.train.Checkpoint(
             model=self.model, optimizer=self.optimizer, rng=rng, epoch=self.epoch,
-            step_in_epoch=self.step_in_epoch, best_val=self.best_val, bad_epochs=self.bad_epochs)
-        ckpt_dir = fileio.join(s.job_dir, "checkpoints")
+            step_in_epoch=self.step_in_epoch, best_val=self.best_val, bad_epochs=self.bad_epochs,
+            epoch_loss_sum=self.epoch_loss_sum, epoch_xent_sum=self.epoch_xent_sum, epoch_tokens=self.epoch_tokens)
+        self.checkpoint_dir = ckpt_dir = fileio.join(s.job_dir, "checkpoints")
         if not self.chief:  # non-chief workers save too (collective ops), somewhere throwaway
             task = self.strategy.cluster_resolver.task_id
             ckpt_dir = fileio.join(s.job_dir, "tmp", f"worker-{task}", "checkpoints")
         self.manager = tf.train.CheckpointManager(self.checkpoint, ckpt_dir, max_to_keep=s.keep_checkpoints)
-        self._train_step = None
-        self._eval_step = None
 
     # ------------------------------------------------------------------ data
     def _dataset(self, files, epoch, shuffle, skip=0):
@@ -219,63 +216,13 @@ class Trainer:
 
         return self.strategy.distribute_datasets_from_function(fn)
 
-    # ------------------------------------------------------------------ steps
-    def _replica_loss(self, features, tokens, training):
-        targets = tokens[:, 1:]
-        ctx = tf.distribute.get_replica_context()
-        local_tokens = tf.math.count_nonzero(targets, dtype=tf.int64)
-        global_tokens = ctx.all_reduce(tf.distribute.ReduceOp.SUM, local_tokens)
-        logits, attention = self.model.teacher_forced(features, tokens, training=training)
-        parts = caption_loss(logits, targets, attention, self.config.attention_reg,
-                             global_token_count=global_tokens)
-        return parts, local_tokens
-
-    def _build_steps(self, element_spec):
-        s = self.s
-        strategy = self.strategy
-
-        def replica_train(features, tokens):
-            with tf.GradientTape() as tape:
-                parts, ntok = self._replica_loss(features, tokens, True)
-            variables = self.model.trainable_variables
-            grads = tape.gradient(parts.loss, variables)
-            grads = [tf.convert_to_tensor(g) for g in grads]  # embedding: IndexedSlices -> dense for all_reduce
-            grads = tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, grads)
-            grads, norm = tf.clip_by_global_norm(grads, s.clip_norm)
-            self.optimizer.apply_gradients(zip(grads, variables))
-            return parts.loss, parts.xent, parts.reg, ntok, norm
-
-        def replica_eval(features, tokens):
-            parts, ntok = self._replica_loss(features, tokens, False)
-            return parts.loss, parts.xent, parts.reg, ntok
-
-        def reduce(values):
-            return [strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None) for v in values]
-
-        # One trace for every batch: the signature leaves batch and caption length open.
-        @tf.function(input_signature=[element_spec])
-        def train_step(batch):
-            out = strategy.run(replica_train, args=batch)
-            loss, xent, reg, ntok = reduce(out[:4])
-            norm = strategy.reduce(tf.distribute.ReduceOp.MEAN, out[4], axis=None)
-            return {"loss": loss, "xent": xent, "reg": reg, "tokens": ntok, "grad_norm": norm}
-
-        @tf.function(input_signature=[element_spec])
-        def eval_step(batch):
-            loss, xent, reg, ntok = reduce(strategy.run(replica_eval, args=batch))
-            return {"loss": loss, "xent": xent, "reg": reg, "tokens": ntok}
-
-        self._train_step, self._eval_step = train_step, eval_step
-        self.trace_count = lambda: (train_step.experimental_get_tracing_count(),
-                                    eval_step.experimental_get_tracing_count())
-
     # ------------------------------------------------------------------ loop
     def validate(self, epoch) -> dict | None:
         if not self.val_files:
             return None
         total = {"loss": 0.0, "xent": 0.0, "reg": 0.0, "tokens": 0}
         for batch in self._dataset(self.val_files, epoch, shuffle=False):
-            out = self._eval_step(batch)
+            out = self.steps.eval_step(batch)
             # Each batch's loss is divided by its own token count: weight it back.
             n = int(out["tokens"])
             for k in ("loss", "xent", "reg"):
@@ -286,7 +233,10 @@ class Trainer:
 
     def run(self) -> dict:
         s = self.s
-        restored = self.manager.restore_or_initialize()
+        # Every worker restores from the chief's checkpoints (the only real ones).
+        restored = tf.train.latest_checkpoint(self.checkpoint_dir)
+        if restored:
+            self.checkpoint.restore(restored)
         if self.chief:
             fileio.write_text(fileio.join(s.job_dir, CONFIG_FILE), self.config.to_json())
         history_path = fileio.join(s.job_dir, "history.json")
@@ -298,7 +248,7 @@ class Trainer:
         start_time = time.time()
         trained_tokens, stop_reason = 0, "epochs done"
         if restored:
-            print(f"resuming from {restored}: epoch {int(self.epoch) + 1}, step {int(self.optimizer.iterations)}",
+            print(f"resuming from {restored}: epoch {int(self.epoch) + 1}, step {self.global_step()}",
                   file=sys.stderr)
 
         with _Sigterm() as sigterm:
@@ -306,25 +256,26 @@ class Trainer:
                 epoch = int(self.epoch)
                 skip = int(self.step_in_epoch)
                 ds = self._dataset(self.train_files, epoch, shuffle=True, skip=skip)
-                if self._train_step is None:
-                    self._build_steps(ds.element_spec)
+                if self.steps.train_step is None:
+                    self.steps.build(ds.element_spec)
                 bar = None
                 if progress:
                     from tqdm import tqdm
 
                     bar = tqdm(total=self.steps_per_epoch, initial=skip, desc=f"epoch {epoch + 1}/{s.epochs}",
                                unit="step", file=sys.stderr, dynamic_ncols=True)
-                sums = {"loss": 0.0, "tokens": 0}
-                t_epoch = time.time()
+                t_epoch, tokens_this_run = time.time(), 0
                 for batch in ds:
-                    out = self._train_step(batch)
-                    step = int(self.optimizer.iterations)
+                    out = self.steps.train_step(batch)
+                    step = self.global_step()
                     self.step_in_epoch.assign_add(1)
                     n = int(out["tokens"])
-                    sums["loss"] += float(out["loss"]) * n
-                    sums["tokens"] += n
+                    self.epoch_loss_sum.assign_add(float(out["loss"]) * n)
+                    self.epoch_xent_sum.assign_add(float(out["xent"]) * n)
+                    self.epoch_tokens.assign_add(n)
+                    tokens_this_run += n
                     trained_tokens += n
-                    rate = sums["tokens"] / max(time.time() - t_epoch, 1e-9)
+                    rate = tokens_this_run / max(time.time() - t_epoch, 1e-9)
                     if writers and step % 10 == 0:
                         with writers["train"].as_default(step=step):
                             for k in ("loss", "xent", "reg", "grad_norm"):
@@ -346,20 +297,21 @@ class Trainer:
                         break
                 if bar:
                     bar.close()
-                if s.max_steps and int(self.optimizer.iterations) >= s.max_steps and \
+                if s.max_steps and self.global_step() >= s.max_steps and \
                         int(self.step_in_epoch) < self.steps_per_epoch:
                     # Stopped mid-epoch by --max-steps: keep the position for a later run.
-                    self.manager.save(checkpoint_number=int(self.optimizer.iterations))
+                    self.manager.save(checkpoint_number=self.global_step())
                     stop_reason = "max steps"
                     break
-                record = {"epoch": epoch + 1, "step": int(self.optimizer.iterations),
-                          "train_loss": sums["loss"] / max(sums["tokens"], 1),
-                          "tokens_per_s": sums["tokens"] / max(time.time() - t_epoch, 1e-9)}
+                record = {"epoch": epoch + 1, "step": self.global_step(),
+                          "train_loss": float(self.epoch_loss_sum) / max(int(self.epoch_tokens), 1),
+                          "train_xent": float(self.epoch_xent_sum) / max(int(self.epoch_tokens), 1),
+                          "tokens_per_s": tokens_this_run / max(time.time() - t_epoch, 1e-9)}
                 val = self.validate(epoch)
                 if val:
                     record.update(val_loss=val["loss"], val_xent=val["xent"])
                     if writers:
-                        with writers["val"].as_default(step=int(self.optimizer.iterations)):
+                        with writers["val"].as_default(step=self.global_step()):
                             for k, v in val.items():
                                 tf.summary.scalar(k, v)
                 history.append(record)
@@ -369,6 +321,9 @@ class Trainer:
                 print(line + f", {record['tokens_per_s']:,.0f} tokens/s", file=sys.stderr)
                 self.epoch.assign_add(1)
                 self.step_in_epoch.assign(0)
+                self.epoch_loss_sum.assign(0.0)
+                self.epoch_xent_sum.assign(0.0)
+                self.epoch_tokens.assign(0)
                 stop = False
                 if val:
                     if val["loss"] < float(self.best_val):
@@ -377,7 +332,7 @@ class Trainer:
                     else:
                         self.bad_epochs.assign_add(1)
                         stop = bool(s.early_stopping) and int(self.bad_epochs) >= s.early_stopping
-                self.manager.save(checkpoint_number=int(self.optimizer.iterations))
+                self.manager.save(checkpoint_number=self.global_step())
                 if self.chief:
                     fileio.write_json(history_path, history)
                 if stop:
@@ -393,13 +348,17 @@ class Trainer:
             self.save_weights()
         return metrics
 
+    def global_step(self) -> int:
+        # iterations is a mirrored variable under a strategy: read it as a tensor.
+        return int(tf.convert_to_tensor(self.optimizer.iterations.value))
+
     def _current_lr(self):
         lr = self.optimizer.learning_rate
         return lr(self.optimizer.iterations) if callable(lr) else lr
 
     def _final_metrics(self, history, tokens, seconds, reason):
         last = history[-1] if history else {}
-        return {"steps": int(self.optimizer.iterations), "epochs_completed": int(self.epoch),
+        return {"steps": self.global_step(), "epochs_completed": int(self.epoch),
                 "final_train_loss": last.get("train_loss"), "final_val_loss": last.get("val_loss"),
                 "best_val_loss": None if math.isinf(float(self.best_val)) else float(self.best_val),
                 "stopped": reason, "wall_seconds": round(seconds, 2),

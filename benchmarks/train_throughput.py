@@ -1,0 +1,175 @@
+"""Training throughput of the project's step next to the tutorial's loop, in one run.
+
+    python -m benchmarks.train_throughput [--lengths 24,49] [--steps 10] [--data DATA_DIR]
+
+At the tutorial's shapes (batch 64, vocab 5001, embedding 256, units 512,
+features [64, 2048]) it times:
+  - the tutorial's loop (../shared/bench/seed_reference.py), eager and under tf.function,
+    each in its own subprocess;
+  - this project's train step (trainer.steps.CaptionSteps, the one the trainer runs);
+and prints tokens/s and the ratios (targets: >= 6x eager, >= 2.5x compiled). It
+also counts the step's arithmetic (FLOPs per token, forward + backward) and puts
+the achieved rate against this machine's measured float32 matmul rate
+(model-FLOPs utilisation, target >= 55%), and reports the tf.data rate from
+real shards next to the step's consumption rate.
+
+tokens/s = batch * (length - 1) * steps / s, the reference's definition
+(padded positions cost the same compute).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+BENCH = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "shared", "bench"))
+BATCH, VOCAB, EMBED, UNITS, POS, FEAT = 64, 5001, 256, 512, 64, 2048
+
+
+def reference(length: int, steps: int, compiled: bool) -> dict:
+    cmd = [sys.executable, os.path.join(BENCH, "seed_reference.py"), "--length", str(length), "--steps", str(steps)]
+    if compiled:
+        cmd.append("--compiled")
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    for line in out.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    raise RuntimeError(f"{' '.join(cmd)} printed no RESULT:\n{out.stderr[-2000:]}")
+
+
+def flops_per_token(length: int, units=UNITS, embed=EMBED, vocab=VOCAB, pos=POS, feat=FEAT) -> float:
+    """Multiply-adds x2 of one teacher-forced token, forward; x3 for training
+    (backward costs about twice the forward). Per-image work is spread over the
+    caption's length - 1 tokens."""
+    per_token = (units * 4 * units      # fused h matmul: attention query | GRU recurrent gates
+                 + pos * units          # v . tanh(keys + query)
+                 + pos * embed          # context = sum alpha f
+                 + embed * 3 * units    # context -> GRU input gates
+                 + embed * 3 * units    # word embedding -> GRU input gates
+                 + units * units        # fc1
+                 + units * vocab)       # fc2 (vocabulary projection)
+    per_image = pos * feat * embed + pos * embed * units + embed * units  # encoder dense, W1 f, h0
+    return 3 * 2 * (per_token + per_image / (length - 1))
+
+
+def matmul_peak() -> float:
+    """The machine's float32 matmul rate (FLOP/s), best of a few shapes like the step's."""
+    import tensorflow as tf
+
+    best = 0.0
+    for m, k, n in ((1536, 512, 5001), (4096, 512, 2048), (2048, 2048, 2048)):
+        a, b = tf.random.normal([m, k]), tf.random.normal([k, n])
+        f = tf.function(lambda a, b: tf.matmul(a, b))
+        f(a, b).numpy()
+        reps, t = 10, time.perf_counter()
+        for _ in range(reps):
+            r = f(a, b)
+        r.numpy()
+        best = max(best, 2 * m * k * n * reps / (time.perf_counter() - t))
+    return best
+
+
+def ours(length: int, steps: int, warmup: int, mixed: bool, jit: bool) -> dict:
+    import tensorflow as tf
+
+    sys.path.insert(0, BENCH)
+    import common  # the reference's own synthetic batches, same shapes and token statistics
+
+    from model import CaptionerConfig
+    from trainer.steps import CaptionSteps
+
+    config = CaptionerConfig(vocab_size=VOCAB, embedding_dim=EMBED, units=UNITS,
+                             compute_dtype="bfloat16" if mixed else "float32")
+    s = CaptionSteps(config, np.zeros(FEAT, np.float32), np.ones(FEAT, np.float32), tf.distribute.get_strategy(),
+                     1e-3, 5.0, jit_compile=jit)
+    spec = (tf.TensorSpec([None, POS, FEAT], tf.float16), tf.TensorSpec([None, None], tf.int32))
+    s.build(spec)
+    batches = [(tf.constant(f, tf.float16), tf.constant(c)) for f, c in common.make_batches(4, BATCH, length)]
+    for i in range(warmup):
+        float(s.train_step(batches[i % 4])["loss"])
+    per = []
+    t_all = time.perf_counter()
+    for i in range(steps):
+        t = time.perf_counter()
+        float(s.train_step(batches[i % 4])["loss"])
+        per.append(time.perf_counter() - t)
+    elapsed = time.perf_counter() - t_all
+    return {"tokens_per_s": BATCH * (length - 1) * steps / elapsed, "sec_per_step_median": statistics.median(per),
+            "traces": s.trace_count()[0]}
+
+
+def input_rate(data_dir: str | None, batch: int) -> dict:
+    """Captions/s that tf.data delivers from real shards (no model)."""
+    from trainer import data
+
+    if data_dir is None:
+        from pipelines import preprocess, synthetic
+
+        work = tempfile.mkdtemp(prefix="bench-train-data-")
+        synthetic.generate(os.path.join(work, "coco"), n_train=200, n_val=0, seed=0)
+        data_dir = os.path.join(work, "data")
+        preprocess.run(["--coco-dir", os.path.join(work, "coco"), "--output", data_dir,
+                        "--encoder-weights", "random", "--num-shards", "4"])
+    files = data.shard_files(data_dir, "train")
+    n, t = 0, time.perf_counter()
+    for _ in range(3):  # a few epochs, so start-up does not dominate
+        for f, tok in data.caption_dataset(files, batch, seed=0):
+            n += int(tok.shape[0])
+    return {"captions_per_s": n / (time.perf_counter() - t), "data": data_dir}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--lengths", default="24,49")
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--data", help="a data directory for the tf.data rate (default: build a small one)")
+    ap.add_argument("--mixed-precision", action="store_true", help="also time bfloat16 compute")
+    ap.add_argument("--skip-reference", action="store_true")
+    args = ap.parse_args()
+
+    peak = matmul_peak()
+    print(f"float32 matmul peak on this machine: {peak / 1e9:,.1f} GFLOP/s")
+    results = {"matmul_gflops": peak / 1e9, "lengths": {}}
+    for length in [int(x) for x in args.lengths.split(",")]:
+        row = {}
+        if not args.skip_reference:
+            row["tutorial_eager"] = reference(length, max(3, args.steps // 2), False)["tokens_per_s"]
+            row["tutorial_compiled"] = reference(length, args.steps, True)["tokens_per_s"]
+        o = ours(length, args.steps, args.warmup, mixed=False, jit=False)
+        row["ours"] = o["tokens_per_s"]
+        row["ours_traces"] = o["traces"]
+        if args.mixed_precision:
+            row["ours_bf16"] = ours(length, args.steps, args.warmup, mixed=True, jit=False)["tokens_per_s"]
+        fpt = flops_per_token(length)
+        row["flops_per_token"] = fpt
+        row["mfu"] = row["ours"] * fpt / peak
+        line = f"length {length}: ours {row['ours']:,.0f} tokens/s"
+        if "tutorial_eager" in row:
+            row["x_eager"] = row["ours"] / row["tutorial_eager"]
+            row["x_compiled"] = row["ours"] / row["tutorial_compiled"]
+            line += (f" | tutorial eager {row['tutorial_eager']:,.0f} ({row['x_eager']:.2f}x, target 6x)"
+                     f" | tutorial tf.function {row['tutorial_compiled']:,.0f} ({row['x_compiled']:.2f}x, target 2.5x)")
+        line += f" | {fpt / 1e6:.1f} MFLOP/token, MFU {100 * row['mfu']:.1f}% (target 55%)"
+        if "ours_bf16" in row:
+            line += f" | bf16 {row['ours_bf16']:,.0f} tokens/s"
+        print(line, flush=True)
+        results["lengths"][length] = row
+    rate = input_rate(args.data, BATCH)
+    step_rate = results["lengths"][min(results["lengths"])]["ours"] / 12.0  # ~12 tokens a COCO caption
+    print(f"tf.data from shards: {rate['captions_per_s']:,.0f} captions/s; the step consumes ~{step_rate:,.0f} "
+          f"captions/s (12-token captions): input/step = {rate['captions_per_s'] / step_rate:.1f}x")
+    results["input_captions_per_s"] = rate["captions_per_s"]
+    results["step_captions_per_s"] = step_rate
+    print("RESULT " + json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,30 @@
+"""One training process for the distribution tests (run as a subprocess:
+logical devices and TF_CONFIG must be set before TensorFlow starts).
+
+    python -m tests.dist_worker MODE DATA_DIR JOB_DIR OUT_NPZ
+MODE: default | mirrored (two logical CPU devices) | multi_worker (TF_CONFIG set by the caller)
+"""
+import sys
+
+import numpy as np
+import tensorflow as tf
+
+
+def main():
+    mode, data_dir, job_dir, out = sys.argv[1:5]
+    if mode == "mirrored":
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+    from trainer import loop, task
+
+    s = task.parse_args(["--data", data_dir, "--job-dir", job_dir, "--units", "64", "--embedding-dim", "32",
+                         "--batch-size", "8", "--dropout", "0", "--epochs", "1", "--max-steps", "3",
+                         "--strategy", mode, "--no-validate", "--no-progress", "--seed", "4"])
+    t = loop.Trainer(s)
+    t.run()
+    np.savez(out, replicas=t.strategy.num_replicas_in_sync, steps=t.global_step(),
+             **{v.path.replace("/", "__"): np.asarray(tf.convert_to_tensor(v.value)) for v in t.model.trainable_variables})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,67 @@
+"""Distribution: two replicas compute the same update as one device; two
+workers on localhost end with the same weights."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(mode, data, job, out, env=None):
+    return subprocess.Popen([sys.executable, "-m", "tests.dist_worker", mode, data, str(job), str(out)], cwd=ROOT,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _finish(proc, timeout=600):
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, out[-3000:]
+
+
+def _weights(path):
+    with np.load(path) as z:
+        return {k: z[k] for k in z.files}
+
+
+def test_two_mirrored_replicas_make_the_same_update_as_one_device(small_data, tmp_path):
+    one, two = _run("default", small_data, tmp_path / "one", tmp_path / "one.npz"), None
+    _finish(one)
+    two = _run("mirrored", small_data, tmp_path / "two", tmp_path / "two.npz")
+    _finish(two)
+    a, b = _weights(tmp_path / "one.npz"), _weights(tmp_path / "two.npz")
+    assert int(a.pop("replicas")) == 1 and int(b.pop("replicas")) == 2
+    assert int(a.pop("steps")) == int(b.pop("steps")) == 3
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_allclose(a[k], b[k], rtol=1e-4, atol=1e-5, err_msg=k)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_workers_on_localhost_end_with_the_same_weights(small_data, tmp_path):
+    cluster = {"worker": [f"127.0.0.1:{_free_port()}", f"127.0.0.1:{_free_port()}"]}
+    procs = []
+    for i in range(2):
+        env = dict(os.environ, TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}}))
+        procs.append(_run("multi_worker", small_data, tmp_path / "job", tmp_path / f"w{i}.npz", env=env))
+    for p in procs:
+        _finish(p)
+    a, b = _weights(tmp_path / "w0.npz"), _weights(tmp_path / "w1.npz")
+    assert int(a["replicas"]) == 2 and int(a["steps"]) == 3
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    # Only the chief (worker 0) writes the job's outputs.
+    assert os.path.exists(tmp_path / "job" / "metrics.json")
+    assert os.path.exists(tmp_path / "job" / "checkpoints" / "checkpoint")
+    assert not os.path.exists(tmp_path / "job" / "tmp" / "worker-0")

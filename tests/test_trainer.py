@@ -1,0 +1,140 @@
+"""The training loop: repeatable, resumable, distributed the same as on one device."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from trainer import loop, task
+from trainer import steps as steps_mod
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL = ["--units", "64", "--embedding-dim", "32", "--batch-size", "8", "--no-progress"]
+
+
+def _settings(data, job, *extra):
+    return task.parse_args(["--data", data, "--job-dir", str(job), *SMALL, *extra])
+
+
+def _losses(metrics):
+    return [(h["step"], round(h["train_loss"], 6), round(h.get("val_loss", 0), 6)) for h in metrics["history"]]
+
+
+def test_training_lowers_the_loss_and_writes_its_outputs(small_data, tmp_path):
+    m = loop.train(_settings(small_data, tmp_path / "job", "--epochs", "4", "--learning-rate", "3e-3"))
+    h = m["history"]
+    # Cross-entropy per token (the attention regulariser has a floor of its own).
+    assert h[-1]["train_xent"] < 0.75 * h[0]["train_xent"]
+    assert h[-1]["val_xent"] < h[0]["val_xent"]
+    for name in ("metrics.json", "loss.png", "config.json", "history.json", "final/model.weights.h5"):
+        assert os.path.exists(tmp_path / "job" / name), name
+    assert open(tmp_path / "job" / "loss.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    assert os.listdir(tmp_path / "job" / "logs" / "train") and os.listdir(tmp_path / "job" / "logs" / "val")
+    saved = json.load(open(tmp_path / "job" / "metrics.json"))
+    assert saved["steps"] == m["steps"] == 4 * h[0]["step"]
+
+
+def test_same_command_twice_gives_the_same_losses(small_data, tmp_path):
+    a = loop.train(_settings(small_data, tmp_path / "a", "--epochs", "2"))
+    b = loop.train(_settings(small_data, tmp_path / "b", "--epochs", "2"))
+    assert _losses(a) == _losses(b)
+    c = loop.train(_settings(small_data, tmp_path / "c", "--epochs", "2", "--seed", "7"))
+    assert _losses(a) != _losses(c)
+
+
+def test_step_is_traced_once_whatever_the_caption_lengths(small_data, tmp_path):
+    t = loop.Trainer(_settings(small_data, tmp_path / "job", "--epochs", "2"))
+    t.run()
+    assert t.steps.trace_count() == (1, 1)
+
+
+def test_sigterm_mid_epoch_saves_and_resumes_to_the_same_result(small_data, tmp_path, monkeypatch):
+    ref = loop.train(_settings(small_data, tmp_path / "ref", "--epochs", "2", "--checkpoint-every", "0"))
+    steps_per_epoch = ref["history"][0]["step"]
+    kill_at = steps_per_epoch + 3  # in the middle of the second epoch
+
+    t = loop.Trainer(_settings(small_data, tmp_path / "job", "--epochs", "2", "--checkpoint-every", "0"))
+
+    def run_with_sigterm():
+        original = steps_mod.CaptionSteps.build
+
+        def build(self, spec):
+            original(self, spec)
+            step = self.train_step
+
+            def step_then_maybe_term(batch):
+                out = step(batch)
+                if int(tf.convert_to_tensor(self.optimizer.iterations.value)) == kill_at:
+                    os.kill(os.getpid(), signal.SIGTERM)  # what a preempted machine gets
+                return out
+            self.train_step = step_then_maybe_term
+        monkeypatch.setattr(steps_mod.CaptionSteps, "build", build)
+        return t.run()
+
+    with pytest.raises(loop.Interrupted, match=f"step {kill_at}"):
+        run_with_sigterm()
+    monkeypatch.undo()
+    resumed = loop.train(_settings(small_data, tmp_path / "job", "--epochs", "2", "--checkpoint-every", "0"))
+    assert resumed["steps"] == ref["steps"]
+    assert _losses(resumed) == _losses(ref)
+
+
+def test_vocab_size_that_does_not_match_the_checkpoint_is_refused(small_data, tmp_path):
+    job = tmp_path / "job"
+    loop.train(_settings(small_data, job, "--epochs", "1", "--max-steps", "2"))
+    cfg = json.load(open(job / "config.json"))
+    cfg["vocab_size"] += 3
+    (job / "config.json").write_text(json.dumps(cfg))
+    proc = subprocess.run([sys.executable, "-m", "trainer.task", "--data", small_data, "--job-dir", str(job), *SMALL],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert "vocab size" in proc.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("args,words", [
+    (["--data", "{empty}", "--job-dir", "{job}"], "no metadata.json"),
+    (["--data", "{data}", "--job-dir", "{job}", "--batch-size", "0"], "--batch-size"),
+    (["--data", "{data}", "--job-dir", "{job}", "--strategy", "magic"], "--strategy"),
+    (["--data", "{data}", "--job-dir", "{job}", "--bucket-boundaries", "20,10"], "--bucket-boundaries"),
+])
+def test_bad_inputs_one_line_before_training(args, words, small_data, tmp_path):
+    (tmp_path / "empty").mkdir()
+    args = [a.format(empty=tmp_path / "empty", job=tmp_path / "job", data=small_data) for a in args]
+    proc = subprocess.run([sys.executable, "-m", "trainer.task", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2
+    lines = [l for l in proc.stderr.strip().splitlines() if "error" in l]
+    assert lines and words in lines[-1] and "Traceback" not in proc.stderr
+    assert not os.path.exists(tmp_path / "job" / "checkpoints")
+
+
+@pytest.mark.slow
+def test_sigkill_after_a_checkpoint_then_rerun_finishes_the_same(small_data, tmp_path):
+    base = [sys.executable, "-m", "trainer.task", "--data", small_data, *SMALL, "--epochs", "4"]
+    ref = subprocess.run(base + ["--job-dir", str(tmp_path / "ref"), "--checkpoint-every", "0"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=600)
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    job = tmp_path / "job"
+    cmd = base + ["--job-dir", str(job), "--checkpoint-every", "3"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (job / "checkpoints" / "ckpt-3.index").exists():
+        assert proc.poll() is None and time.time() < deadline, "the run ended before its first checkpoint"
+        time.sleep(0.02)
+    proc.kill()  # SIGKILL: no chance to save anything more
+    proc.wait()
+    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]
+    a = json.load(open(tmp_path / "ref" / "metrics.json"))
+    b = json.load(open(job / "metrics.json"))
+    assert b["steps"] == a["steps"]
+    np.testing.assert_allclose(b["final_train_loss"], a["final_train_loss"], rtol=1e-6)
+    np.testing.assert_allclose(b["final_val_loss"], a["final_val_loss"], rtol=1e-6)

@@ -1,0 +1,94 @@
+"""The single-replica view of training: model, optimizer, loss, and the
+compiled train and eval steps that run it under a tf.distribute strategy.
+
+The loop (trainer/loop.py) feeds these steps; benchmarks call them directly.
+"""
+from __future__ import annotations
+
+import keras
+import tensorflow as tf
+
+from model import Captioner, CaptionerConfig, caption_loss
+
+
+class _PreReducedAdam(keras.optimizers.Adam):
+    # The train step all-reduces the gradients itself, so that clipping sees the
+    # global gradient (Keras clips per replica, before its own all-reduce, which
+    # would make 2 replicas clip differently from 1 device). Skip the second sum.
+    def _all_reduce_sum_gradients(self, grads_and_vars):
+        return grads_and_vars
+
+
+class CaptionSteps:
+    def __init__(self, config: CaptionerConfig, feature_mean, feature_std, strategy: tf.distribute.Strategy,
+                 learning_rate, clip_norm: float, jit_compile: bool = False):
+        self.config = config
+        self.strategy = strategy
+        self.clip_norm = clip_norm
+        self.jit_compile = jit_compile
+        with strategy.scope():
+            self.model = Captioner(config, feature_mean, feature_std)
+            self.optimizer = _PreReducedAdam(learning_rate=learning_rate, name="adam")
+            self.optimizer.build(self.model.trainable_variables)
+        self.train_step = None
+        self.eval_step = None
+
+    def _replica_loss(self, features, tokens, training):
+        targets = tokens[:, 1:]
+        ctx = tf.distribute.get_replica_context()
+        local_tokens = tf.math.count_nonzero(targets, dtype=tf.int64)
+        # The loss is summed over tokens and divided by the GLOBAL token count, so
+        # summing replicas gives the same number on 1 or 8 of them.
+        global_tokens = ctx.all_reduce(tf.distribute.ReduceOp.SUM, local_tokens)
+        logits, attention = self.model.teacher_forced(features, tokens, training=training)
+        parts = caption_loss(logits, targets, attention, self.config.attention_reg,
+                             global_token_count=global_tokens)
+        return parts, local_tokens
+
+    def _replica_train(self, features, tokens):
+        with tf.GradientTape() as tape:
+            parts, ntok = self._replica_loss(features, tokens, True)
+        variables = self.model.trainable_variables
+        grads = tape.gradient(parts.loss, variables)
+        grads = [tf.convert_to_tensor(g) for g in grads]  # embedding: IndexedSlices -> dense for all_reduce
+        grads = tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, grads)
+        grads, norm = tf.clip_by_global_norm(grads, self.clip_norm)
+        self.optimizer.apply_gradients(zip(grads, variables))
+        return parts.loss, parts.xent, parts.reg, ntok, norm
+
+    def _replica_eval(self, features, tokens):
+        parts, ntok = self._replica_loss(features, tokens, False)
+        return parts.loss, parts.xent, parts.reg, ntok
+
+    def build(self, element_spec) -> None:
+        """Compile the steps for batches shaped like `element_spec`
+        ((features, tokens), or a distributed dataset's element_spec)."""
+        strategy = self.strategy
+        replica_train = self._replica_train
+        if self.jit_compile:
+            # XLA fuses the per-step loop body; collectives stay outside the
+            # compiled cluster, so it is offered for single-replica runs only.
+            if strategy.num_replicas_in_sync > 1:
+                raise ValueError("jit_compile is supported with one replica only")
+            replica_train = tf.function(self._replica_train, jit_compile=True)
+
+        def total(v):
+            return strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None)
+
+        # One trace for every batch: the signature leaves batch and caption length open.
+        @tf.function(input_signature=[element_spec])
+        def train_step(batch):
+            out = strategy.run(replica_train, args=batch)
+            loss, xent, reg, ntok = [total(v) for v in out[:4]]
+            norm = strategy.reduce(tf.distribute.ReduceOp.MEAN, out[4], axis=None)
+            return {"loss": loss, "xent": xent, "reg": reg, "tokens": ntok, "grad_norm": norm}
+
+        @tf.function(input_signature=[element_spec])
+        def eval_step(batch):
+            loss, xent, reg, ntok = [total(v) for v in strategy.run(self._replica_eval, args=batch)]
+            return {"loss": loss, "xent": xent, "reg": reg, "tokens": ntok}
+
+        self.train_step, self.eval_step = train_step, eval_step
+
+    def trace_count(self) -> tuple[int, int]:
+        return (self.train_step.experimental_get_tracing_count(), self.eval_step.experimental_get_tracing_count())
