@@ -2,6 +2,7 @@
 from model.captioner import Captioner
 from model.config import CaptionerConfig
 from model.decoder import DecoderState
-from model.losses import CaptionLoss, caption_loss
+from model.losses import CaptionLoss, caption_loss, packed_caption_loss
 
-__all__ = ["Captioner", "CaptionerConfig", "DecoderState", "CaptionLoss", "caption_loss"]
+__all__ = ["Captioner", "CaptionerConfig", "DecoderState", "CaptionLoss", "caption_loss",
+           "packed_caption_loss"]

@@ -3,8 +3,10 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-# Channels that never vary (dead ReLUs) have std 0; x - mean is 0 there too, so any floor works.
-_MIN_STD = 1e-8
+# A channel whose training std is below this (dead ReLUs: exactly 0; float16 features cannot
+# resolve much less) is treated as constant: standardised to 0 whatever its value, rather than
+# divided by ~0, which would blow up on any later deviation and in the kernel's gradient.
+_MIN_STD = 1e-7
 
 
 class FeatureEncoder(keras.layers.Layer):
@@ -40,10 +42,12 @@ class FeatureEncoder(keras.layers.Layer):
         self.dense.build((None, self.feature_dim))
         self.built = True
 
+    def inverse_std(self):
+        return tf.where(self.std > _MIN_STD, 1.0 / tf.maximum(self.std, _MIN_STD), 0.0)
+
     def standardize(self, features):
         x = tf.cast(features, tf.float32)
-        x = (x - self.mean) / tf.maximum(self.std, _MIN_STD)
-        return tf.cast(x, self.compute_dtype)
+        return tf.cast((x - self.mean) * self.inverse_std(), self.compute_dtype)
 
     def call(self, features):
         if self.compute_dtype != "float32":
@@ -53,8 +57,7 @@ class FeatureEncoder(keras.layers.Layer):
         #   ((x - m) / s) W + b = x (W / s) + (b - (m / s) W),
         # which skips three elementwise passes over the [B, 64, 2048] features (as many
         # bytes as the matmul reads) for a [2048, 256] rescale of the kernel.
-        inv_std = 1.0 / tf.maximum(self.std, _MIN_STD)
-        kernel = self.dense.kernel * inv_std[:, None]
+        kernel = self.dense.kernel * self.inverse_std()[:, None]
         bias = self.dense.bias - tf.linalg.matvec(kernel, self.mean, transpose_a=True)
         x = tf.cast(features, tf.float32)
         y = tf.matmul(tf.reshape(x, [-1, self.feature_dim]), kernel) + bias

@@ -6,11 +6,17 @@ OUT=${1:-demo_out}
 PY=${PY:-.venv/bin/python}
 mkdir -p "$OUT"
 
-echo "== 1/2 scene set (COCO 2014 layout) -> $OUT/coco"
+echo "== 1/3 scene set (COCO 2014 layout) -> $OUT/coco"
 "$PY" -m pipelines.synthetic --output "$OUT/coco" --train "${DEMO_TRAIN:-1500}" --val "${DEMO_VAL:-200}" --seed 0 >/dev/null
 
-echo "== 2/2 Beam pipeline (DirectRunner) -> $OUT/data"
+echo "== 2/3 Beam pipeline (DirectRunner) -> $OUT/data"
 "$PY" -m pipelines.preprocess --coco-dir "$OUT/coco" --output "$OUT/data" --overwrite \
   --encoder-weights random --seed 0 --num-shards train=4,val=1
 
 echo "data directory: $OUT/data (metadata.json, vocab.txt, shards, rejected/)"
+
+echo "== 3/3 training -> $OUT/job"
+rm -rf "$OUT/job"  # a fresh job each demo (a kept job dir would resume)
+"$PY" -m trainer.task --data "$OUT/data" --job-dir "$OUT/job" --epochs "${DEMO_EPOCHS:-4}" --batch-size 64
+
+echo "job directory: $OUT/job (checkpoints/, logs/ for TensorBoard, loss.png, metrics.json)"

@@ -117,10 +117,12 @@ def test_dense_path_compiles_with_xla():
 
 
 def test_hidden_state_is_carried():
-    # The tutorial's GRU restarts from zeros at each word, so word t-3 could only reach
-    # step t through the attention query. Here it must reach it through h.
+    # The tutorial's GRU restarts from zeros at each word. With every grid position equal,
+    # the attention context is the same whatever the weights, so an earlier word can reach
+    # step t only through the carried state h.
     model = make_model()
     features, tokens = random_inputs(batch=2, length=8)
+    features = tf.tile(features[:, :1], [1, P, 1])
     changed = tokens.numpy().copy()
     changed[:, 1] = np.where(changed[:, 1] == 5, 6, 5)
     base, _ = model.teacher_forced(features, tokens)
@@ -146,6 +148,14 @@ def test_standardisation_uses_given_statistics():
     # A feature equal to the mean enters the dense layer as 0: its output is ReLU(bias).
     out = enc(tf.constant(np.tile(mean, (1, P, 1)).astype(np.float16)))
     np.testing.assert_allclose(out[0, 0], np.maximum(enc.dense.bias.numpy(), 0), atol=1e-3)
+    # A channel constant in training (std 0) is ignored, not divided by ~0.
+    std[3] = 0.0
+    enc = make_model(mean=mean, std=std).encoder
+    x = np.tile(mean, (1, P, 1))
+    x[..., 3] += 1.0
+    assert enc.standardize(tf.constant(x))[0, 0, 3] == 0
+    np.testing.assert_allclose(enc(tf.constant(x)), enc(tf.constant(np.tile(mean, (1, P, 1)))),
+                               atol=1e-4)
 
 
 def test_bfloat16_close_to_float32_with_same_weights():
@@ -284,6 +294,20 @@ def test_config_json_round_trip_rebuilds_the_model():
     assert [(v.path, v.shape) for v in a.weights] == [(v.path, v.shape) for v in b.weights]
 
 
+def test_checkpoint_and_config_rebuild_the_same_model(tmp_path):
+    rng = np.random.default_rng(3)
+    mean, std = rng.uniform(0, 1, F), rng.uniform(0.5, 2, F)
+    model = make_model(mean=mean, std=std, gate=True)
+    path = tf.train.Checkpoint(model=model).write(str(tmp_path / "ckpt"))
+    (tmp_path / "config.json").write_text(model.config.to_json())
+    # Rebuilt from the config alone; the statistics come back from the checkpoint.
+    again = Captioner(CaptionerConfig.from_json((tmp_path / "config.json").read_text()))
+    tf.train.Checkpoint(model=again).read(path).assert_existing_objects_matched()
+    features, tokens = random_inputs()
+    np.testing.assert_allclose(again.teacher_forced(features, tokens)[0],
+                               model.teacher_forced(features, tokens)[0], atol=1e-6)
+
+
 def test_config_rejects_unknown_keys_and_bad_values():
     with pytest.raises(ValueError, match="unknown key.*'unit'"):
         CaptionerConfig.from_dict({"vocab_size": V, "unit": 3})
@@ -333,7 +357,7 @@ def test_learns_the_copy_task():
     all_feats = np.concatenate([f for f, _ in train]).astype(np.float32).reshape(-1, F)
     model = make_model(mean=all_feats.mean(0), std=all_feats.std(0), dropout=0.0,
                        attention_reg=0.0)
-    opt = keras.optimizers.Adam(1e-2)
+    opt = keras.optimizers.Adam(3e-3)   # 1e-2 sometimes never finds the flag (1 of 7 seeds tried)
 
     @tf.function
     def train_step(features, tokens):
@@ -343,11 +367,11 @@ def test_learns_the_copy_task():
         opt.apply_gradients(zip(grads, model.trainable_variables))
         return loss
 
-    losses = [float(train_step(*train[i % len(train)])) for i in range(300)]
+    losses = [float(train_step(*train[i % len(train)])) for i in range(400)]
     first, last = np.mean(losses[:5]), np.mean(losses[-10:])
     features, caps = copy_task(128, np.random.default_rng(99))
     predicted = greedy(model, tf.constant(features), 4)
     exact = np.mean(np.all(predicted == caps[:, 1:], axis=1))
     print(f"copy task: loss {first:.3f} -> {last:.3f}, held-out exact captions {exact:.0%}")
-    assert last < 0.2 * first
+    assert last < 0.05 * first   # uniform attention stalls near 0.36 (filler and <end> only)
     assert exact >= 0.9      # chance is 1/8 for the symbol

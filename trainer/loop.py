@@ -315,9 +315,10 @@ class Trainer:
                             for k, v in val.items():
                                 tf.summary.scalar(k, v)
                 history.append(record)
-                line = f"epoch {epoch + 1}/{s.epochs}: train loss {record['train_loss']:.4f}"
+                line = (f"epoch {epoch + 1}/{s.epochs}: train loss {record['train_loss']:.4f} "
+                        f"(cross-entropy {record['train_xent']:.4f})")
                 if val:
-                    line += f", val loss {val['loss']:.4f}"
+                    line += f", val loss {val['loss']:.4f} (cross-entropy {val['xent']:.4f})"
                 print(line + f", {record['tokens_per_s']:,.0f} tokens/s", file=sys.stderr)
                 self.epoch.assign_add(1)
                 self.step_in_epoch.assign(0)
