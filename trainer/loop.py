@@ -30,6 +30,7 @@ from . import data, distribute
 from .steps import CaptionSteps
 
 CONFIG_FILE = "config.json"
+JOB_FILE = "job.json"  # the settings (data directory included) of the job, for export and evaluation
 
 
 class TrainError(ValueError):
@@ -61,6 +62,7 @@ class Settings:
     early_stopping: int = 0                # epochs without val improvement; 0 = off
     max_steps: int = 0                     # stop after this many steps in all; 0 = no limit
     validate: bool = True
+    export: bool = True                    # write the SavedModel at the end (trainer.task)
     progress: bool | None = None           # None: a bar when stderr is a terminal
 
 
@@ -239,6 +241,7 @@ class Trainer:
             self.checkpoint.restore(restored)
         if self.chief:
             fileio.write_text(fileio.join(s.job_dir, CONFIG_FILE), self.config.to_json())
+            fileio.write_json(fileio.join(s.job_dir, JOB_FILE), settings_dict(s))
         history_path = fileio.join(s.job_dir, "history.json")
         history = fileio.read_json(history_path) if restored and fileio.exists(history_path) else []
         writers = {}

@@ -40,9 +40,15 @@ class CaptionSteps:
         # The loss is summed over tokens and divided by the GLOBAL token count, so
         # summing replicas gives the same number on 1 or 8 of them.
         global_tokens = ctx.all_reduce(tf.distribute.ReduceOp.SUM, local_tokens)
-        logits, attention = self.model.teacher_forced(features, tokens, training=training)
-        parts = caption_loss(logits, targets, attention, self.config.attention_reg,
-                             global_token_count=global_tokens)
+        if self.jit_compile:  # XLA needs static shapes: the padded formulation
+            logits, attention = self.model.teacher_forced(features, tokens, training=training)
+            parts = caption_loss(logits, targets, attention, self.config.attention_reg,
+                                 global_token_count=global_tokens)
+        else:
+            # Captions packed by length: padded positions cost nothing, in the time
+            # loop or in the vocabulary projection. Same loss and gradients.
+            parts = self.model.teacher_forced_loss(features, tokens, training=training,
+                                                   global_token_count=global_tokens)
         return parts, local_tokens
 
     def _replica_train(self, features, tokens):

@@ -42,6 +42,7 @@ def parse_args(argv) -> Settings:
                     help="stop after this many epochs without a better val loss (0: off)")
     ap.add_argument("--max-steps", type=int, default=0, help="stop after this many steps in all (0: no limit)")
     ap.add_argument("--no-validate", dest="validate", action="store_false")
+    ap.add_argument("--no-export", dest="export", action="store_false", help="skip the SavedModel export at the end")
     ap.add_argument("--progress", dest="progress", action="store_true", default=None, help="always show the progress bar")
     ap.add_argument("--no-progress", dest="progress", action="store_false")
     a = ap.parse_args(argv)
@@ -70,7 +71,8 @@ def parse_args(argv) -> Settings:
                     attention_reg=a.attention_reg, gate=a.gate, mixed_precision=a.mixed_precision,
                     strategy=a.strategy, seed=a.seed, shuffle_buffer=a.shuffle_buffer, bucket_boundaries=buckets,
                     checkpoint_every=a.checkpoint_every, keep_checkpoints=a.keep_checkpoints,
-                    early_stopping=a.early_stopping, max_steps=a.max_steps, validate=a.validate, progress=a.progress)
+                    early_stopping=a.early_stopping, max_steps=a.max_steps, validate=a.validate, progress=a.progress,
+                    export=a.export)
 
 
 def main(argv=None) -> int:
@@ -88,6 +90,11 @@ def main(argv=None) -> int:
     except loop.Interrupted as e:
         print(str(e), file=sys.stderr)
         return 143  # 128 + SIGTERM: stopped, not finished
+    if settings.export and trainer.chief:
+        from . import export
+
+        path = export.export(settings.job_dir)
+        print(f"exported the SavedModel to {path}", file=sys.stderr)
     print(f"trained {metrics['steps']} steps ({metrics['stopped']}); final train loss "
           f"{metrics['final_train_loss']}, val loss {metrics['final_val_loss']}; {settings.job_dir}")
     return 0

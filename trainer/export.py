@@ -1,0 +1,157 @@
+"""Export a trained job as a SavedModel that captions raw image bytes.
+
+    python -m trainer.export --job-dir JOB_DIR [--output DIR] [--data DATA_DIR]
+
+The SavedModel holds everything: the InceptionV3 encoder with exactly the
+weights that made the training features, the image decoding and scaling, the
+caption decoder and the vocabulary. It needs TensorFlow and nothing else (no
+tensorflow-text op: captions are detokenised with a gather over the vocabulary).
+
+Signatures (SavedModel signatures cannot give inputs default values, so the
+one with options is a second signature):
+  serving_default   images string[B] (JPEG/PNG/GIF/BMP bytes) -> captions, tokens, scores,
+                    attention, lengths  (beam search, the export's default beam size)
+  caption_images    images, beam_size int32[], max_length int32[] -> the same
+  caption_features  features float32[B, 64, 2048], beam_size, max_length -> the same
+                    (for evaluation from the stored features)
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+
+import tensorflow as tf
+
+from model import Captioner, CaptionerConfig, decoding, inception
+from pipelines import cli, fileio
+
+from . import data
+from .loop import CONFIG_FILE, JOB_FILE
+
+EXPORT_INFO = "export.json"
+
+
+class ExportError(ValueError):
+    """A job that cannot be exported (one readable line)."""
+
+
+class CaptionModule(tf.Module):
+    def __init__(self, captioner: Captioner, encoder, tokens: list[str], beam_size: int, max_length: int):
+        super().__init__()
+        self.captioner = captioner
+        self.encoder = encoder
+        self.vocab = tf.constant(tokens)
+        self.default_beam_size = beam_size
+        self.default_max_length = max_length
+        # The feature signature's shape comes from the model, so it is made here.
+        self.caption_features = tf.function(self._caption_features, input_signature=[
+            tf.TensorSpec([None, captioner.config.num_positions, captioner.config.feature_dim], tf.float32),
+            tf.TensorSpec([], tf.int32), tf.TensorSpec([], tf.int32)])
+
+    def _decode(self, features, beam_size, max_length):
+        out = decoding.decode(self.captioner, features, max_length, beam_size=beam_size)
+        words = tf.gather(self.vocab, out.tokens)
+        # Specials (<pad> <unk> <start> <end>: ids 0-3) are left out of the text.
+        keep = out.tokens > 3
+        captions = tf.strings.reduce_join(tf.ragged.boolean_mask(words, keep), axis=1, separator=" ")
+        return {"captions": captions, "tokens": out.tokens, "scores": out.scores,
+                "attention": out.attention, "lengths": out.lengths}
+
+    def _pixels(self, images):
+        def one(data):
+            img = tf.io.decode_image(data, channels=3, expand_animations=False)
+            img.set_shape([None, None, 3])
+            return inception.prepare(img[None])[0]
+
+        return tf.map_fn(one, images, fn_output_signature=tf.TensorSpec(
+            [inception.INPUT_SIZE, inception.INPUT_SIZE, 3], tf.float32))
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string), tf.TensorSpec([], tf.int32),
+                                  tf.TensorSpec([], tf.int32)])
+    def caption_images(self, images, beam_size, max_length):
+        features = self.encoder(self._pixels(images), training=False)
+        return self._decode(features, beam_size, max_length)
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string)])
+    def serving_default(self, images):
+        return self.caption_images(images, tf.constant(self.default_beam_size), tf.constant(self.default_max_length))
+
+    def _caption_features(self, features, beam_size, max_length):
+        return self._decode(features, beam_size, max_length)
+
+
+def _sha256(path: str) -> str:
+    return hashlib.sha256(fileio.read_bytes(path)).hexdigest()
+
+
+def build_module(job_dir: str, data_dir: str | None = None, beam_size: int = 3,
+                 max_length: int | None = None) -> tuple[CaptionModule, dict]:
+    cfg_path = fileio.join(job_dir, CONFIG_FILE)
+    if not fileio.exists(cfg_path):
+        raise ExportError(f"--job-dir {job_dir}: no {CONFIG_FILE} (is this a training job directory?)")
+    config = CaptionerConfig.from_json(fileio.read_text(cfg_path))
+    if data_dir is None:
+        job_path = fileio.join(job_dir, JOB_FILE)
+        if not fileio.exists(job_path):
+            raise ExportError(f"--job-dir {job_dir}: no {JOB_FILE}; pass --data DATA_DIR")
+        data_dir = fileio.read_json(job_path)["data"]
+    meta = data.load_metadata(data_dir)
+    tokens = data.load_vocab(data_dir, meta)
+    if len(tokens) != config.vocab_size:
+        raise ExportError(f"--data {data_dir}: vocabulary of {len(tokens)} tokens, the model has {config.vocab_size}")
+    ckpt = tf.train.latest_checkpoint(fileio.join(job_dir, "checkpoints"))
+    if ckpt is None:
+        raise ExportError(f"--job-dir {job_dir}: no checkpoint in checkpoints/")
+    # Serving computes in float32 whatever the training precision.
+    config = CaptionerConfig.from_dict(dict(config.to_dict(), compute_dtype="float32", dropout=0.0))
+    captioner = Captioner(config)
+    tf.train.Checkpoint(model=captioner).restore(ckpt).expect_partial().assert_existing_objects_matched()
+    enc_path = fileio.join(data_dir, meta["encoder"]["file"])
+    if _sha256(enc_path) != meta["encoder"]["sha256"]:
+        raise ExportError(f"{enc_path}: not the encoder that made the features (sha256 differs from metadata.json)")
+    encoder = inception.load(enc_path)
+    longest = max(int(info.get("max_tokens", 0)) for info in meta["splits"].values())
+    max_length = max_length or max(longest + 4, 20)  # generated tokens (<end> included)
+    info = {"checkpoint": ckpt, "data": data_dir, "encoder": meta["encoder"], "config": config.to_dict(),
+            "vocab_size": len(tokens), "default_beam_size": beam_size, "default_max_length": max_length,
+            "signatures": ["serving_default", "caption_images", "caption_features"]}
+    return CaptionModule(captioner, encoder, tokens, beam_size, max_length), info
+
+
+def export(job_dir: str, output: str | None = None, data_dir: str | None = None, beam_size: int = 3,
+           max_length: int | None = None) -> str:
+    module, info = build_module(job_dir, data_dir, beam_size, max_length)
+    output = output or fileio.join(job_dir, "export")
+    signatures = {
+        "serving_default": module.serving_default.get_concrete_function(),
+        "caption_images": module.caption_images.get_concrete_function(),
+        "caption_features": module.caption_features.get_concrete_function(),
+    }
+    tf.saved_model.save(module, output, signatures=signatures)
+    fileio.write_json(fileio.join(output, "assets.extra", EXPORT_INFO), info)
+    return output
+
+
+def main(argv=None) -> int:
+    ap = cli.Parser(prog="python -m trainer.export", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--job-dir", required=True)
+    ap.add_argument("--output", help="default: JOB_DIR/export")
+    ap.add_argument("--data", help="the data directory (default: the one the job trained on)")
+    ap.add_argument("--beam-size", type=int, default=3, help="serving_default's beam size")
+    ap.add_argument("--max-length", type=int, default=0, help="serving_default's longest caption (0: from the data)")
+    a = ap.parse_args(sys.argv[1:] if argv is None else argv)
+    if a.beam_size < 1 or a.max_length < 0:
+        ap.error("--beam-size must be >= 1 and --max-length >= 0")
+    try:
+        out = export(a.job_dir, a.output, a.data, a.beam_size, a.max_length or None)
+    except (ExportError, data.DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"exported {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    sys.exit(main())
