@@ -102,3 +102,15 @@ def small_data(scene_dir, tmp_path_factory):
     preprocess.run(["--coco-dir", scene_dir, "--output", out, "--encoder-weights", "random", "--seed", "1",
                     "--num-shards", "train=2,val=1"])
     return out
+
+
+@pytest.fixture(scope="session")
+def trained_job(small_data, tmp_path_factory):
+    """A small model trained briefly on the small scene set, exported to JOB/export."""
+    from trainer import export, loop, task
+
+    job = str(tmp_path_factory.mktemp("job"))
+    loop.train(task.parse_args(["--data", small_data, "--job-dir", job, "--units", "64", "--embedding-dim", "32",
+                                "--batch-size", "8", "--epochs", "6", "--learning-rate", "3e-3", "--no-progress"]))
+    export.export(job)
+    return job

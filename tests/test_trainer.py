@@ -28,17 +28,17 @@ def _losses(metrics):
 
 
 def test_training_lowers_the_loss_and_writes_its_outputs(small_data, tmp_path):
-    m = loop.train(_settings(small_data, tmp_path / "job", "--epochs", "6", "--learning-rate", "1e-2"))
+    m = loop.train(_settings(small_data, tmp_path / "job", "--epochs", "10", "--learning-rate", "3e-3"))
     h = m["history"]
     # Cross-entropy per token (the attention regulariser has a floor of its own).
-    assert h[-1]["train_xent"] < 0.75 * h[0]["train_xent"]
+    assert h[-1]["train_xent"] < 0.6 * h[0]["train_xent"]
     assert h[-1]["val_xent"] < h[0]["val_xent"]
     for name in ("metrics.json", "loss.png", "config.json", "history.json", "final/model.weights.h5"):
         assert os.path.exists(tmp_path / "job" / name), name
     assert open(tmp_path / "job" / "loss.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     assert os.listdir(tmp_path / "job" / "logs" / "train") and os.listdir(tmp_path / "job" / "logs" / "val")
     saved = json.load(open(tmp_path / "job" / "metrics.json"))
-    assert saved["steps"] == m["steps"] == 6 * h[0]["step"]
+    assert saved["steps"] == m["steps"] == 10 * h[0]["step"]
 
 
 def test_same_command_twice_gives_the_same_losses(small_data, tmp_path):

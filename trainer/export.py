@@ -60,9 +60,7 @@ class CaptionModule(tf.Module):
 
     def _pixels(self, images):
         def one(data):
-            img = tf.io.decode_image(data, channels=3, expand_animations=False)
-            img.set_shape([None, None, 3])
-            return inception.prepare(img[None])[0]
+            return inception.prepare(inception.decode(data)[None])[0]
 
         return tf.map_fn(one, images, fn_output_signature=tf.TensorSpec(
             [inception.INPUT_SIZE, inception.INPUT_SIZE, 3], tf.float32))

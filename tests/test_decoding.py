@@ -1,0 +1,347 @@
+"""Tests of model/decoding.py: greedy, beam search and sampling against hand-made references.
+
+Three kinds of model: a small random-weight Captioner (arbitrary, diverse distributions), the
+same trained on the copy task of test_model (confident, meaningful captions), and a Markov
+chain over words with the init_state / step API, whose caption probabilities are known exactly
+(for the cases beam search must get right, and to count decode steps).
+"""
+import types
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from model import DecoderState, decoding
+from tests.test_model import F, P, V, copy_task, make_model
+
+PAD, START, END = 0, 2, 3
+
+
+def random_features(batch, seed=0):
+    rng = np.random.default_rng(seed)
+    return tf.constant(rng.standard_normal((batch, P, F)).astype(np.float16))
+
+
+@pytest.fixture(scope="module")
+def random_model():
+    return make_model(seed=1)
+
+
+@pytest.fixture(scope="module")
+def copy_model():
+    """test_model's copy task, trained the same way: captions <start> s f s <end>."""
+    rng = np.random.default_rng(0)
+    train = [copy_task(64, rng) for _ in range(8)]
+    flat = np.concatenate([f for f, _ in train]).astype(np.float32).reshape(-1, F)
+    model = make_model(mean=flat.mean(0), std=flat.std(0), dropout=0.0, attention_reg=0.0)
+    opt = keras.optimizers.Adam(3e-3)
+
+    @tf.function
+    def train_step(features, tokens):
+        with tf.GradientTape() as tape:
+            loss = model.teacher_forced_loss(features, tokens, training=True).loss
+        grads = tape.gradient(loss, model.trainable_variables)
+        opt.apply_gradients(zip(grads, model.trainable_variables))
+        return loss
+
+    for i in range(400):
+        train_step(*train[i % len(train)])
+    return model
+
+
+class MarkovModel:
+    """log p(next | previous word) from a table, ignoring the image; counts its steps."""
+
+    def __init__(self, transitions):
+        table = np.full((V, V), 1e-12)
+        for prev, nexts in transitions.items():
+            for word, p in nexts.items():
+                table[prev, word] = p
+        self.table = tf.constant(np.log(table / table.sum(1, keepdims=True)), tf.float32)
+        self.config = types.SimpleNamespace(vocab_size=V)
+        self.steps = tf.Variable(0)
+
+    def init_state(self, features):
+        x = tf.cast(features, tf.float32)
+        return DecoderState(features=x, keys=x, hidden=tf.zeros([tf.shape(x)[0], 1]))
+
+    def step(self, state, prev_tokens):
+        self.steps.assign_add(1)
+        attention = tf.nn.softmax(state.keys[:, :, 0])
+        return tf.gather(self.table, prev_tokens), state._replace(hidden=state.hidden + 1), \
+            attention
+
+
+# ------------------------------------------------------------------------------ references
+def hand_greedy(model, features, max_length):
+    """Python step loop: argmax over words (never <pad> / <start>), stop at <end>."""
+    state = model.init_state(features)
+    batch = features.shape[0]
+    words = tf.fill([batch], START)
+    tokens, scores = np.zeros((batch, max_length), np.int32), np.zeros(batch)
+    ended = np.zeros(batch, bool)
+    for t in range(max_length):
+        logits, state, _ = model.step(state, words)
+        log_probs = tf.nn.log_softmax(logits).numpy()
+        choice = log_probs.copy()
+        choice[:, [PAD, START]] = -np.inf
+        words_np = choice.argmax(-1).astype(np.int32)
+        for b in range(batch):
+            if not ended[b]:
+                tokens[b, t] = words_np[b]
+                scores[b] += log_probs[b, words_np[b]]
+                ended[b] = words_np[b] == END
+        words = tf.constant(words_np)
+    return tokens, scores
+
+
+def teacher_forced_scores(model, features, tokens, lengths):
+    """Sum of log_softmax of each caption's tokens, recomputed by model.teacher_forced on
+    [<start>] + tokens. features [N, P, F], tokens [N, T], lengths [N]."""
+    tokens = np.asarray(tokens)
+    inputs = np.concatenate([np.full((len(tokens), 1), START), tokens], 1).astype(np.int32)
+    logits, _ = model.teacher_forced(features, tf.constant(inputs))
+    log_probs = tf.nn.log_softmax(logits).numpy()
+    picked = np.take_along_axis(log_probs, tokens[:, :, None], 2)[:, :, 0]
+    mask = np.arange(tokens.shape[1])[None] < np.asarray(lengths)[:, None]
+    return np.sum(picked * mask, 1)
+
+
+def check_well_formed(out, max_length, end=END):
+    """tokens end with <end> at lengths (or run to max_length), 0 after; attention rows sum
+    to 1 where a token was generated, 0 after."""
+    for tokens, lengths, attention in [(out.tokens, out.lengths, out.attention)] + (
+            [(out.beam_tokens[:, j], out.beam_lengths[:, j], None)
+             for j in range(out.beam_tokens.shape[1])]):
+        tokens, lengths = np.asarray(tokens), np.asarray(lengths)
+        assert tokens.shape[1] <= max_length
+        for row, n in zip(tokens, lengths):
+            assert 1 <= n <= max_length
+            assert np.all(row[n:] == PAD) and np.all(row[:n] != PAD)
+            assert row[n - 1] == end or n == max_length
+            assert end not in row[:n - 1]                     # nothing after an <end>
+        if attention is not None:
+            sums = np.asarray(tf.reduce_sum(attention, -1))
+            real = np.arange(tokens.shape[1])[None] < lengths[:, None]
+            np.testing.assert_allclose(sums[real], 1.0, atol=1e-5)
+            assert np.all(sums[~real] == 0)
+
+
+# ------------------------------------------------------------------------------------ greedy
+def test_greedy_equals_hand_step_loop(random_model):
+    features = random_features(5)
+    out = tf.function(lambda f: decoding.greedy(random_model, f, 8))(features)
+    tokens, scores = hand_greedy(random_model, features, 8)
+    np.testing.assert_array_equal(out.tokens, tokens[:, :out.tokens.shape[1]])
+    assert np.all(tokens[:, out.tokens.shape[1]:] == PAD)
+    np.testing.assert_allclose(out.scores, scores, atol=1e-4)
+    check_well_formed(out, 8)
+    np.testing.assert_allclose(out.normalized_scores,
+                               out.scores / ((5 + out.lengths.numpy()) / 6) ** 0.7, rtol=1e-6)
+
+
+def test_greedy_on_copy_task_stops_when_all_ended(copy_model):
+    features, caps = copy_task(64, np.random.default_rng(7))
+    out = decoding.greedy(copy_model, tf.constant(features), 20)
+    assert out.tokens.shape == (64, 4)                  # s f s <end>: 4 steps, not 20
+    assert np.mean(np.all(out.tokens.numpy() == caps[:, 1:], 1)) >= 0.9
+    check_well_formed(out, 20)
+
+
+def test_loops_stop_when_every_caption_has_ended():
+    # <start> -> 4 -> <end> is everyone's greedy caption: two steps, whatever max_length.
+    model = MarkovModel({START: {4: 0.9, 5: 0.1}, 4: {END: 0.9, 6: 0.1},
+                         5: {END: 0.8, 6: 0.2}, 6: {END: 1.0}})
+    features = random_features(3)
+    for run, steps, best in [
+            (lambda: decoding.greedy(model, features, 50), 2, [4, END]),
+            (lambda: decoding.sample(model, features, 50, 1e-3, seed=1), 2, [4, END]),
+            (lambda: decoding.beam_search(model, features, 1, 50, 0.0), 2, [4, END]),
+            # k = 2: [4 <end>] (.81) finishes at step 2, [4 6 <end>] (.09) at step 3 and
+            # fills the set; no live beam is left above it: done.
+            (lambda: decoding.beam_search(model, features, 2, 50, 0.0), 3, [4, END, 0])]:
+        model.steps.assign(0)
+        out = tf.function(run)()
+        assert int(model.steps.numpy()) == steps
+        np.testing.assert_array_equal(out.tokens, [best] * 3)     # T = 2 or 3, not 50
+
+
+# ------------------------------------------------------------------------------- beam search
+@pytest.mark.parametrize("alpha", [0.0, 0.7, 2.0])
+def test_beam_size_one_equals_greedy(random_model, copy_model, alpha):
+    for model, features in [(random_model, random_features(6)),
+                            (copy_model, tf.constant(copy_task(16, np.random.default_rng(3))[0]))]:
+        greedy = decoding.greedy(model, features, 9, length_penalty_alpha=alpha)
+        beam = decoding.beam_search(model, features, 1, 9, length_penalty_alpha=alpha)
+        np.testing.assert_array_equal(beam.tokens, greedy.tokens)
+        np.testing.assert_allclose(beam.scores, greedy.scores, atol=1e-5)
+        np.testing.assert_allclose(beam.normalized_scores, greedy.normalized_scores, atol=1e-5)
+        np.testing.assert_allclose(beam.attention, greedy.attention, atol=1e-6)
+        np.testing.assert_array_equal(beam.lengths, greedy.lengths)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.7])
+def test_beams_sorted_and_scores_are_teacher_forced_log_probs(random_model, alpha):
+    features = random_features(4, seed=2)
+    k, max_length = 4, 7
+    out = tf.function(lambda f: decoding.beam_search(random_model, f, k, max_length, alpha))(
+        features)
+    check_well_formed(out, max_length)
+    norm = out.beam_normalized_scores.numpy()
+    assert out.beam_tokens.shape[:2] == (4, k)
+    assert np.all(np.isfinite(norm))
+    assert np.all(np.diff(norm, axis=1) <= 0)                        # best first
+    lengths = out.beam_lengths.numpy()
+    np.testing.assert_allclose(norm, out.beam_scores / ((5 + lengths) / 6) ** alpha, rtol=1e-5)
+    # Each hypothesis' raw score is its log-probability, recomputed with teacher forcing.
+    tokens = out.beam_tokens.numpy().reshape(4 * k, -1)
+    recomputed = teacher_forced_scores(random_model, tf.repeat(features, k, 0), tokens,
+                                       lengths.reshape(-1))
+    np.testing.assert_allclose(out.beam_scores.numpy().reshape(-1), recomputed, atol=1e-4)
+    # The hypotheses of an image are distinct, and the best one is the `tokens` output.
+    for b in range(4):
+        assert len({tuple(row) for row in out.beam_tokens.numpy()[b]}) == k
+    np.testing.assert_array_equal(out.tokens, out.beam_tokens[:, 0])
+    np.testing.assert_array_equal(out.scores, out.beam_scores[:, 0])
+    # Attention of the best hypothesis = what teacher forcing gives on its tokens.
+    first = np.arange(4) * k
+    inputs = np.concatenate([np.full((4, 1), START), tokens[first]], 1).astype(np.int32)
+    _, attention = random_model.teacher_forced(features, tf.constant(inputs))
+    real = np.arange(tokens.shape[1])[None] < lengths[:, 0][:, None]
+    np.testing.assert_allclose(out.attention.numpy()[real], attention.numpy()[real], atol=1e-5)
+
+
+def test_beam_search_on_copy_task(copy_model):
+    features, caps = copy_task(32, np.random.default_rng(5))
+    features = tf.constant(features)
+    out = decoding.beam_search(copy_model, features, 3, 20)
+    check_well_formed(out, 20)
+    # T is the longest of all 3 hypotheses (the 2nd and 3rd may be longer than the best).
+    padded = np.pad(caps[:, 1:], [[0, 0], [0, out.tokens.shape[1] - 4]])
+    assert np.mean(np.all(out.tokens.numpy() == padded, 1)) >= 0.9
+    greedy = decoding.greedy(copy_model, features, 20)
+    assert np.all(out.scores.numpy() >= greedy.scores.numpy() - 1e-5)   # no worse here
+    tokens = out.beam_tokens.numpy().reshape(32 * 3, -1)
+    recomputed = teacher_forced_scores(copy_model, tf.repeat(features, 3, 0), tokens,
+                                       out.beam_lengths.numpy().reshape(-1))
+    np.testing.assert_allclose(out.beam_scores.numpy().reshape(-1), recomputed, atol=1e-4)
+
+
+def test_finished_hypothesis_kept_aside_while_live_beams_go_on():
+    # [<end>] (p .35) finishes at step 1. The live beams go on: <start> 4 (.55), then the
+    # chain 4 -> 5 (.8) -> 6 (.8) -> 5 ... which never ends before max_length, and they
+    # outscore the finished one until step 3 (.55 * .8 * .8 = .352). By raw log-probability
+    # [<end>] beats every longer caption, so it must come back first: kept aside, neither
+    # extended nor dropped while the live beams continue.
+    chain = {START: {4: 0.55, END: 0.35, 7: 0.1}, 4: {5: 0.8, 7: 0.2}, 5: {6: 0.8, 7: 0.2},
+             6: {5: 0.8, 7: 0.2}, 7: {8: 1.0}, 8: {7: 1.0}}
+    model = MarkovModel(chain)
+    features = random_features(2)
+    out = decoding.beam_search(model, features, 2, 6, 0.0)
+    np.testing.assert_array_equal(out.tokens, [[END, 0, 0, 0, 0, 0]] * 2)
+    np.testing.assert_allclose(out.scores, np.log(0.35), atol=1e-5)
+    # Second: the chain cut at max_length (.55 * .8^5 = .18 > .11 of <4 7 8 7 8 7>).
+    np.testing.assert_array_equal(out.beam_tokens[:, 1], [[4, 5, 6, 5, 6, 5]] * 2)
+    np.testing.assert_allclose(out.beam_scores[:, 1], np.log(0.55 * 0.8 ** 5), atol=1e-5)
+    assert list(out.beam_lengths.numpy()[0]) == [1, 6]
+    # With alpha = 1 the chain ranks first (log .18 / (11 / 6) = -.94 > log .35 = -1.05),
+    # and the finished [<end>] is still there, second.
+    out = decoding.beam_search(model, features, 2, 6, 1.0)
+    np.testing.assert_array_equal(out.beam_tokens[:, 0], [[4, 5, 6, 5, 6, 5]] * 2)
+    np.testing.assert_array_equal(out.beam_tokens[:, 1], [[END, 0, 0, 0, 0, 0]] * 2)
+
+
+def test_beam_stops_once_no_live_beam_can_win():
+    # [<end>] at p .6 is finished at step 1; [4 <end>] (.4 * .9) at step 2 fills the set of 2,
+    # and the best live beam (.4 * .1 = .04) can no longer beat it: done after 2 steps of 30.
+    model = MarkovModel({START: {END: 0.6, 4: 0.4}, 4: {END: 0.9, 5: 0.1}, 5: {5: 1.0}})
+    model.steps.assign(0)
+    out = tf.function(lambda f: decoding.beam_search(model, f, 2, 30, 0.0))(random_features(1))
+    assert int(model.steps.numpy()) == 2
+    np.testing.assert_array_equal(out.beam_tokens[0], [[END, 0], [4, END]])
+    np.testing.assert_allclose(out.beam_scores[0], np.log([0.6, 0.36]), atol=1e-5)
+
+
+def test_beam_bound_uses_the_length_that_favours_live_beams():
+    # alpha = 2, max_length 8. After step 2 the finished set is full: [<end>] (.6, score
+    # -.51) and [4 <end>] (.255, log .255 / lp(2) = -1.00). The live <4 5> has log p -3.10;
+    # with prob 1 it grows to max_length unchanged, where -3.10 / lp(8) = -.66 beats -1.00.
+    # Judged at the next length only (-3.10 / lp(3) = -1.74) the search would stop too soon.
+    model = MarkovModel({START: {END: 0.6, 4: 0.3, 7: 0.1}, 4: {END: 0.85, 5: 0.15},
+                         5: {6: 1.0}, 6: {6: 1.0}})
+    out = decoding.beam_search(model, random_features(1), 2, 8, 2.0)
+    np.testing.assert_array_equal(out.beam_tokens[0], [[END] + [0] * 7, [4, 5] + [6] * 6])
+    np.testing.assert_allclose(out.beam_normalized_scores[0],
+                               [np.log(0.6), np.log(0.045) / (13 / 6) ** 2], atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------- sampling
+def test_sampling_repeats_with_seed_and_approaches_greedy(random_model, copy_model):
+    features = random_features(8, seed=4)
+    run = tf.function(lambda f, seed, temp: decoding.sample(random_model, f, 8, temp, seed))
+    a = run(features, tf.constant(11), tf.constant(1.0))
+    b = run(features, tf.constant(11), tf.constant(1.0))
+    c = run(features, tf.constant(12), tf.constant(1.0))
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+    assert not np.array_equal(a.tokens.numpy(), c.tokens.numpy())
+    check_well_formed(a, 8)
+    recomputed = teacher_forced_scores(random_model, features, a.tokens.numpy(), a.lengths)
+    np.testing.assert_allclose(a.scores, recomputed, atol=1e-4)
+    greedy = decoding.greedy(random_model, features, 8)
+    for temp in (1e-6, 0.0):
+        cold = run(features, tf.constant(11), tf.constant(temp))
+        np.testing.assert_array_equal(cold.tokens, greedy.tokens)
+        np.testing.assert_allclose(cold.scores, greedy.scores, atol=1e-5)
+    # A trained model at temperature 1 mostly says what greedy says.
+    features = tf.constant(copy_task(64, np.random.default_rng(8))[0])
+    warm = decoding.sample(copy_model, features, 10, 1.0, seed=3).tokens.numpy()
+    greedy = decoding.greedy(copy_model, features, 10).tokens.numpy()
+    assert warm.shape == greedy.shape and np.mean(np.all(warm == greedy, 1)) > 0.7
+
+
+def test_never_emits_pad_or_start():
+    # A model that prefers <pad> and <start>: they are skipped, yet still in the softmax.
+    model = MarkovModel({START: {PAD: 0.5, START: 0.3, 4: 0.15, END: 0.05}, 4: {END: 1.0}})
+    features = random_features(2)
+    for out in (decoding.greedy(model, features, 5), decoding.beam_search(model, features, 2, 5),
+                decoding.sample(model, features, 5, 0.5, seed=0)):
+        assert not np.isin(out.beam_tokens.numpy()[..., 0], [PAD, START]).any()
+        check_well_formed(out, 5)
+    out = decoding.greedy(model, features, 5)
+    np.testing.assert_allclose(out.scores, np.log(0.15), atol=1e-5)
+
+
+# ------------------------------------------------------------------------- graph and export
+def test_one_trace_serves_every_batch_size_length_and_beam_size(random_model):
+    traces = []
+    signature = [tf.TensorSpec([None, P, F], tf.float16), tf.TensorSpec([], tf.int32),
+                 tf.TensorSpec([], tf.int32)]
+
+    @tf.function(input_signature=signature)
+    def serve(features, max_length, beam_size):
+        traces.append(1)
+        return decoding.decode(random_model, features, max_length, beam_size)
+
+    @tf.function(input_signature=signature[:2] + [tf.TensorSpec([], tf.int64)])
+    def draw(features, max_length, seed):
+        traces.append(1)
+        return decoding.sample(random_model, features, max_length, 0.8, seed)
+
+    for batch, max_length, k in [(2, 5, 1), (3, 9, 3), (1, 4, 2), (4, 6, 1), (2, 3, 5)]:
+        features = random_features(batch, seed=batch)
+        out = serve(features, max_length, k)
+        expected = (decoding.greedy(random_model, features, max_length) if k == 1 else
+                    decoding.beam_search(random_model, features, k, max_length))
+        for name in ("tokens", "scores", "lengths", "beam_tokens", "beam_normalized_scores"):
+            np.testing.assert_allclose(getattr(out, name), getattr(expected, name), atol=1e-5,
+                                       err_msg=name)
+        assert out.beam_tokens.shape[:2] == (batch, k)
+        assert out.tokens.shape[1] <= max_length
+        assert draw(features, max_length, tf.constant(batch, tf.int64)).tokens.shape[0] == batch
+    assert len(traces) == 2
+
+
+def test_decode_rejects_bad_beam_size(random_model):
+    with pytest.raises(ValueError, match="beam_size"):
+        decoding.decode(random_model, random_features(1), 5, beam_size=0)

@@ -1,0 +1,127 @@
+"""The SavedModel: loads without this project, captions image bytes and
+features the same way the in-process decoder does."""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from model import Captioner, CaptionerConfig, decoding, inception
+from pipelines import images, records, vocab
+from trainer import data, export
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Run in a fresh interpreter where this project cannot be imported: the
+# SavedModel must need TensorFlow alone.
+_ISOLATED = r"""
+import json, sys
+sys.modules.update({m: None for m in ("pipelines", "model", "trainer", "tensorflow_text")})
+import tensorflow as tf
+m = tf.saved_model.load(sys.argv[1])
+paths = sys.argv[2:]
+out = m.signatures["caption_images"](images=tf.constant([open(p, "rb").read() for p in paths]),
+                                     beam_size=tf.constant(1), max_length=tf.constant(20))
+print(json.dumps({"captions": [c.decode() for c in out["captions"].numpy()],
+                  "tokens": out["tokens"].numpy().tolist(), "signatures": sorted(m.signatures)}))
+"""
+
+
+def _val_images(scene_dir, n=4):
+    return sorted(glob.glob(os.path.join(scene_dir, "val2014", "*.jpg")))[:n]
+
+
+def _in_process_greedy(job, paths, max_length=20):
+    """Greedy captions from the checkpoint and the data's encoder, without the SavedModel."""
+    meta_job = json.load(open(os.path.join(job, "job.json")))
+    meta = data.load_metadata(meta_job["data"])
+    tokens = data.load_vocab(meta_job["data"], meta)
+    config = CaptionerConfig.from_json(open(os.path.join(job, "config.json")).read())
+    config = CaptionerConfig.from_dict(dict(config.to_dict(), dropout=0.0))
+    model = Captioner(config)
+    tf.train.Checkpoint(model=model).restore(tf.train.latest_checkpoint(os.path.join(job, "checkpoints"))).expect_partial()
+    encoder = inception.load(os.path.join(meta_job["data"], meta["encoder"]["file"]))
+    pixels = np.stack([inception.prepare(images.decode(open(p, "rb").read())[None]).numpy()[0] for p in paths])
+    out = decoding.greedy(model, encoder(pixels, training=False), max_length)
+    return [vocab.decode(t, tokens) for t in out.tokens.numpy()], out
+
+
+def test_savedmodel_captions_without_the_project_like_in_process_greedy(trained_job, scene_dir):
+    paths = _val_images(scene_dir)
+    proc = subprocess.run([sys.executable, "-c", _ISOLATED, os.path.join(trained_job, "export"), *paths],
+                          capture_output=True, text=True, timeout=300, cwd="/")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert {"serving_default", "caption_images", "caption_features"} <= set(got["signatures"])
+    want, _ = _in_process_greedy(trained_job, paths)
+    assert got["captions"] == want
+    assert all(c for c in want)  # a trained model says something
+
+
+def test_saved_model_cli_lists_the_signatures(trained_job):
+    cli = os.path.join(os.path.dirname(sys.executable), "saved_model_cli")
+    proc = subprocess.run([cli, "show", "--all", "--dir", os.path.join(trained_job, "export")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for name in ("serving_default", "caption_images", "caption_features", "images", "beam_size", "attention"):
+        assert name in proc.stdout
+
+
+@pytest.fixture(scope="module")
+def loaded(trained_job):
+    return tf.saved_model.load(os.path.join(trained_job, "export"))
+
+
+def test_features_signature_matches_images_signature(loaded, trained_job, scene_dir):
+    job = json.load(open(os.path.join(trained_job, "job.json")))
+    recs = records.read_records(data.shard_files(job["data"], "val"))[:3]
+    feats = tf.constant(np.stack([r["features"] for r in recs]).astype(np.float32))
+    by_features = loaded.signatures["caption_features"](features=feats, beam_size=tf.constant(3),
+                                                        max_length=tf.constant(20))
+    paths = [os.path.join(scene_dir, "val2014", r["file_name"]) for r in recs]
+    by_images = loaded.signatures["caption_images"](images=tf.constant([open(p, "rb").read() for p in paths]),
+                                                    beam_size=tf.constant(3), max_length=tf.constant(20))
+    # The stored features are float16 and PIL decodes the JPEG where serving uses TF: the
+    # captions agree; scores within the float16 rounding of the features.
+    assert by_features["captions"].numpy().tolist() == by_images["captions"].numpy().tolist()
+    np.testing.assert_allclose(by_features["scores"].numpy(), by_images["scores"].numpy(), atol=0.05)
+
+
+def test_beam_one_is_greedy_and_attention_rows_sum_to_one(loaded, trained_job, scene_dir):
+    paths = _val_images(scene_dir, 3)
+    blobs = tf.constant([open(p, "rb").read() for p in paths])
+    one = loaded.signatures["caption_images"](images=blobs, beam_size=tf.constant(1), max_length=tf.constant(20))
+    _, greedy = _in_process_greedy(trained_job, paths)
+    np.testing.assert_array_equal(one["tokens"].numpy(), greedy.tokens.numpy())
+    np.testing.assert_allclose(one["scores"].numpy(), greedy.scores.numpy(), rtol=1e-4, atol=1e-4)
+    for out in (one, loaded.signatures["serving_default"](images=blobs)):
+        att, lengths = out["attention"].numpy(), out["lengths"].numpy()
+        for i, n in enumerate(lengths):
+            np.testing.assert_allclose(att[i, :n].sum(-1), 1.0, atol=1e-4)
+            assert np.all(att[i, n:] == 0)
+
+
+def test_export_refuses_a_job_without_checkpoints(tmp_path, trained_job):
+    (tmp_path / "config.json").write_text(open(os.path.join(trained_job, "config.json")).read())
+    (tmp_path / "job.json").write_text(open(os.path.join(trained_job, "job.json")).read())
+    proc = subprocess.run([sys.executable, "-m", "trainer.export", "--job-dir", str(tmp_path)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert "no checkpoint" in proc.stderr.strip().splitlines()[-1] and "Traceback" not in proc.stderr
+
+
+def test_serving_decoder_gives_the_pipelines_pixels(scene_dir, tmp_path):
+    from PIL import Image
+
+    jpg = _val_images(scene_dir, 1)[0]
+    png = str(tmp_path / "x.png")
+    Image.open(jpg).save(png)
+    for path in (jpg, png):
+        blob = open(path, "rb").read()
+        np.testing.assert_array_equal(inception.decode(tf.constant(blob)).numpy(), images.decode(blob))
