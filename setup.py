@@ -34,4 +34,5 @@ setup(
     python_requires=">=3.10",
     install_requires=REQUIRED,
     extras_require=EXTRAS,
+    entry_points={"console_scripts": ["caption = trainer.caption:main"]},
 )

@@ -7,9 +7,11 @@
 
 features: [B, P, F] (float16/32), B dynamic. max_length, beam_size, length_penalty_alpha,
 temperature and seed may be Python numbers or scalar tensors: one trace of a tf.function with
-input_signature [None, P, F] serves every batch size, max_length and beam size.
+input_signature [None, P, F] serves every batch size, max_length and beam size. An empty batch
+or max_length 0 gives empty captions (T = 0).
 
-Every function returns a `Decoded`; fields (T = the longest caption returned, <= max_length):
+Every function returns a `Decoded`; fields (T <= max_length: the longest caption returned, all
+k hypotheses counted for beams, so `tokens` may end in columns of 0):
     tokens            [B, T] int32    the caption without <start>; ends with <end> where it
                                       ended (a caption cut at max_length has none); 0 after
     scores            [B] float32     its log-probability under the model: the sum of the
@@ -80,7 +82,8 @@ def decode(model, features, max_length, beam_size=1, length_penalty_alpha=DEFAUL
         if beam_size < 1:
             raise ValueError(f"beam_size must be >= 1, got {beam_size}")
         if beam_size == 1:
-            return greedy(model, features, max_length, start_id, end_id, length_penalty_alpha)
+            return greedy(model, features, max_length, start_id, end_id,
+                          length_penalty_alpha=length_penalty_alpha)
         return beam_search(model, features, beam_size, max_length, length_penalty_alpha,
                            start_id, end_id)
     beam_size = tf.convert_to_tensor(beam_size, tf.int32)
@@ -89,7 +92,8 @@ def decode(model, features, max_length, beam_size=1, length_penalty_alpha=DEFAUL
         beam_size = tf.identity(beam_size)
     return tf.cond(
         beam_size <= 1,
-        lambda: greedy(model, features, max_length, start_id, end_id, length_penalty_alpha),
+        lambda: greedy(model, features, max_length, start_id, end_id,
+                       length_penalty_alpha=length_penalty_alpha),
         lambda: beam_search(model, features, beam_size, max_length, length_penalty_alpha,
                             start_id, end_id))
 

@@ -141,6 +141,22 @@ def test_greedy_equals_hand_step_loop(random_model):
                                out.scores / ((5 + out.lengths.numpy()) / 6) ** 0.7, rtol=1e-6)
 
 
+@pytest.mark.parametrize("kw", [dict(gate=True), dict(compute_dtype="bfloat16")])
+def test_other_configs_decode(kw):
+    # The context gate and bf16 (hidden state in bf16, logits and attention in float32).
+    model = make_model(seed=2, **kw)
+    features = random_features(3)
+    out = tf.function(lambda f: decoding.greedy(model, f, 6))(features)
+    tokens, scores = hand_greedy(model, features, 6)
+    np.testing.assert_array_equal(out.tokens, tokens[:, :out.tokens.shape[1]])
+    # bf16: graph and eager round differently (oneDNN fuses differently).
+    np.testing.assert_allclose(out.scores, scores, atol=0.05 if kw.get("compute_dtype") else 1e-4)
+    beam = tf.function(lambda f: decoding.beam_search(model, f, 3, 6))(features)
+    check_well_formed(beam, 6)
+    assert np.all(np.diff(beam.beam_normalized_scores.numpy(), axis=1) <= 0)
+    np.testing.assert_array_equal(decoding.beam_search(model, features, 1, 6).tokens, out.tokens)
+
+
 def test_greedy_on_copy_task_stops_when_all_ended(copy_model):
     features, caps = copy_task(64, np.random.default_rng(7))
     out = decoding.greedy(copy_model, tf.constant(features), 20)
@@ -340,6 +356,28 @@ def test_one_trace_serves_every_batch_size_length_and_beam_size(random_model):
         assert out.tokens.shape[1] <= max_length
         assert draw(features, max_length, tf.constant(batch, tf.int64)).tokens.shape[0] == batch
     assert len(traces) == 2
+
+
+def test_decoding_exports_in_a_saved_model(random_model, tmp_path):
+    # What the export does: a signature with beam_size and max_length as inputs.
+    module = tf.Module()
+    module.model = random_model
+
+    @tf.function(input_signature=[tf.TensorSpec([None, P, F], tf.float16),
+                                  tf.TensorSpec([], tf.int32), tf.TensorSpec([], tf.int32)])
+    def captions(features, beam_size, max_length):
+        return decoding.decode(random_model, features, max_length, beam_size)._asdict()
+
+    module.captions = captions
+    tf.saved_model.save(module, str(tmp_path), signatures={"captions": captions})
+    loaded = tf.saved_model.load(str(tmp_path)).signatures["captions"]
+    features = random_features(3, seed=9)
+    for k in (1, 3):
+        out = loaded(features=features, beam_size=tf.constant(k), max_length=tf.constant(7))
+        expected = decoding.decode(random_model, features, 7, k)
+        for name in ("tokens", "scores", "attention", "beam_tokens", "beam_scores"):
+            np.testing.assert_allclose(out[name], getattr(expected, name), atol=1e-5,
+                                       err_msg=name)
 
 
 def test_decode_rejects_bad_beam_size(random_model):

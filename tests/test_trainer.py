@@ -138,3 +138,16 @@ def test_sigkill_after_a_checkpoint_then_rerun_finishes_the_same(small_data, tmp
     assert b["steps"] == a["steps"]
     np.testing.assert_allclose(b["final_train_loss"], a["final_train_loss"], rtol=1e-6)
     np.testing.assert_allclose(b["final_val_loss"], a["final_val_loss"], rtol=1e-6)
+
+
+def test_mixed_precision_trains_and_exports_in_float32(small_data, tmp_path):
+    from trainer import export
+
+    m = loop.train(_settings(small_data, tmp_path / "job", "--epochs", "3", "--learning-rate", "3e-3",
+                             "--mixed-precision"))
+    h = m["history"]
+    assert all(np.isfinite(r["train_loss"]) for r in h)
+    assert h[-1]["train_xent"] < h[0]["train_xent"]
+    assert json.load(open(tmp_path / "job" / "config.json"))["compute_dtype"] == "bfloat16"
+    info = export.build_module(str(tmp_path / "job"))[1]
+    assert info["config"]["compute_dtype"] == "float32"

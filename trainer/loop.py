@@ -254,6 +254,17 @@ class Trainer:
             print(f"resuming from {restored}: epoch {int(self.epoch) + 1}, step {self.global_step()}",
                   file=sys.stderr)
 
+        initial_val = None
+        if not restored and self.val_files:
+            # Where the loss starts: the yardstick for "learned" in metrics.json.
+            self.steps.build(self._dataset(self.val_files, 0, shuffle=False).element_spec)
+            initial_val = self.validate(0)
+            if self.chief:
+                fileio.write_json(fileio.join(s.job_dir, "initial_val.json"), initial_val)
+        elif restored and fileio.exists(fileio.join(s.job_dir, "initial_val.json")):
+            initial_val = fileio.read_json(fileio.join(s.job_dir, "initial_val.json"))
+        self.initial_val = initial_val
+
         with _Sigterm() as sigterm:
             while int(self.epoch) < s.epochs:
                 epoch = int(self.epoch)
@@ -365,6 +376,8 @@ class Trainer:
         return {"steps": self.global_step(), "epochs_completed": int(self.epoch),
                 "final_train_loss": last.get("train_loss"), "final_val_loss": last.get("val_loss"),
                 "best_val_loss": None if math.isinf(float(self.best_val)) else float(self.best_val),
+                "initial_val_loss": (self.initial_val or {}).get("loss"),
+                "initial_val_xent": (self.initial_val or {}).get("xent"),
                 "stopped": reason, "wall_seconds": round(seconds, 2),
                 "tokens_per_s_this_run": round(tokens / max(seconds, 1e-9), 1),
                 "replicas": self.strategy.num_replicas_in_sync, "history": history}

@@ -1,0 +1,246 @@
+"""Caption your own images with an exported model.
+
+    caption IMAGE_OR_URL... --model EXPORT_DIR [--beam-size 3] [--max-length N]
+            [--plot OUT_DIR] [--json]          (or: python -m trainer.caption ...)
+
+Prints one caption a line (`INPUT<TAB>caption` when several inputs are given), or
+with --json one object a line: {"input", "caption", "score", "tokens", "attention"}
+where tokens are the caption's words and attention holds, per word, the 64 weights
+(8x8 grid) the model used when it generated that word; <end> is not included.
+
+Every bad input gets one line `error: INPUT: reason` on stderr and the others are
+still captioned. Exit status: 0 all captioned, 1 some failed, 2 usage error (bad
+flags, or a --model that cannot be loaded).
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import socket
+import sys
+import urllib.error
+import urllib.parse
+import urllib.request
+import warnings
+
+import numpy as np
+from PIL import Image
+
+from pipelines import cli, images
+
+EXPORT_INFO = os.path.join("assets.extra", "export.json")  # written by trainer.export
+# Formats TensorFlow's decode_image reads the same way PIL does: these bytes go to the
+# model untouched, so a caption here equals the SavedModel's for the same file. BMP is
+# left out on purpose: TF misreads palette BMPs without an error.
+TF_FORMATS = {"JPEG", "PNG", "GIF", "WEBP"}
+# Specials (<pad> <unk> <start> <end>) have ids 0-3; export leaves them out of the text.
+FIRST_WORD_ID = 4
+
+
+class InputError(ValueError):
+    """An input that cannot be captioned; str() is the reason."""
+
+
+# ------------------------------------------------------------------------------ reading inputs
+def is_url(s: str) -> bool:
+    return urllib.parse.urlsplit(s).scheme in ("http", "https")
+
+
+def _read_capped(f, max_bytes: int) -> bytes:
+    # Read one byte past the cap: that is how we know it was exceeded, without
+    # ever holding more than the cap (+1) in memory.
+    data = f.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise InputError(f"larger than the {max_bytes}-byte cap (--max-bytes)")
+    return data
+
+
+def fetch(url: str, timeout: float, max_bytes: int) -> bytes:
+    # The timeout bounds the connection and each read, not the whole transfer;
+    # the byte cap bounds the rest.
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            length = resp.headers.get("Content-Length")
+            if length and length.isdigit() and int(length) > max_bytes:
+                raise InputError(f"{int(length)} bytes, larger than the {max_bytes}-byte cap (--max-bytes)")
+            return _read_capped(resp, max_bytes)
+    except urllib.error.HTTPError as e:
+        raise InputError(f"HTTP {e.code} {e.reason}") from None
+    except urllib.error.URLError as e:
+        if isinstance(e.reason, (socket.timeout, TimeoutError)):
+            raise InputError(f"timed out after {timeout:g} s") from None
+        raise InputError(f"cannot fetch ({getattr(e.reason, 'strerror', None) or e.reason})") from None
+    except (socket.timeout, TimeoutError):
+        raise InputError(f"timed out after {timeout:g} s") from None
+    except OSError as e:  # connection reset mid-body, ...
+        raise InputError(f"cannot fetch ({e.strerror or e})") from None
+
+
+def read_file(path: str, max_bytes: int) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return _read_capped(f, max_bytes)
+    except FileNotFoundError:
+        raise InputError("no such file") from None
+    except IsADirectoryError:
+        raise InputError("is a directory") from None
+    except OSError as e:
+        raise InputError(e.strerror or str(e)) from None
+
+
+def model_bytes(data: bytes, pixels: np.ndarray) -> bytes:
+    """The bytes to give the SavedModel: the file itself when TensorFlow reads it, else a
+    PNG of the pixels PIL decoded (TIFF, palette BMP, ...)."""
+    import tensorflow as tf
+
+    with Image.open(io.BytesIO(data)) as img:
+        fmt = img.format
+    if fmt in TF_FORMATS:
+        try:
+            # Cheap next to the encoder, and one file TF rejects would fail the whole batch.
+            tf.io.decode_image(data, channels=3, expand_animations=False)
+            return data
+        except tf.errors.InvalidArgumentError:
+            pass
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def load_input(source: str, timeout: float, max_bytes: int) -> tuple[bytes, np.ndarray]:
+    """-> (bytes for the model, uint8 RGB pixels for the plot); raises InputError."""
+    data = fetch(source, timeout, max_bytes) if is_url(source) else read_file(source, max_bytes)
+    try:
+        pixels = images.decode(data)  # not an image, truncated, too many pixels: a reason each
+    except images.ImageError as e:
+        raise InputError(str(e)) from None
+    return model_bytes(data, pixels), pixels
+
+
+# ------------------------------------------------------------------------------------ the model
+class ModelError(ValueError):
+    """A --model that cannot be used; str() is the reason."""
+
+
+def load_model(path: str):
+    """-> (the loaded SavedModel, export.json's {default_beam_size, default_max_length, ...})."""
+    import tensorflow as tf
+
+    if not tf.io.gfile.isdir(path):
+        raise ModelError("no such directory")
+    if not any(tf.io.gfile.exists(os.path.join(path, f)) for f in ("saved_model.pb", "saved_model.pbtxt")):
+        raise ModelError("not a SavedModel (no saved_model.pb; pass the export directory, e.g. JOB_DIR/export)")
+    try:
+        loaded = tf.saved_model.load(path)
+    except Exception as e:  # noqa: BLE001 - TF raises many types; the user needs one line
+        raise ModelError(f"cannot load the SavedModel ({str(e).strip().splitlines()[0]})") from None
+    if "caption_images" not in loaded.signatures:
+        raise ModelError("not a captioner export (no caption_images signature)")
+    info_path = os.path.join(path, EXPORT_INFO)
+    info = json.loads(tf.io.gfile.GFile(info_path).read()) if tf.io.gfile.exists(info_path) else {}
+    return loaded, info
+
+
+def caption_batch(loaded, blobs: list[bytes], beam_size: int, max_length: int) -> list[dict]:
+    """Per image: {"caption", "score", "words", "attention" [len(words), 64]}."""
+    import tensorflow as tf
+
+    # `loaded` is passed, not just its signature: a signature outliving its object loses the variables.
+    out = loaded.signatures["caption_images"](images=tf.constant(blobs),
+                                              beam_size=tf.constant(beam_size, tf.int32),
+                                              max_length=tf.constant(max_length, tf.int32))
+    out = {k: v.numpy() for k, v in out.items()}
+    results = []
+    for i, text in enumerate(out["captions"]):
+        caption = text.decode("utf-8")
+        # The caption's words are exactly the tokens that are not specials, in order, so the
+        # attention rows of those tokens line up with caption.split().
+        keep = out["tokens"][i] >= FIRST_WORD_ID
+        words = caption.split()
+        attention = out["attention"][i][keep]
+        assert len(words) == len(attention), (caption, out["tokens"][i])
+        results.append({"caption": caption, "score": float(out["scores"][i]), "words": words,
+                        "attention": attention})
+    return results
+
+
+# ------------------------------------------------------------------------------------- output
+def plot_name(source: str, taken: set[str]) -> str:
+    """<basename>.attention.png, made unique within one run (two dirs may hold a.jpg)."""
+    path = urllib.parse.unquote(urllib.parse.urlsplit(source).path) if is_url(source) else source
+    base = os.path.basename(path.rstrip("/")) or "image"
+    base = "".join(c if c.isalnum() or c in "._-" else "_" for c in base)
+    name, n = f"{base}.attention.png", 1
+    while name in taken:
+        n += 1
+        name = f"{base}-{n}.attention.png"
+    taken.add(name)
+    return name
+
+
+def main(argv=None) -> int:
+    ap = cli.Parser(prog="caption", description=__doc__.split("\n\n")[0])
+    ap.add_argument("inputs", nargs="+", metavar="IMAGE_OR_URL")
+    ap.add_argument("--model", required=True, help="the SavedModel directory (JOB_DIR/export)")
+    ap.add_argument("--beam-size", type=int, default=3, help="1 is greedy decoding (default 3)")
+    ap.add_argument("--max-length", type=int, default=0,
+                    help="most tokens to generate, <end> included (default: the export's)")
+    ap.add_argument("--plot", metavar="OUT_DIR", help="write OUT_DIR/<name>.attention.png per image")
+    ap.add_argument("--json", action="store_true", help="one JSON object a line, with scores and attention")
+    ap.add_argument("--timeout", type=float, default=10.0, help="seconds to wait on a URL (default 10)")
+    ap.add_argument("--max-bytes", type=int, default=20 * 2**20,
+                    help="largest image file or download, in bytes (default 20 MiB)")
+    ap.add_argument("--batch-size", type=int, default=16, help="images per model call (default 16)")
+    a = ap.parse_args(sys.argv[1:] if argv is None else argv)
+    if a.beam_size < 1 or a.max_length < 0 or a.timeout <= 0 or a.max_bytes < 1 or a.batch_size < 1:
+        ap.error("--beam-size, --timeout, --max-bytes and --batch-size must be positive, --max-length >= 0")
+
+    # decode() refuses images over its own pixel cap with a clear reason; PIL's warning
+    # for the same images would only be a second, noisier line.
+    warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+    try:
+        model, info = load_model(a.model)
+    except ModelError as e:
+        print(f"error: --model {a.model}: {e}", file=sys.stderr)
+        return 2
+    max_length = a.max_length or int(info.get("default_max_length", 20))
+    if a.plot:
+        from . import plot
+
+        os.makedirs(a.plot, exist_ok=True)
+    several, failed, taken = len(a.inputs) > 1, 0, set()
+
+    # Inputs go in modest batches: memory stays bounded and captions appear as they come.
+    for start in range(0, len(a.inputs), a.batch_size):
+        good = []
+        for source in a.inputs[start:start + a.batch_size]:
+            try:
+                good.append((source, *load_input(source, a.timeout, a.max_bytes)))
+            except InputError as e:
+                print(f"error: {source}: {e}", file=sys.stderr)
+                failed += 1
+        if not good:
+            continue
+        results = caption_batch(model, [blob for _, blob, _ in good], a.beam_size, max_length)
+        for (source, _, pixels), r in zip(good, results):
+            if a.plot and not r["words"]:
+                print(f"{source}: empty caption, no attention plot", file=sys.stderr)
+            elif a.plot:
+                path = os.path.join(a.plot, plot_name(source, taken))
+                with open(path, "wb") as f:
+                    f.write(plot.attention_png(pixels, r["words"], r["attention"]))
+                print(f"{source}: attention plot in {path}", file=sys.stderr)
+            if a.json:
+                # 6 decimals keep a line readable; rows still sum to 1 within 1e-4.
+                print(json.dumps({"input": source, "caption": r["caption"], "score": round(r["score"], 6),
+                                  "tokens": r["words"],
+                                  "attention": np.round(r["attention"].astype(float), 6).tolist()}))
+            else:
+                print(f"{source}\t{r['caption']}" if several else r["caption"])
+            sys.stdout.flush()
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
