@@ -47,8 +47,11 @@ SPLITS = ("train", "val")
 _RGB = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 70, 220),
         "yellow": (240, 210, 40), "white": (245, 245, 245), "black": (20, 20, 20)}
 # Side length in pixels. The gap between the ranges keeps "small" and "large"
-# unambiguous; the large range still fits a grid cell with a margin.
-_SIDE = {"small": (26, 38), "large": (62, 86)}
+# unambiguous; the large range still fits a grid cell with a margin. Even a
+# small object spans more than one cell of the encoder's 8x8 grid (299/8 ~ 37
+# px): a shape inside one cell is a blob to a random-weight InceptionV3, and
+# its word would not be learnable from the picture.
+_SIDE = {"small": (44, 56), "large": (76, 94)}
 _MARGIN = 6
 _OBJECT_COUNT_P = (0.40, 0.35, 0.25)  # share of 1-, 2- and 3-object scenes
 # Split s draws image ids from [s * _ID_BLOCK + 1, (s + 1) * _ID_BLOCK): unique

@@ -6,17 +6,29 @@ OUT=${1:-demo_out}
 PY=${PY:-.venv/bin/python}
 mkdir -p "$OUT"
 
-echo "== 1/3 scene set (COCO 2014 layout) -> $OUT/coco"
+echo "== 1/4 scene set (COCO 2014 layout) -> $OUT/coco"
 "$PY" -m pipelines.synthetic --output "$OUT/coco" --train "${DEMO_TRAIN:-1500}" --val "${DEMO_VAL:-200}" --seed 0 >/dev/null
 
-echo "== 2/3 Beam pipeline (DirectRunner) -> $OUT/data"
+echo "== 2/4 Beam pipeline (DirectRunner) -> $OUT/data"
 "$PY" -m pipelines.preprocess --coco-dir "$OUT/coco" --output "$OUT/data" --overwrite \
   --encoder-weights random --seed 0 --num-shards train=4,val=1
 
 echo "data directory: $OUT/data (metadata.json, vocab.txt, shards, rejected/)"
 
-echo "== 3/3 training -> $OUT/job"
+echo "== 3/4 training -> $OUT/job"
 rm -rf "$OUT/job"  # a fresh job each demo (a kept job dir would resume)
 "$PY" -m trainer.task --data "$OUT/data" --job-dir "$OUT/job" --epochs "${DEMO_EPOCHS:-4}" --batch-size 64
 
-echo "job directory: $OUT/job (checkpoints/, logs/ for TensorBoard, loss.png, metrics.json)"
+echo "job directory: $OUT/job (checkpoints/, logs/ for TensorBoard, loss.png, metrics.json, export/)"
+
+echo "== 4/4 captioning a held-out image with the SavedModel"
+IMG="$OUT/coco/val2014/$(ls "$OUT/coco/val2014" | head -n 1)"
+"$PY" -m trainer.caption "$IMG" --model "$OUT/job/export" --plot "$OUT/plots"
+"$PY" - "$OUT" <<'PYEOF'
+import json, sys
+m = json.load(open(f"{sys.argv[1]}/job/metrics.json"))
+print(f"training: {m['steps']} steps in {m['wall_seconds']:.0f}s; val cross-entropy "
+      f"{m['initial_val_xent']:.3f} -> {m['history'][-1]['val_xent']:.3f} per token")
+PYEOF
+echo "image: $IMG"
+echo "attention plot: $OUT/plots/"
