@@ -9,5 +9,6 @@ class Parser(argparse.ArgumentParser):
     """argparse, but a bad flag gives one readable line (no usage dump) and exit 2."""
 
     def error(self, message):
-        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        message = " ".join(str(message).split())  # argparse messages can span lines
+        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
         sys.exit(2)

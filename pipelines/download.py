@@ -50,6 +50,8 @@ import zlib
 
 from tqdm import tqdm
 
+from . import cli
+
 DEFAULT_BASE_URL = "http://images.cocodataset.org/"
 DEFAULT_TIMEOUT = 60.0  # seconds for connecting and for each read, not for the whole file
 YEARS = (2014, 2017)
@@ -389,11 +391,6 @@ def download(output_dir: str, year: int = 2014, splits=SPLITS, base_url: str = D
 
 # --- command line ------------------------------------------------------------------------
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, no usage block
-        self.exit(2, f"error: {_one_line(message)} (see --help)\n")
-
-
 def _arg(check):
     def parse(value: str) -> str:
         try:
@@ -413,7 +410,7 @@ def _parse_splits(value: str) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = _Parser(
+    parser = cli.Parser(
         prog="python -m pipelines.download",
         description="Download, verify and extract MS-COCO images and caption annotations "
                     "into DIR (DIR/annotations/captions_train2014.json, DIR/train2014/*.jpg, ...). "

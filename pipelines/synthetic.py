@@ -30,6 +30,8 @@ import sys
 import numpy as np
 from PIL import Image, ImageDraw
 
+from . import cli
+
 COLOURS = ("red", "green", "blue", "yellow", "white", "black")
 SHAPES = ("circle", "square", "triangle")
 SIZES = ("small", "large")
@@ -264,13 +266,8 @@ def _count(text: str) -> int:
     return n
 
 
-class _OneLineParser(argparse.ArgumentParser):
-    def error(self, message):  # the message alone, without the usage block
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
 def main(argv: list[str] | None = None) -> dict:
-    parser = _OneLineParser(prog="pipelines.synthetic", description=__doc__.split("\n")[0])
+    parser = cli.Parser(prog="pipelines.synthetic", description=__doc__.split("\n")[0])
     parser.add_argument("--output", required=True, help="directory to write the scene set into")
     parser.add_argument("--train", type=_count, default=1500, help="number of train2014 images")
     parser.add_argument("--val", type=_count, default=200, help="number of val2014 images")
