@@ -1,0 +1,234 @@
+"""Evaluation: the metric plumbing on hand-computed cases, attention correctness on
+constructed attention maps whose answer is known, and the CLI end to end."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from trainer import evaluate, gallery
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+W, H = 320, 240  # the scene set's image size: grid cells are 40 x 30 pixels
+
+
+# ------------------------------------------------------------------------------------ scoring
+REFS = {11: ["A red circle in the top left."], 22: ["two shapes: a blue square and a green triangle"]}
+
+
+def test_identical_caption_scores_one():
+    # Two images, so CIDEr's document frequencies are not all equal (one image: idf 0).
+    results = [{"image_id": 11, "caption": "a red circle in the top left"},
+               {"image_id": 22, "caption": "Two shapes, a blue square and a green triangle."}]
+    m = evaluate.score(results, REFS)
+    assert m["BLEU-4"] == pytest.approx(1.0, abs=1e-6)
+    assert m["BLEU-1"] == pytest.approx(1.0, abs=1e-6)
+    assert m["ROUGE-L"] == pytest.approx(1.0)
+    assert m["METEOR"] == pytest.approx(1.0, abs=1e-3)
+    assert m["CIDEr"] > 0
+    assert m["n_images"] == 2 and m["n_empty_captions"] == 0
+
+
+@pytest.mark.parametrize("results, words", [
+    ([{"image_id": 11, "caption": "a red circle"}], ["missing", "22"]),
+    ([{"image_id": 11, "caption": "a"}, {"image_id": 22, "caption": "b"}, {"image_id": 99, "caption": "c"}],
+     ["extra", "99"]),
+    ([{"image_id": 11, "caption": "a"}, {"image_id": 22, "caption": "b"}, {"image_id": 11, "caption": "c"}],
+     ["duplicate", "11"]),
+])
+def test_mismatched_results_are_refused(results, words):
+    with pytest.raises(ValueError) as e:
+        evaluate.score(results, REFS)
+    message = str(e.value)
+    assert "\n" not in message
+    for w in words:
+        assert w in message, message
+
+
+def test_many_bad_ids_are_named_a_few_at_a_time():
+    refs = {i: ["a caption"] for i in range(100)}
+    with pytest.raises(ValueError, match=r"missing 97 image id\(s\).*: 3, 4, 5, 6, 7, \.\.\. \(97 in all\)"):
+        evaluate.check_results([{"image_id": i, "caption": "a caption"} for i in range(3)], refs)
+
+
+def test_malformed_result_entry_is_refused():
+    with pytest.raises(ValueError, match=r"results\[1\]"):
+        evaluate.check_results([{"image_id": 11, "caption": "a"}, {"image_id": 22}], REFS)
+
+
+# ----------------------------------------------------------------------- attention correctness
+def test_box_covering_four_cells():
+    cover = evaluate.cell_coverage([40, 30, 80, 60], W, H)  # columns 1-2, rows 1-2
+    assert cover.sum() == pytest.approx(4.0)
+    assert sorted(np.flatnonzero(cover)) == [9, 10, 17, 18]  # row-major: row * 8 + column
+    assert cover.sum() / 64 == pytest.approx(4 / 64)
+
+
+def test_grid_is_row_major_rows_down_the_image():
+    # Two cells side by side on row 1: x picks the column, y the row.
+    assert list(np.flatnonzero(evaluate.cell_coverage([40, 30, 80, 30], W, H))) == [9, 10]
+
+
+def test_cells_match_the_encoders_feature_map():
+    """The convention cell_coverage assumes, checked on the encoder itself: a patch
+    in the top-right corner changes the features of the top-right cells most."""
+    import tensorflow as tf
+
+    from model import inception
+
+    plain = np.full((H, W, 3), 128, np.uint8)
+    patched = plain.copy()
+    patched[0:60, 240:320] = 255  # box [240, 0, 80, 60]: rows 0-1, columns 6-7
+    feats = inception.build("random", 0)(inception.prepare(tf.constant(np.stack([plain, patched]))),
+                                         training=False).numpy()
+    change = np.linalg.norm(feats[1] - feats[0], axis=1)
+    cover = evaluate.cell_coverage([240, 0, 80, 60], W, H)
+    assert set(np.argsort(change)[-4:]) == set(np.flatnonzero(cover))
+
+
+def test_partial_cells_count_by_area():
+    # Half a cell wide, one cell high: half of one cell; the aspect is not kept (320x240).
+    cover = evaluate.cell_coverage([0, 0, 20, 30], W, H)
+    assert cover[0] == pytest.approx(0.5) and cover.sum() == pytest.approx(0.5)
+    # A box past the image's edge counts only inside it.
+    assert evaluate.cell_coverage([300, 210, 100, 100], W, H).sum() == pytest.approx(0.5)  # 20 x 30 px
+
+
+def _instances(tmp_path, objects, elsewhere=()):
+    """Image 5 holds `objects`, image 6 `elsewhere` (words the file knows, not on image 5)."""
+    cats = ["circle", "square", "triangle"]
+    placed = [(5, *o) for o in objects] + [(6, *o) for o in elsewhere]
+    data = {"images": [{"id": i, "file_name": f"{i}.jpg", "width": W, "height": H} for i in (5, 6)],
+            "categories": [{"id": i + 1, "name": n} for i, n in enumerate(cats)],
+            "annotations": [{"id": k, "image_id": image, "category_id": cats.index(shape) + 1, "bbox": box,
+                             "colour": colour, "size": "large", "area": 1.0}
+                            for k, (image, colour, shape, box) in enumerate(placed)]}
+    path = tmp_path / "instances_val2014.json"
+    path.write_text(json.dumps(data))
+    return evaluate.load_instances(str(path))
+
+
+def test_attention_share_on_constructed_maps(tmp_path):
+    inst = _instances(tmp_path, [("red", "circle", [40, 30, 80, 60]), ("blue", "square", [200, 120, 80, 90])])
+    circle = evaluate.cell_coverage([40, 30, 80, 60], W, H)
+    on_circle = circle / circle.sum()       # all weight on the circle's four cells
+    uniform = np.full(64, 1 / 64)
+    words = ["a", "red", "circle", "and", "a", "blue", "square"]
+    attention = np.stack([uniform, on_circle, on_circle, uniform, uniform, uniform, uniform])
+    ac = evaluate.AttentionCorrectness(inst)
+    ac.add(5, words, attention)
+    square_chance = evaluate.cell_coverage([200, 120, 80, 90], W, H).sum() / 64
+    assert ac.shares == pytest.approx([1.0, 1.0, square_chance, square_chance])
+    assert ac.chances == pytest.approx([4 / 64, 4 / 64, square_chance, square_chance])
+    s = ac.summary()
+    assert s["words"] == 4
+    assert s["ratio"] == pytest.approx(np.mean(ac.shares) / np.mean(ac.chances))
+
+
+def test_uniform_attention_scores_chance(tmp_path):
+    inst = _instances(tmp_path, [("green", "triangle", [13, 17, 91, 77])])
+    ac = evaluate.AttentionCorrectness(inst)
+    ac.add(5, ["green", "triangle"], np.full((2, 64), 1 / 64))
+    s = ac.summary()
+    assert s["share"] == pytest.approx(s["chance"]) and s["ratio"] == pytest.approx(1.0)
+
+
+def test_which_objects_a_word_names(tmp_path):
+    inst = _instances(tmp_path, [("red", "circle", [0, 0, 50, 50]), ("red", "square", [200, 0, 50, 50])],
+                      elsewhere=[("blue", "triangle", [0, 0, 50, 50])])
+    objects, vocab = inst["images"][5]["objects"], inst["vocabulary"]
+    # The phrase decides: the "red" of "red square" is the square, not the circle.
+    assert evaluate.named_objects("a red circle and a red square".split(), objects, vocab) == \
+        [None, [0], [0], None, None, [1], [1]]
+    # "red" alone names both: ambiguous. A colour the image lacks names nothing; then
+    # the shape word, not fitting the phrase either, names its own objects.
+    assert evaluate.named_objects("two red shapes".split(), objects, vocab) == [None, [0, 1], None]
+    assert evaluate.named_objects("a blue circle".split(), objects, vocab)[1:] == [[], [0]]
+    ac = evaluate.AttentionCorrectness(inst)
+    ac.add(5, "two red shapes a blue circle".split(), np.full((6, 64), 1 / 64))
+    ac.add(6, ["a", "red", "square"], np.full((3, 64), 1 / 64))  # image 6 has neither: 2 more skipped
+    assert ac.summary()["skipped"] == {"words_naming_several_objects": 1, "words_naming_no_object": 3}
+    assert ac.summary()["words"] == 1  # "circle": the only circle
+
+
+def test_exact_objects_by_scene_size(tmp_path):
+    inst = _instances(tmp_path, [("red", "circle", [0, 0, 50, 50]), ("blue", "square", [200, 0, 50, 50])])
+    ex = evaluate.ExactObjects(inst)
+    ex.add(5, "a red circle and a blue square")
+    ex.add(5, "a red circle and a blue circle")
+    assert ex.summary()["2"] == {"images": 2, "exact": 1, "share": 0.5}
+    assert ex.summary()["all"]["share"] == 0.5
+
+
+# --------------------------------------------------------------------------------- the gallery
+def test_gallery_without_images_still_lists_captions(tmp_path):
+    item = {"image_id": 7, "file_name": "COCO_val2014_000000000007.jpg", "caption": "a red <circle>",
+            "references": ["a red circle"], "words": ["a", "red", "circle"], "attention": np.full((3, 64), 1 / 64)}
+    index = gallery.write(str(tmp_path / "g"), [item], [str(tmp_path / "nowhere")], {7: (W, H)})
+    page = open(index).read()
+    assert "not found" in page and "a red &lt;circle&gt;" in page and "a red circle" in page
+    assert os.path.exists(tmp_path / "g" / "7-attention.png")
+
+
+# ------------------------------------------------------------------------------------- the CLI
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "trainer.evaluate", *args], cwd=ROOT,
+                          env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def evaluated(trained_job, small_data, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("eval"))
+    proc = run_cli("--model", os.path.join(trained_job, "export"), "--data", small_data, "--output", out,
+                   "--gallery", "3", "--beam-size", "2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, proc
+
+
+def test_cli_writes_results_metrics_and_gallery(evaluated, small_data):
+    from pipelines import records
+    from trainer import data
+
+    out, proc = evaluated
+    val_ids = sorted(r["image_id"] for r in records.read_records(data.shard_files(small_data, "val")))
+    with open(os.path.join(out, "results.json")) as f:
+        results = json.load(f)
+    assert sorted(r["image_id"] for r in results) == val_ids  # every val image, once
+    assert all(set(r) == {"image_id", "caption"} and isinstance(r["caption"], str) for r in results)
+
+    with open(os.path.join(out, "metrics.json")) as f:
+        metrics = json.load(f)
+    for key in evaluate.METRIC_KEYS:
+        assert 0.0 <= metrics[key] <= 10.0, key
+    assert metrics["n_images"] == len(val_ids) and metrics["beam_size"] == 2
+    # The scene set writes boxes, so both object figures are there.
+    att = metrics["attention_correctness"]
+    assert att["chance"] is None or 0 < att["chance"] < 1
+    assert metrics["exact_objects"]["all"]["images"] == len(val_ids)
+
+    page = open(os.path.join(out, "gallery", "index.html")).read()
+    sources = re.findall(r'src="([^"]+)"', page)
+    assert any(s.endswith(".png") for s in sources)
+    for s in sources:
+        assert os.path.exists(os.path.join(out, "gallery", s)), s
+    assert "not found" not in page  # the images were found from metadata.json's source
+    assert "BLEU-4" in proc.stdout  # the table
+
+
+def test_bad_flag_is_one_line(capsys):
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(["--model", "x", "--split", "train"])
+    assert e.value.code != 0
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--split" in err
+
+
+def test_missing_model_is_one_line(tmp_path, capsys):
+    assert evaluate.main(["--model", str(tmp_path / "no-such-export")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "no such directory" in err
