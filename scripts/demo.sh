@@ -19,7 +19,8 @@ echo "== 3/4 training -> $OUT/job"
 rm -rf "$OUT/job"  # a fresh job each demo (a kept job dir would resume)
 "$PY" -m trainer.task --data "$OUT/data" --job-dir "$OUT/job" --epochs "${DEMO_EPOCHS:-4}" --batch-size 64
 
-echo "job directory: $OUT/job (checkpoints/, logs/ for TensorBoard, loss.png, metrics.json, export/)"
+echo "job directory: $OUT/job (checkpoints/, logs/ for TensorBoard, loss.png, metrics.json, export/,"
+echo "               eval-val/: results.json, metrics.json, gallery/index.html)"
 
 echo "== 4/4 captioning a held-out image with the SavedModel"
 IMG="$OUT/coco/val2014/$(ls "$OUT/coco/val2014" | head -n 1)"
@@ -32,3 +33,4 @@ print(f"training: {m['steps']} steps in {m['wall_seconds']:.0f}s; val cross-entr
 PYEOF
 echo "image: $IMG"
 echo "attention plot: $OUT/plots/"
+echo "gallery: $OUT/job/eval-val/gallery/index.html"

@@ -63,6 +63,7 @@ class Settings:
     max_steps: int = 0                     # stop after this many steps in all; 0 = no limit
     validate: bool = True
     export: bool = True                    # write the SavedModel at the end (trainer.task)
+    evaluate: bool = True                  # and score it on val with the COCO metrics
     progress: bool | None = None           # None: a bar when stderr is a terminal
 
 

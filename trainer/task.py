@@ -43,6 +43,8 @@ def parse_args(argv) -> Settings:
     ap.add_argument("--max-steps", type=int, default=0, help="stop after this many steps in all (0: no limit)")
     ap.add_argument("--no-validate", dest="validate", action="store_false")
     ap.add_argument("--no-export", dest="export", action="store_false", help="skip the SavedModel export at the end")
+    ap.add_argument("--no-eval", dest="evaluate", action="store_false",
+                    help="skip scoring the export on the val split with the COCO caption metrics (large sets)")
     ap.add_argument("--progress", dest="progress", action="store_true", default=None, help="always show the progress bar")
     ap.add_argument("--no-progress", dest="progress", action="store_false")
     a = ap.parse_args(argv)
@@ -72,7 +74,7 @@ def parse_args(argv) -> Settings:
                     strategy=a.strategy, seed=a.seed, shuffle_buffer=a.shuffle_buffer, bucket_boundaries=buckets,
                     checkpoint_every=a.checkpoint_every, keep_checkpoints=a.keep_checkpoints,
                     early_stopping=a.early_stopping, max_steps=a.max_steps, validate=a.validate, progress=a.progress,
-                    export=a.export)
+                    export=a.export, evaluate=a.evaluate)
 
 
 def main(argv=None) -> int:
@@ -95,6 +97,11 @@ def main(argv=None) -> int:
 
         path = export.export(settings.job_dir)
         print(f"exported the SavedModel to {path}", file=sys.stderr)
+        if settings.evaluate and "val" in trainer.meta["splits"]:
+            from . import evaluate
+
+            scores = evaluate.evaluate(path, settings.data, split="val")
+            print(evaluate.table(scores))
     print(f"trained {metrics['steps']} steps ({metrics['stopped']}); final train loss "
           f"{metrics['final_train_loss']}, val loss {metrics['final_val_loss']}; {settings.job_dir}")
     return 0
