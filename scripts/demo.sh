@@ -7,7 +7,7 @@ PY=${PY:-.venv/bin/python}
 mkdir -p "$OUT"
 
 echo "== 1/4 scene set (COCO 2014 layout) -> $OUT/coco"
-"$PY" -m pipelines.synthetic --output "$OUT/coco" --train "${DEMO_TRAIN:-1500}" --val "${DEMO_VAL:-200}" --seed 0 >/dev/null
+"$PY" -m pipelines.synthetic --output "$OUT/coco" --train "${DEMO_TRAIN:-3000}" --val "${DEMO_VAL:-200}" --seed 0 >/dev/null
 
 echo "== 2/4 Beam pipeline (DirectRunner) -> $OUT/data"
 "$PY" -m pipelines.preprocess --coco-dir "$OUT/coco" --output "$OUT/data" --overwrite \
@@ -17,7 +17,7 @@ echo "data directory: $OUT/data (metadata.json, vocab.txt, shards, rejected/)"
 
 echo "== 3/4 training -> $OUT/job"
 rm -rf "$OUT/job"  # a fresh job each demo (a kept job dir would resume)
-"$PY" -m trainer.task --data "$OUT/data" --job-dir "$OUT/job" --epochs "${DEMO_EPOCHS:-4}" --batch-size 64
+"$PY" -m trainer.task --data "$OUT/data" --job-dir "$OUT/job" --epochs "${DEMO_EPOCHS:-6}" --batch-size 64
 
 echo "job directory: $OUT/job (checkpoints/, logs/ for TensorBoard, loss.png, metrics.json, export/,"
 echo "               eval-val/: results.json, metrics.json, gallery/index.html)"
