@@ -35,7 +35,7 @@ log = logging.getLogger("pipelines.preprocess")
 FORMAT_VERSION = 1
 ENCODER_FILE = "encoder/inception_v3.weights.h5"
 STATS_FILE = "feature_stats.npz"
-METADATA_FILE = "metadata.json"
+METADATA_FILE = records.METADATA_FILE
 NAMESPACE = "captioner"
 
 

@@ -25,6 +25,7 @@ CAPTION_LENGTHS = "caption/lengths"
 CAPTION_TEXT = "caption/text"
 
 SPLITS = ("train", "val", "test")
+METADATA_FILE = "metadata.json"  # beside the shards: what the data directory holds (preprocess writes it)
 
 
 def shard_prefix(data_dir: str, split: str) -> str:

@@ -14,7 +14,7 @@ import tensorflow as tf
 
 from model import Captioner, CaptionerConfig, decoding, inception
 from pipelines import images, records, vocab
-from trainer import data, export
+from trainer import data
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

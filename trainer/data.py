@@ -15,7 +15,7 @@ import tensorflow as tf
 from pipelines import fileio, records
 from pipelines import vocab as vocab_lib
 
-METADATA_FILE = "metadata.json"
+METADATA_FILE = records.METADATA_FILE
 
 
 class DataError(ValueError):

@@ -392,7 +392,6 @@ class Trainer:
         if local != path:
             fileio.upload(local, path)
         fileio.write_text(fileio.join(self.s.job_dir, "final", CONFIG_FILE), self.config.to_json())
-        fileio.write_json(fileio.join(self.s.job_dir, "final", "data.json"), {"data": self.s.data})
         return path
 
 
