@@ -132,24 +132,25 @@ def _learning_rate(s: Settings, total_steps: int):
 
 
 def _write_loss_plot(history: list[dict], path: str) -> None:
+    """Loss per epoch, as the tutorial plots it, and the cross-entropy beside it
+    (the attention regulariser gives the loss a floor of its own)."""
+    import io
+
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    epochs = [h["epoch"] for h in history]
-    ax.plot(epochs, [h["train_loss"] for h in history], marker="o", label="train")
-    if any("val_loss" in h for h in history):
-        ax.plot([h["epoch"] for h in history if "val_loss" in h],
-                [h["val_loss"] for h in history if "val_loss" in h], marker="o", label="validation")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("loss per token")
-    ax.set_title("training loss")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    import io
-
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, key, title in ((axes[0], "loss", "loss per token"), (axes[1], "xent", "cross-entropy per token")):
+        for split, label in (("train", "train"), ("val", "validation")):
+            points = [(h["epoch"], h[f"{split}_{key}"]) for h in history if f"{split}_{key}" in h]
+            if points:
+                ax.plot(*zip(*points), marker="o", label=label)
+        ax.set_xlabel("epoch")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
     plt.close(fig)
