@@ -39,13 +39,13 @@ def main():
 
     from model import inception
     from pipelines import images
+    from trainer.caption import load_model
 
-    info = json.load(open(os.path.join(args.model, "assets.extra", "export.json")))
+    loaded, info = load_model(args.model)
     encoder = inception.load(os.path.join(info["data"], info["encoder"]["file"]))
     forward = tf.function(lambda x: encoder(x, training=False))
     blob = open(args.image, "rb").read()
     pixels = inception.prepare(images.decode(blob)[None])
-    loaded = tf.saved_model.load(args.model)
     sig = loaded.signatures["caption_images"]
     one = tf.constant([blob])
     ml = tf.constant(args.max_length)

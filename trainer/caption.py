@@ -27,15 +27,16 @@ import warnings
 import numpy as np
 from PIL import Image
 
-from pipelines import cli, images
+from pipelines import cli, images, vocab
 
-EXPORT_INFO = os.path.join("assets.extra", "export.json")  # written by trainer.export
+# Beside the SavedModel: what trainer.export wrote down about it (defaults, data, encoder).
+EXPORT_INFO = os.path.join("assets.extra", "export.json")
 # Formats TensorFlow's decode_image reads the same way PIL does: these bytes go to the
 # model untouched, so a caption here equals the SavedModel's for the same file. BMP is
 # left out on purpose: TF misreads palette BMPs without an error.
 TF_FORMATS = {"JPEG", "PNG", "GIF", "WEBP"}
-# Specials (<pad> <unk> <start> <end>) have ids 0-3; export leaves them out of the text.
-FIRST_WORD_ID = 4
+# Specials (<pad> <unk> <start> <end>) come first in the vocabulary; export leaves them out of the text.
+FIRST_WORD_ID = len(vocab.SPECIALS)
 
 
 class InputError(ValueError):

@@ -25,11 +25,11 @@ import tensorflow as tf
 
 from model import Captioner, CaptionerConfig, decoding, inception
 from pipelines import cli, fileio
+from pipelines import vocab as vocab_lib
 
 from . import data
+from .caption import EXPORT_INFO
 from .loop import CONFIG_FILE, JOB_FILE
-
-EXPORT_INFO = "export.json"
 
 
 class ExportError(ValueError):
@@ -52,8 +52,8 @@ class CaptionModule(tf.Module):
     def _decode(self, features, beam_size, max_length):
         out = decoding.decode(self.captioner, features, max_length, beam_size=beam_size)
         words = tf.gather(self.vocab, out.tokens)
-        # Specials (<pad> <unk> <start> <end>: ids 0-3) are left out of the text.
-        keep = out.tokens > 3
+        # Specials (<pad> <unk> <start> <end>, the first ids) are left out of the text.
+        keep = out.tokens >= len(vocab_lib.SPECIALS)
         captions = tf.strings.reduce_join(tf.ragged.boolean_mask(words, keep), axis=1, separator=" ")
         return {"captions": captions, "tokens": out.tokens, "scores": out.scores,
                 "attention": out.attention, "lengths": out.lengths}
@@ -127,7 +127,7 @@ def export(job_dir: str, output: str | None = None, data_dir: str | None = None,
         "caption_features": module.caption_features.get_concrete_function(),
     }
     tf.saved_model.save(module, output, signatures=signatures)
-    fileio.write_json(fileio.join(output, "assets.extra", EXPORT_INFO), info)
+    fileio.write_json(fileio.join(output, EXPORT_INFO), info)
     return output
 
 
