@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -25,6 +26,30 @@ def _settings(data, job, *extra):
 
 def _losses(metrics):
     return [(h["step"], round(h["train_loss"], 6), round(h.get("val_loss", 0), 6)) for h in metrics["history"]]
+
+
+def test_fused_adam_updates_like_keras_adam():
+    # StepAdam runs TensorFlow's fused kernel; it must be Keras's Adam to float rounding,
+    # variables and both moment slots, over several steps (the bias correction changes).
+    shapes = [(7, 5), (5,), (3, 4, 2)]
+
+    def run(optimizer_class):
+        variables = [keras.Variable(np.linspace(-1, 1, int(np.prod(s)), dtype=np.float32).reshape(s))
+                     for s in shapes]
+        optimizer = optimizer_class(learning_rate=0.01)
+        optimizer.build(variables)
+        apply = tf.function(lambda grads: optimizer.apply_gradients(zip(grads, variables)))
+        rng = np.random.default_rng(1)
+        for _ in range(5):
+            apply([tf.constant(rng.standard_normal(s).astype(np.float32)) for s in shapes])
+        return ([v.numpy() for v in variables] + [m.numpy() for m in optimizer._momentums]
+                + [v.numpy() for v in optimizer._velocities])
+
+    start = np.linspace(-1, 1, 35, dtype=np.float32).reshape(7, 5)
+    fused, reference = run(steps_mod.StepAdam), run(keras.optimizers.Adam)
+    assert np.abs(fused[0] - start).max() > 0.02          # it did move the variables
+    for a, b in zip(fused, reference):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_training_lowers_the_loss_and_writes_its_outputs(small_data, tmp_path):

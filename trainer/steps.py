@@ -11,12 +11,38 @@ import tensorflow as tf
 from model import Captioner, CaptionerConfig, caption_loss
 
 
-class _PreReducedAdam(keras.optimizers.Adam):
-    # The train step all-reduces the gradients itself, so that clipping sees the
-    # global gradient (Keras clips per replica, before its own all-reduce, which
-    # would make 2 replicas clip differently from 1 device). Skip the second sum.
+class StepAdam(keras.optimizers.Adam):
+    """Keras Adam, with two changes for the train step:
+
+    - The step all-reduces the gradients itself, so that clipping sees the global gradient
+      (Keras clips per replica, before its own all-reduce, which would make 2 replicas clip
+      differently from 1 device). The second all-reduce is skipped.
+    - Each variable is updated by TensorFlow's fused Adam kernel (ResourceApplyAdam: one
+      pass over var, m, v and the gradient) instead of Keras's eight separate elementwise
+      ops, each a pass over memory: on the 6.7M parameters of the default model that is
+      4.5 ms instead of 11.6 ms a step on the 2-core CPU. Same formula (alpha = lr *
+      sqrt(1 - b2^t) / (1 - b1^t); m, v moving averages; var -= alpha m / (sqrt v + eps));
+      tests/test_trainer.py checks it against keras.optimizers.Adam.
+    """
+
     def _all_reduce_sum_gradients(self, grads_and_vars):
         return grads_and_vars
+
+    def update_step(self, gradient, variable, learning_rate):
+        if self.amsgrad or isinstance(gradient, tf.IndexedSlices):
+            return super().update_step(gradient, variable, learning_rate)
+        dtype = variable.dtype
+        step = tf.cast(self.iterations + 1, dtype)
+        index = self._get_variable_index(variable)
+        # Inside strategy.extended.update a mirrored slot's .handle is this device's copy.
+        m, v = (s.value.handle for s in (self._momentums[index], self._velocities[index]))
+        tf.raw_ops.ResourceApplyAdam(
+            var=variable.handle, m=m, v=v,
+            beta1_power=tf.pow(tf.cast(self.beta_1, dtype), step),
+            beta2_power=tf.pow(tf.cast(self.beta_2, dtype), step),
+            lr=tf.cast(learning_rate, dtype), beta1=tf.cast(self.beta_1, dtype),
+            beta2=tf.cast(self.beta_2, dtype), epsilon=tf.cast(self.epsilon, dtype),
+            grad=tf.cast(gradient, dtype))
 
 
 class CaptionSteps:
@@ -28,7 +54,7 @@ class CaptionSteps:
         self.jit_compile = jit_compile
         with strategy.scope():
             self.model = Captioner(config, feature_mean, feature_std)
-            self.optimizer = _PreReducedAdam(learning_rate=learning_rate, name="adam")
+            self.optimizer = StepAdam(learning_rate=learning_rate, name="adam")
             self.optimizer.build(self.model.trainable_variables)
         self.train_step = None
         self.eval_step = None
