@@ -8,8 +8,8 @@ features [64, 2048]) it times:
     each in its own subprocess;
   - this project's train step (trainer.steps.CaptionSteps, the one the trainer runs);
 and prints tokens/s and the ratios (targets: >= 6x eager, >= 2.5x compiled). It
-also counts the step's arithmetic (FLOPs per token, forward + backward) and puts
-the achieved rate against this machine's measured float32 matmul rate
+also counts the step's matmul arithmetic (forward + backward, over the batch's images
+and real tokens: step_flops) and puts the achieved rate against this machine's measured float32 matmul rate
 (model-FLOPs utilisation, target >= 55%), and reports the tf.data rate from
 real shards next to the step's consumption rate.
 
@@ -44,10 +44,14 @@ def reference(length: int, steps: int, compiled: bool) -> dict:
     raise RuntimeError(f"{' '.join(cmd)} printed no RESULT:\n{out.stderr[-2000:]}")
 
 
-def flops_per_token(length: int, units=UNITS, embed=EMBED, vocab=VOCAB, pos=POS, feat=FEAT) -> float:
-    """Multiply-adds x2 of one teacher-forced token, forward; x3 for training
-    (backward costs about twice the forward). Per-image work is spread over the
-    caption's length - 1 tokens."""
+def step_flops(images: int, tokens: int, units=UNITS, embed=EMBED, vocab=VOCAB, pos=POS, feat=FEAT) -> float:
+    """Matmul FLOPs of one training step (forward + backward) over `images` images and
+    `tokens` real (non-pad) target tokens: the packed step computes nothing for padding.
+
+    Backward costs twice the forward (input and weight gradients), except for the
+    encoder's projection of the stored features: those are data, so it has a weight
+    gradient only. Elementwise work (tanh, softmax, GRU gates) is not counted, as usual.
+    """
     per_token = (units * 4 * units      # fused h matmul: attention query | GRU recurrent gates
                  + pos * units          # v . tanh(keys + query)
                  + pos * embed          # context = sum alpha f
@@ -55,8 +59,9 @@ def flops_per_token(length: int, units=UNITS, embed=EMBED, vocab=VOCAB, pos=POS,
                  + embed * 3 * units    # word embedding -> GRU input gates
                  + units * units        # fc1
                  + units * vocab)       # fc2 (vocabulary projection)
-    per_image = pos * feat * embed + pos * embed * units + embed * units  # encoder dense, W1 f, h0
-    return 3 * 2 * (per_token + per_image / (length - 1))
+    encoder = pos * feat * embed                       # features -> embedding (no input gradient)
+    per_image = pos * embed * units + embed * units    # W1 f (attention keys), h0
+    return 2 * (images * (2 * encoder + 3 * per_image) + tokens * 3 * per_token)
 
 
 def matmul_peak() -> float:
@@ -104,7 +109,9 @@ def ours(length: int, steps: int, warmup: int, mixed: bool, jit: bool) -> dict:
         per.append(time.perf_counter() - t)
     elapsed = time.perf_counter() - t_all
     real_tokens = sum(real[i % 4] for i in range(steps))
+    flops = sum(step_flops(BATCH, real[i % 4]) for i in range(steps))
     return {"tokens_per_s": BATCH * (length - 1) * steps / elapsed, "real_tokens_per_s": real_tokens / elapsed,
+            "flops_per_s": flops / elapsed, "flops_per_real_token": flops / real_tokens,
             "sec_per_step_median": statistics.median(per), "traces": s.trace_count()[0]}
 
 
@@ -145,11 +152,12 @@ def main():
     for length in [int(x) for x in args.lengths.split(",")]:
         # Alternate ours and the tutorial's over a few rounds and keep the medians:
         # the machine is shared and noisy, ratios from neighbouring runs hold.
-        rounds = {"ours": [], "real": [], "eager": [], "compiled": []}
+        rounds = {"ours": [], "real": [], "flops": [], "eager": [], "compiled": []}
         for r in range(args.rounds):
             o = ours(length, args.steps, args.warmup, mixed=False, jit=False)
             rounds["ours"].append(o["tokens_per_s"])
             rounds["real"].append(o["real_tokens_per_s"])
+            rounds["flops"].append(o["flops_per_s"])
             if not args.skip_reference:
                 rounds["compiled"].append(reference(length, args.steps, True)["tokens_per_s"])
                 if r == 0:  # the eager loop is slow and steady: once is enough
@@ -159,11 +167,12 @@ def main():
                "rounds": rounds}
         if args.mixed_precision:
             row["ours_bf16"] = ours(length, args.steps, args.warmup, mixed=True, jit=False)["tokens_per_s"]
-        fpt = flops_per_token(length)
-        row["flops_per_token"] = fpt
+        fpt = o["flops_per_real_token"]
+        row["flops_per_real_token"] = fpt
         # The step packs captions by length and skips padding, so its arithmetic is
-        # counted on real tokens only (counting padded positions would pass 100%).
-        row["mfu"] = med["real"] * fpt / peak
+        # counted on what it computes: the batch's images and real tokens (counting
+        # padded positions would pass 100%).
+        row["mfu"] = med["flops"] / peak
         line = f"length {length}: ours {row['ours']:,.0f} tokens/s ({med['real']:,.0f} real)"
         if "eager" in med:
             row["tutorial_eager"], row["tutorial_compiled"] = med["eager"], med["compiled"]
@@ -171,7 +180,7 @@ def main():
             row["x_compiled"] = statistics.median([o / c for o, c in zip(rounds["ours"], rounds["compiled"])])
             line += (f" | tutorial eager {med['eager']:,.0f} ({row['x_eager']:.2f}x, target 6x)"
                      f" | tutorial tf.function {med['compiled']:,.0f} ({row['x_compiled']:.2f}x, target 2.5x)")
-        line += f" | {fpt / 1e6:.1f} MFLOP/token, MFU {100 * row['mfu']:.1f}% on real tokens (target 55%)"
+        line += f" | {fpt / 1e6:.1f} MFLOP/real token, MFU {100 * row['mfu']:.1f}% (target 55%)"
         if "ours_bf16" in row:
             line += f" | bf16 {row['ours_bf16']:,.0f} tokens/s"
         print(line, flush=True)
