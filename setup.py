@@ -22,7 +22,10 @@ REQUIRED = [
 
 EXTRAS = {
     "eval": ["pycocoevalcap>=1.2"],
-    "test": ["pytest>=8", "pycocoevalcap>=1.2"],
+    # trainer.launch submits Vertex AI custom jobs (apache-beam[gcp] pulls it in too).
+    "cloud": ["google-cloud-aiplatform>=1.60"],
+    # The GCS tests serve a bucket from a loopback emulator.
+    "test": ["pytest>=8", "pycocoevalcap>=1.2", "google-cloud-aiplatform>=1.60", "gcp-storage-emulator>=2024.1"],
 }
 
 setup(
