@@ -12,6 +12,9 @@ COPY setup.py README.md ./
 COPY pipelines ./pipelines
 COPY model ./model
 COPY trainer ./trainer
-RUN pip install --no-cache-dir .
+# GPU workers need TensorFlow's CUDA libraries too:
+#   docker build --build-arg GPU_EXTRAS="tensorflow[and-cuda]>=2.21,<2.22" -t IMAGE .
+ARG GPU_EXTRAS=""
+RUN pip install --no-cache-dir . ${GPU_EXTRAS:+"$GPU_EXTRAS"}
 
 # The Beam SDK harness stays the entrypoint (inherited from the base image).

@@ -77,8 +77,10 @@ def build(weights: str = "random", seed: int = 0) -> keras.Model:
                 "(seeded) or --encoder-weights PATH (a weights file you have)")
         base_weights = "imagenet"
     else:
+        from pipelines import fileio  # small files, local or gs://, in one place
+
         base_weights = None
-        if weights != "random" and not tf.io.gfile.exists(weights):
+        if weights != "random" and not fileio.exists(weights):
             raise EncoderWeightsError(
                 f"--encoder-weights {weights}: no such file (choices: imagenet, random, or PATH to a weights file)")
     if weights == "random":
@@ -91,13 +93,15 @@ def build(weights: str = "random", seed: int = 0) -> keras.Model:
     grid = keras.layers.Reshape((GRID * GRID, CHANNELS), name="flatten_grid")(base.output)
     model = keras.Model(base.input, grid, name="inception_v3_features")
     if weights not in ("imagenet", "random"):
-        from pipelines import fileio
-
+        local = fileio.local_copy(weights)
         try:
-            model.load_weights(fileio.local_copy(weights))
+            model.load_weights(local)
         except Exception as e:  # h5py/keras raise a zoo of types for a wrong file
             raise EncoderWeightsError(
                 f"--encoder-weights {weights}: not InceptionV3 (no top) weights: {e}") from e
+        finally:
+            if local != weights:
+                os.remove(local)
     return model
 
 

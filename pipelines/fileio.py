@@ -10,6 +10,8 @@ STORAGE_EMULATOR_HOST: tests point it at an emulator on loopback.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import shutil
@@ -55,13 +57,30 @@ def _blob(path: str):
     return _bucket(bucket).blob(blob)
 
 
+@contextlib.contextmanager
+def _gcs_errors(path: str):
+    """Cloud Storage's errors as the OSErrors a local file gives, so that callers
+    handle both the same way: a missing object is a FileNotFoundError."""
+    from google.api_core import exceptions as gexc
+
+    try:
+        yield
+    except gexc.NotFound:
+        raise FileNotFoundError(errno.ENOENT, "no such object", path) from None
+    except gexc.Forbidden as e:
+        raise PermissionError(errno.EACCES, f"access denied ({e.message})", path) from None
+    except gexc.GoogleAPIError as e:
+        raise OSError(errno.EIO, f"Cloud Storage error ({getattr(e, 'message', None) or e})", path) from None
+
+
 def exists(path: str) -> bool:
     if is_gcs(path):
         bucket, prefix = _split_gcs(path)
-        if _blob(path).exists():
-            return True
-        # A "directory" exists when some object lives under it.
-        return any(True for _ in _bucket(bucket).list_blobs(prefix=prefix.rstrip("/") + "/", max_results=1))
+        with _gcs_errors(path):
+            if _blob(path).exists():
+                return True
+            # A "directory" exists when some object lives under it.
+            return any(True for _ in _bucket(bucket).list_blobs(prefix=prefix.rstrip("/") + "/", max_results=1))
     return os.path.exists(path)
 
 
@@ -72,14 +91,28 @@ def makedirs(path: str) -> None:
 
 def read_bytes(path: str) -> bytes:
     if is_gcs(path):
-        return _blob(path).download_as_bytes()
+        with _gcs_errors(path):
+            return _blob(path).download_as_bytes()
     with open(path, "rb") as f:
         return f.read()
 
 
+@contextlib.contextmanager
+def open_read(path: str):
+    """A binary file object to stream `path` from (large inputs: read what you need)."""
+    if not is_gcs(path):
+        with open(path, "rb") as f:
+            yield f
+        return
+    # Errors come at the first read, inside the caller's block: translate those too.
+    with _gcs_errors(path), _blob(path).open("rb") as reader:
+        yield reader
+
+
 def write_bytes(path: str, data: bytes) -> None:
     if is_gcs(path):
-        _blob(path).upload_from_string(data)
+        with _gcs_errors(path):
+            _blob(path).upload_from_string(data)
         return
     makedirs(os.path.dirname(path) or ".")
     # Write then rename, so a reader never sees half a file.
@@ -110,7 +143,8 @@ def list_files(prefix_dir: str, suffix: str = "") -> list[str]:
     if is_gcs(prefix_dir):
         bucket, prefix = _split_gcs(prefix_dir)
         prefix = prefix.rstrip("/") + "/"
-        names = [b.name for b in _bucket(bucket).list_blobs(prefix=prefix)]
+        with _gcs_errors(prefix_dir):
+            names = [b.name for b in _bucket(bucket).list_blobs(prefix=prefix)]
         return sorted(f"gs://{bucket}/{n}" for n in names if n.endswith(suffix))
     out = []
     for root, _, files in os.walk(prefix_dir):
@@ -120,7 +154,8 @@ def list_files(prefix_dir: str, suffix: str = "") -> list[str]:
 
 def upload(local_path: str, dest: str) -> None:
     if is_gcs(dest):
-        _blob(dest).upload_from_filename(local_path)
+        with _gcs_errors(dest):
+            _blob(dest).upload_from_filename(local_path)
     else:
         makedirs(os.path.dirname(dest) or ".")
         shutil.copyfile(local_path, dest)
@@ -132,12 +167,19 @@ def local_copy(path: str) -> str:
         return path
     fd, tmp = tempfile.mkstemp(suffix="-" + os.path.basename(path))
     os.close(fd)
-    _blob(path).download_to_filename(tmp)
+    try:
+        with _gcs_errors(path):
+            _blob(path).download_to_filename(tmp)
+    except OSError:
+        if os.path.exists(tmp):  # the client removes it itself on some errors
+            os.remove(tmp)
+        raise
     return tmp
 
 
 def remove(path: str) -> None:
     if is_gcs(path):
-        _blob(path).delete()
+        with _gcs_errors(path):
+            _blob(path).delete()
     elif os.path.exists(path):
         os.remove(path)

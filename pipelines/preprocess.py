@@ -25,7 +25,7 @@ import time
 import apache_beam as beam
 import numpy as np
 from apache_beam.metrics import Metrics
-from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions, TestOptions
 
 from . import cli, fileio, records, sources
 from . import vocab as vocab_lib
@@ -507,15 +507,49 @@ def prepare(args) -> dict:
             "static": static}
 
 
+def _check_remote_paths(args, runner: str) -> None:
+    """Workers of a remote runner cannot read or write this machine's files."""
+    if runner.lower().removesuffix("runner") != "dataflow":
+        return
+    for flag, value in (("--output", args.output), ("--coco-dir", args.coco_dir)):
+        if value and not fileio.is_gcs(value):
+            raise UsageError(f"{flag} {value}: Dataflow workers cannot reach this machine's files; give a gs:// path")
+
+
+def _validate_beam_options(options, runner: str) -> None:
+    """Beam's own checks of its flags (Dataflow: project, region, job name, gs://
+    locations, worker counts), run before anything is written."""
+    from apache_beam.options.pipeline_options_validator import PipelineOptionsValidator
+    from apache_beam.runners.runner import create_runner
+
+    try:
+        errors = PipelineOptionsValidator(options, create_runner(runner)).validate()
+    except ValueError as e:  # an unknown --runner
+        raise UsageError(f"--runner {runner}: {str(e).split('. Valid values')[0]}") from None
+    if errors:
+        raise UsageError("Beam options: " + "; ".join(" ".join(e.split()) for e in errors))
+
+
 def run(argv=None) -> dict:
-    """Parse flags, run the pipeline to the end, return metadata.json's content."""
+    """Parse flags, run the pipeline to the end, return metadata.json's content.
+
+    With Beam's `--dry_run=True` the pipeline is only translated for its runner
+    (Dataflow: checked, pickled and turned into a job, nothing submitted): returns
+    {"dry_run": True, "runner": ..., "pipeline": the runner's pipeline proto or None}.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     args, beam_args = parse_args(argv)
     args.argv = argv
-    opts = prepare(args)
     options = PipelineOptions(beam_args)
+    runner = options.view_as(StandardOptions).runner or "DirectRunner"
+    _check_remote_paths(args, runner)
+    _validate_beam_options(options, runner)
+    opts = prepare(args)
     with beam.Pipeline(options=options) as p:
         build(p, opts)
+    if options.view_as(TestOptions).dry_run:
+        job = getattr(p.runner, "job", None)
+        return {"dry_run": True, "runner": runner, "pipeline": getattr(job, "proto_pipeline", None)}
     return fileio.read_json(fileio.join(opts["output"], METADATA_FILE))
 
 
@@ -532,6 +566,9 @@ def summary(meta: dict, seconds: float) -> str:
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("apache_beam").setLevel(logging.WARNING)
+    # On Dataflow: the job id, its console link and its state changes, as they come.
+    for name in ("apache_beam.runners.dataflow.internal.apiclient", "apache_beam.runners.dataflow.dataflow_runner"):
+        logging.getLogger(name).setLevel(logging.INFO)
     t = time.time()
     try:
         meta = run(argv)
@@ -541,6 +578,9 @@ def main(argv=None) -> int:
     except sources.SourceError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    if meta.get("dry_run"):
+        print(f"dry run: the pipeline was translated for {meta['runner']}; nothing was submitted")
+        return 0
     print(summary(meta, time.time() - t))
     return 0
 

@@ -4,11 +4,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 
 import pytest
 from PIL import Image
 
-from pipelines import synthetic
+from pipelines import fileio, synthetic
 
 # Small enough to encode in seconds with the random-weight InceptionV3.
 N_TRAIN, N_VAL = 14, 5
@@ -114,3 +115,31 @@ def trained_job(small_data, tmp_path_factory):
                                 "--batch-size", "8", "--epochs", "6", "--learning-rate", "3e-3", "--no-progress"]))
     export.export(job)
     return job
+
+
+GCS_BUCKET = "captioner-test"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def gcs():
+    """A bucket served from memory on loopback; yields its gs:// root."""
+    from gcp_storage_emulator import server as server_mod
+
+    port = _free_port()
+    server = server_mod.create_server("127.0.0.1", port, in_memory=True, default_bucket=GCS_BUCKET)
+    server.start()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{port}")
+        # No real credentials or project lookups: nothing may leave this machine.
+        mp.setenv("GOOGLE_CLOUD_PROJECT", "emulator")
+        mp.setattr(fileio, "_CLIENT", None)
+        try:
+            yield f"gs://{GCS_BUCKET}"
+        finally:
+            server.stop()

@@ -14,9 +14,9 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _run(mode, data, job, out, env=None):
-    return subprocess.Popen([sys.executable, "-m", "tests.dist_worker", mode, data, str(job), str(out)], cwd=ROOT,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+def _run(mode, data, job, out, env=None, export=False):
+    return subprocess.Popen([sys.executable, "-m", "tests.dist_worker", mode, data, str(job), str(out)]
+                            + (["--export"] if export else []), cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def _finish(proc, timeout=600):
@@ -37,6 +37,7 @@ def test_two_mirrored_replicas_make_the_same_update_as_one_device(small_data, tm
     a, b = _weights(tmp_path / "one.npz"), _weights(tmp_path / "two.npz")
     assert int(a.pop("replicas")) == 1 and int(b.pop("replicas")) == 2
     assert int(a.pop("steps")) == int(b.pop("steps")) == 3
+    assert str(a.pop("exported")) == str(b.pop("exported")) == ""  # --export not asked
     assert a.keys() == b.keys()
     for k in a:
         np.testing.assert_allclose(a[k], b[k], rtol=1e-4, atol=1e-5, err_msg=k)
@@ -54,14 +55,18 @@ def test_two_workers_on_localhost_end_with_the_same_weights(small_data, tmp_path
     procs = []
     for i in range(2):
         env = dict(os.environ, TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}}))
-        procs.append(_run("multi_worker", small_data, tmp_path / "job", tmp_path / f"w{i}.npz", env=env))
+        procs.append(_run("multi_worker", small_data, tmp_path / "job", tmp_path / f"w{i}.npz", env=env, export=True))
     for p in procs:
         _finish(p)
     a, b = _weights(tmp_path / "w0.npz"), _weights(tmp_path / "w1.npz")
     assert int(a["replicas"]) == 2 and int(a["steps"]) == 3
+    exported = [str(a.pop("exported")), str(b.pop("exported"))]
     for k in a:
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
     # Only the chief (worker 0) writes the job's outputs.
     assert os.path.exists(tmp_path / "job" / "metrics.json")
     assert os.path.exists(tmp_path / "job" / "checkpoints" / "checkpoint")
     assert not os.path.exists(tmp_path / "job" / "tmp" / "worker-0")
+    # ... and the export: the chief wrote it, the other worker did not try.
+    assert exported == [str(tmp_path / "job" / "export"), ""]
+    assert os.path.exists(tmp_path / "job" / "export" / "saved_model.pb")

@@ -3,7 +3,8 @@
     caption IMAGE_OR_URL... --model EXPORT_DIR [--beam-size 3] [--max-length N]
             [--plot OUT_DIR] [--json]          (or: python -m trainer.caption ...)
 
-Prints one caption a line (`INPUT<TAB>caption` when several inputs are given), or
+Each input is a local file, a gs:// object or an http(s) URL; --model and --plot
+may be gs:// too. Prints one caption a line (`INPUT<TAB>caption` when several inputs are given), or
 with --json one object a line: {"input", "caption", "score", "tokens", "attention"}
 where tokens are the caption's words and attention holds, per word, the 64 weights
 (8x8 grid) the model used when it generated that word; <end> is not included.
@@ -27,7 +28,7 @@ import warnings
 import numpy as np
 from PIL import Image
 
-from pipelines import cli, images, vocab
+from pipelines import cli, fileio, images, vocab
 
 # Beside the SavedModel: what trainer.export wrote down about it (defaults, data, encoder).
 EXPORT_INFO = os.path.join("assets.extra", "export.json")
@@ -79,8 +80,9 @@ def fetch(url: str, timeout: float, max_bytes: int) -> bytes:
 
 
 def read_file(path: str, max_bytes: int) -> bytes:
+    """A local file or a gs:// object, read up to the cap."""
     try:
-        with open(path, "rb") as f:
+        with fileio.open_read(path) as f:
             return _read_capped(f, max_bytes)
     except FileNotFoundError:
         raise InputError("no such file") from None
@@ -209,7 +211,7 @@ def main(argv=None) -> int:
     if a.plot:
         from . import plot
 
-        os.makedirs(a.plot, exist_ok=True)
+        fileio.makedirs(a.plot)
     several, failed, taken = len(a.inputs) > 1, 0, set()
 
     # Inputs go in modest batches: memory stays bounded and captions appear as they come.
@@ -228,9 +230,8 @@ def main(argv=None) -> int:
             if a.plot and not r["words"]:
                 print(f"{source}: empty caption, no attention plot", file=sys.stderr)
             elif a.plot:
-                path = os.path.join(a.plot, plot_name(source, taken))
-                with open(path, "wb") as f:
-                    f.write(plot.attention_png(pixels, r["words"], r["attention"]))
+                path = fileio.join(a.plot, plot_name(source, taken))
+                fileio.write_bytes(path, plot.attention_png(pixels, r["words"], r["attention"]))
                 print(f"{source}: attention plot in {path}", file=sys.stderr)
             if a.json:
                 # 6 decimals keep a line readable; rows still sum to 1 within 1e-4.

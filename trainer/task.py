@@ -77,6 +77,23 @@ def parse_args(argv) -> Settings:
                     export=a.export, evaluate=a.evaluate)
 
 
+def finish(trainer, settings):
+    """After training: the chief alone exports the SavedModel and scores it on val
+    (other workers of a multi-worker job return at once). -> the export path or None."""
+    if not (settings.export and trainer.chief):
+        return None
+    from . import export
+
+    path = export.export(settings.job_dir)
+    print(f"exported the SavedModel to {path}", file=sys.stderr)
+    if settings.evaluate and "val" in trainer.meta["splits"]:
+        from . import evaluate
+
+        scores = evaluate.evaluate(path, settings.data, split="val")
+        print(evaluate.table(scores))
+    return path
+
+
 def main(argv=None) -> int:
     settings = parse_args(sys.argv[1:] if argv is None else argv)
     from pipelines import vocab as vocab_lib
@@ -92,16 +109,7 @@ def main(argv=None) -> int:
     except loop.Interrupted as e:
         print(str(e), file=sys.stderr)
         return 143  # 128 + SIGTERM: stopped, not finished
-    if settings.export and trainer.chief:
-        from . import export
-
-        path = export.export(settings.job_dir)
-        print(f"exported the SavedModel to {path}", file=sys.stderr)
-        if settings.evaluate and "val" in trainer.meta["splits"]:
-            from . import evaluate
-
-            scores = evaluate.evaluate(path, settings.data, split="val")
-            print(evaluate.table(scores))
+    finish(trainer, settings)
     print(f"trained {metrics['steps']} steps ({metrics['stopped']}); final train loss "
           f"{metrics['final_train_loss']}, val loss {metrics['final_val_loss']}; {settings.job_dir}")
     return 0
