@@ -509,7 +509,7 @@ def prepare(args) -> dict:
 
 def _check_remote_paths(args, runner: str) -> None:
     """Workers of a remote runner cannot read or write this machine's files."""
-    if runner.lower().removesuffix("runner") != "dataflow":
+    if runner.rsplit(".", 1)[-1].lower().removesuffix("runner") != "dataflow":
         return
     for flag, value in (("--output", args.output), ("--coco-dir", args.coco_dir)):
         if value and not fileio.is_gcs(value):
@@ -535,7 +535,7 @@ def run(argv=None) -> dict:
 
     With Beam's `--dry_run=True` the pipeline is only translated for its runner
     (Dataflow: checked, pickled and turned into a job, nothing submitted): returns
-    {"dry_run": True, "runner": ..., "pipeline": the runner's pipeline proto or None}.
+    {"dry_run": True, "runner": ..., "pipeline": the job's pipeline proto}.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     args, beam_args = parse_args(argv)
@@ -547,9 +547,10 @@ def run(argv=None) -> dict:
     opts = prepare(args)
     with beam.Pipeline(options=options) as p:
         build(p, opts)
-    if options.view_as(TestOptions).dry_run:
-        job = getattr(p.runner, "job", None)
-        return {"dry_run": True, "runner": runner, "pipeline": getattr(job, "proto_pipeline", None)}
+    # (Runners that run here ignore --dry_run: they have run the pipeline.)
+    job = getattr(p.runner, "job", None) if options.view_as(TestOptions).dry_run else None
+    if job is not None:
+        return {"dry_run": True, "runner": runner, "pipeline": job.proto_pipeline}
     return fileio.read_json(fileio.join(opts["output"], METADATA_FILE))
 
 
