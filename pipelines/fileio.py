@@ -28,7 +28,7 @@ def join(base: str, *parts: str) -> str:
     return os.path.join(base, *parts)
 
 
-def _split_gcs(path: str) -> tuple[str, str]:
+def split_gcs(path: str) -> tuple[str, str]:
     bucket, _, blob = path[len("gs://"):].partition("/")
     if not bucket:
         raise ValueError(f"{path}: a gs:// path needs a bucket name")
@@ -53,7 +53,7 @@ def _bucket(name: str):
 
 
 def _blob(path: str):
-    bucket, blob = _split_gcs(path)
+    bucket, blob = split_gcs(path)
     return _bucket(bucket).blob(blob)
 
 
@@ -75,7 +75,7 @@ def _gcs_errors(path: str):
 
 def exists(path: str) -> bool:
     if is_gcs(path):
-        bucket, prefix = _split_gcs(path)
+        bucket, prefix = split_gcs(path)
         with _gcs_errors(path):
             if _blob(path).exists():
                 return True
@@ -141,7 +141,7 @@ def write_json(path: str, obj) -> None:
 def list_files(prefix_dir: str, suffix: str = "") -> list[str]:
     """Files directly or indirectly under a directory, sorted."""
     if is_gcs(prefix_dir):
-        bucket, prefix = _split_gcs(prefix_dir)
+        bucket, prefix = split_gcs(prefix_dir)
         prefix = prefix.rstrip("/") + "/"
         with _gcs_errors(prefix_dir):
             names = [b.name for b in _bucket(bucket).list_blobs(prefix=prefix)]

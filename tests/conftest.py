@@ -120,7 +120,8 @@ def trained_job(small_data, tmp_path_factory):
 GCS_BUCKET = "captioner-test"
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A loopback TCP port nothing listens on now (for servers and TF_CONFIG clusters)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -131,7 +132,7 @@ def gcs():
     """A bucket served from memory on loopback; yields its gs:// root."""
     from gcp_storage_emulator import server as server_mod
 
-    port = _free_port()
+    port = free_port()
     server = server_mod.create_server("127.0.0.1", port, in_memory=True, default_bucket=GCS_BUCKET)
     server.start()
     with pytest.MonkeyPatch.context() as mp:

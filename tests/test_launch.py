@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
+
+from tests.conftest import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA, JOB = "gs://bucket/coco-data", "gs://bucket/jobs/coco"
@@ -19,8 +20,8 @@ PACKAGE = "gs://bucket/dist/show-attend-tell-0.1.0.tar.gz"
 BASE = ["--project", "proj", "--region", "us-central1", "--data", DATA, "--job-dir", JOB]
 
 
-def launch(*args):
-    return subprocess.run([sys.executable, "-m", "trainer.launch", *args], cwd=ROOT,
+def launch(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "trainer.launch", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=120, check=False)
 
 
@@ -178,8 +179,7 @@ def test_submission_without_credentials_fails_in_one_line(tmp_path):
     # Point Application Default Credentials at nothing: the real client must fail before any request.
     env = {k: v for k, v in os.environ.items() if not k.startswith(("GOOGLE_", "CLOUDSDK_"))}
     env.update(HOME=str(tmp_path), GCE_METADATA_HOST="127.0.0.1:9", NO_GCE_CHECK="True")
-    proc = subprocess.run([sys.executable, "-m", "trainer.launch", *BASE, "--image", IMAGE], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=120, check=False)
+    proc = launch(*BASE, "--image", IMAGE, env=env)
     assert proc.returncode == 1, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "credentials" in lines[0], proc.stderr
@@ -195,14 +195,9 @@ print(json.dumps({"replicas": s.num_replicas_in_sync, "chief": distribute.is_chi
 """
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def test_the_strategy_reads_a_vertex_tf_config_with_a_chief():
-    cluster = {"chief": [f"127.0.0.1:{_free_port()}"], "worker": [f"127.0.0.1:{_free_port()}" for _ in range(2)]}
+    cluster = {"chief": [f"127.0.0.1:{free_port()}"], "worker": [f"127.0.0.1:{free_port()}" for _ in range(2)]}
     tasks = [("chief", 0), ("worker", 0), ("worker", 1)]
     procs = []
     for kind, index in tasks:

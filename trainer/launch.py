@@ -138,7 +138,7 @@ def job_spec(a) -> dict:
     # Vertex AI calls pool 0's replica "chief" and pool 1's "worker" in TF_CONFIG;
     # trainer/distribute.py counts both and lets only the chief write the job's outputs.
     pools = [_pool(a, 1)] + ([_pool(a, a.workers - 1)] if a.workers > 1 else [])
-    bucket = a.job_dir[len("gs://"):].split("/")[0]
+    bucket, _ = fileio.split_gcs(a.job_dir)
     return {
         "project": a.project,
         "location": a.region,
