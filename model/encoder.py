@@ -59,9 +59,11 @@ class FeatureEncoder(keras.layers.Layer):
         # bytes as the matmul reads) for a [2048, 256] rescale of the kernel.
         kernel = self.dense.kernel * self.inverse_std()[:, None]
         bias = self.dense.bias - tf.linalg.matvec(kernel, self.mean, transpose_a=True)
-        x = tf.cast(features, tf.float32)
-        y = tf.matmul(tf.reshape(x, [-1, self.feature_dim]), kernel) + bias
-        shape = tf.concat([tf.shape(x)[:-1], [self.embedding_dim]], 0)
+        # Reshape, then cast: the cast's one output then serves the matmul and its gradient
+        # (cast-then-reshape left grappler two casts of the [B*64, 2048] features).
+        x = tf.cast(tf.reshape(features, [-1, self.feature_dim]), tf.float32)
+        y = tf.matmul(x, kernel) + bias
+        shape = tf.concat([tf.shape(features)[:-1], [self.embedding_dim]], 0)
         return tf.nn.relu(tf.reshape(y, shape))
 
 
