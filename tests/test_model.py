@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from model import Captioner, CaptionerConfig, DecoderState, caption_loss
+from model import Captioner, CaptionerConfig, DecoderState, caption_loss, losses
 
 P, F, V = 64, 32, 20
 PAD, START, END = 0, 2, 3
@@ -249,6 +249,24 @@ def test_loss_regulariser_by_hand_and_lambda_zero():
     out = caption_loss(logits, targets, tf.constant(attention), 0.0)
     assert float(out.reg) == 0.0
     np.testing.assert_allclose(out.loss, xent_sum / 3, rtol=1e-5)
+
+
+def test_sparse_xent_equals_tensorflows_and_stays_finite_far_from_the_label():
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal((2, 3, 11)).astype(np.float32) * 4
+    logits[0, 0, 5] = 300.0                              # label 2's probability underflows to 0
+    logits = tf.constant(logits)
+    labels = tf.constant([[2, 0, 10], [1, 1, 7]])
+    weights = tf.constant(rng.standard_normal((2, 3)).astype(np.float32))
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch(logits)
+        ours = losses.sparse_xent(logits, labels)
+        want = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits)
+        ours_sum, want_sum = tf.reduce_sum(ours * weights), tf.reduce_sum(want * weights)
+    assert np.isfinite(ours.numpy()).all()
+    np.testing.assert_allclose(ours, want, rtol=1e-6, atol=1e-5)
+    np.testing.assert_allclose(tape.gradient(ours_sum, logits), tape.gradient(want_sum, logits),
+                               atol=1e-6)
 
 
 @pytest.mark.parametrize("graph", [False, True])
