@@ -6,7 +6,7 @@ PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 DEMO    ?= demo_out
 
-.PHONY: demo test java clean
+.PHONY: demo test java cxx clean
 
 # The venv is rebuilt when setup.py changes (its dependencies are declared there).
 $(STAMP): setup.py
@@ -21,10 +21,18 @@ java:
 	  echo "installing Java for the COCO caption metrics (default-jre-headless)"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq default-jre-headless >/dev/null; }
 
-test: $(STAMP) java
+# Training on CPU builds its fused attention kernels (model/kernels/) with a C++ compiler on
+# first use; without one it runs TensorFlow ops instead, slower. Install g++ where missing.
+cxx:
+	@command -v g++ >/dev/null 2>&1 || command -v c++ >/dev/null 2>&1 || { \
+	  echo "installing g++ for the fused attention kernels"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq g++ >/dev/null \
+	  || echo "could not install g++: CPU training will use TensorFlow ops (slower)"; }
+
+test: $(STAMP) java cxx
 	$(PY) -m pytest -q -rs
 
-demo: $(STAMP) java
+demo: $(STAMP) java cxx
 	bash scripts/demo.sh $(DEMO)
 
 clean:

@@ -34,6 +34,8 @@ setup(
     description="Attention-based image captioning (Show, Attend and Tell) at scale: "
     "Beam preprocessing, tf.distribute training, SavedModel serving.",
     packages=find_packages(include=["pipelines*", "model*", "trainer*"]),
+    # The fused attention kernels' C++ source, built on first use (model/fused_attention.py).
+    package_data={"model": ["kernels/*.cc"]},
     python_requires=">=3.10",
     install_requires=REQUIRED,
     extras_require=EXTRAS,

@@ -6,7 +6,9 @@ At the tutorial's shapes (batch 64, vocab 5001, embedding 256, units 512,
 features [64, 2048]) it times:
   - the tutorial's loop (../shared/bench/seed_reference.py), eager and under tf.function,
     each in its own subprocess;
-  - this project's train step (trainer.steps.CaptionSteps, the one the trainer runs);
+  - this project's train step (trainer.steps.CaptionSteps, the one the trainer runs), with
+    the fused CPU attention kernels the trainer uses here and, for comparison, with
+    TensorFlow ops in their place (--attention-kernel ops);
 and prints tokens/s and the ratios (targets: >= 6x eager, >= 2.5x compiled). It
 also counts the step's matmul arithmetic (forward + backward, over the batch's images
 and real tokens: step_flops) and puts the achieved rate against this machine's measured float32 matmul rate
@@ -81,7 +83,7 @@ def matmul_peak() -> float:
     return best
 
 
-def ours(length: int, steps: int, warmup: int, mixed: bool, jit: bool) -> dict:
+def ours(length: int, steps: int, warmup: int, mixed: bool, jit: bool, attention_kernel: str = "auto") -> dict:
     import tensorflow as tf
 
     sys.path.insert(0, BENCH)
@@ -93,7 +95,7 @@ def ours(length: int, steps: int, warmup: int, mixed: bool, jit: bool) -> dict:
     config = CaptionerConfig(vocab_size=VOCAB, embedding_dim=EMBED, units=UNITS,
                              compute_dtype="bfloat16" if mixed else "float32")
     s = CaptionSteps(config, np.zeros(FEAT, np.float32), np.ones(FEAT, np.float32), tf.distribute.get_strategy(),
-                     1e-3, 5.0, jit_compile=jit)
+                     1e-3, 5.0, jit_compile=jit, attention_kernel=attention_kernel)
     spec = (tf.TensorSpec([None, POS, FEAT], tf.float16), tf.TensorSpec([None, None], tf.int32))
     s.build(spec)
     batches = [(tf.constant(f, tf.float16), tf.constant(c)) for f, c in common.make_batches(4, BATCH, length)]
@@ -112,7 +114,8 @@ def ours(length: int, steps: int, warmup: int, mixed: bool, jit: bool) -> dict:
     flops = sum(step_flops(BATCH, real[i % 4]) for i in range(steps))
     return {"tokens_per_s": BATCH * (length - 1) * steps / elapsed, "real_tokens_per_s": real_tokens / elapsed,
             "flops_per_s": flops / elapsed, "flops_per_real_token": flops / real_tokens,
-            "sec_per_step_median": statistics.median(per), "traces": s.trace_count()[0]}
+            "sec_per_step_median": statistics.median(per), "traces": s.trace_count()[0],
+            "fused_attention": s.fused_attention}
 
 
 def input_rate(data_dir: str | None, batch: int) -> dict:
@@ -152,9 +155,11 @@ def main():
     for length in [int(x) for x in args.lengths.split(",")]:
         # Alternate ours and the tutorial's over a few rounds and keep the medians:
         # the machine is shared and noisy, ratios from neighbouring runs hold.
-        rounds = {"ours": [], "real": [], "flops": [], "eager": [], "compiled": []}
+        rounds = {"ours": [], "real": [], "flops": [], "ops": [], "eager": [], "compiled": []}
         for r in range(args.rounds):
             o = ours(length, args.steps, args.warmup, mixed=False, jit=False)
+            if o["fused_attention"]:  # what the kernels add: the same step with TensorFlow ops
+                rounds["ops"].append(ours(length, args.steps, args.warmup, False, False, "ops")["tokens_per_s"])
             rounds["ours"].append(o["tokens_per_s"])
             rounds["real"].append(o["real_tokens_per_s"])
             rounds["flops"].append(o["flops_per_s"])
@@ -164,7 +169,7 @@ def main():
                 rounds["eager"].append(reference(length, max(3, args.steps // 2), False)["tokens_per_s"])
         med = {k: statistics.median(v) for k, v in rounds.items() if v}
         row = {"ours": med["ours"], "ours_real_tokens_per_s": med["real"], "ours_traces": o["traces"],
-               "rounds": rounds}
+               "attention": "fused kernels" if o["fused_attention"] else "TensorFlow ops", "rounds": rounds}
         if args.mixed_precision:
             row["ours_bf16"] = ours(length, args.steps, args.warmup, mixed=True, jit=False)["tokens_per_s"]
         fpt = o["flops_per_real_token"]
@@ -173,7 +178,10 @@ def main():
         # counted on what it computes: the batch's images and real tokens (counting
         # padded positions would pass 100%).
         row["mfu"] = med["flops"] / peak
-        line = f"length {length}: ours {row['ours']:,.0f} tokens/s ({med['real']:,.0f} real)"
+        line = f"length {length}: ours {row['ours']:,.0f} tokens/s ({med['real']:,.0f} real; attention: {row['attention']})"
+        if "ops" in med:
+            row["ours_tensorflow_ops"] = med["ops"]
+            line += f" | with TensorFlow ops instead {med['ops']:,.0f} ({med['ours'] / med['ops']:.2f}x from the kernels)"
         if "eager" in med:
             row["tutorial_eager"], row["tutorial_compiled"] = med["eager"], med["compiled"]
             row["x_eager"] = statistics.median([o / e for o, e in zip(rounds["ours"], rounds["eager"])])

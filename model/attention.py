@@ -34,7 +34,8 @@ class BahdanauAttention(keras.layers.Layer):
 
 def attend(features, keys, query, v):
     """The per-step arithmetic, as a function of tensors (the recurrence's hand-written
-    gradient needs it so). Also returns tanh(keys + query) [B, P, U] for that gradient."""
+    gradient needs it so). Also returns tanh(keys + query) [B, P, U] for that gradient.
+    model/fused_attention.py has the same as one CPU kernel, for training."""
     hidden = tf.tanh(keys + query[:, None, :])                                 # [B, P, U]
     # [B*P, U] @ [U, 1]: one matrix-vector product, no [B, P, U] temporary for v * tanh.
     scores = tf.matmul(tf.reshape(hidden, [-1, tf.shape(v)[0]]), v[:, None])

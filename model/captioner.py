@@ -57,19 +57,21 @@ class Captioner(keras.Model):
         return self.decoder.teacher_forced(state, tokens[:, :-1], training)
 
     def teacher_forced_loss(self, features, tokens, training=False, attention_reg=None,
-                            global_token_count=None):
+                            global_token_count=None, fused_attention=False):
         """The training loss, fast path: caption_loss(*teacher_forced(...)) computed on real
         positions only: captions are packed by length, so padded steps cost nothing, in the
         time loop or in the vocabulary projection. -> CaptionLoss(loss, xent, reg).
 
         attention_reg defaults to config.attention_reg. Packing gives data-dependent shapes,
         so this is not for jit_compile=True; teacher_forced + caption_loss is.
+        fused_attention: the time loop's attention in the CPU kernels of
+        model/fused_attention.py (see fused_attention.resolve).
         """
         if attention_reg is None:
             attention_reg = self.config.attention_reg
         state = self.init_state(features, training)
         packed = self.decoder.packed_teacher_forced(state, tokens[:, :-1], tokens[:, 1:],
-                                                    training)
+                                                    training, fused=fused_attention)
         return losses.packed_caption_loss(
             self.decoder.logits(packed.outputs, training), packed.targets, packed.attention,
             packed.caption, tf.shape(tokens)[0], attention_reg, global_token_count)

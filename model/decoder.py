@@ -106,16 +106,17 @@ class AttentionGRUDecoder(keras.layers.Layer):
                                            self.loop_weights(), self.config.gate)
         return self.logits(hidden, training), hidden, alpha
 
-    def teacher_forced_outputs(self, state, inputs, training=False):
+    def teacher_forced_outputs(self, state, inputs, training=False, fused=False):
         """inputs [B, T] token ids -> (GRU outputs [B, T, U], attention [B, T, P] float32).
 
-        Every position, padding included (what T calls of `step` would give).
+        Every position, padding included (what T calls of `step` would give). fused: the
+        CPU attention kernels (model/fused_attention.py) in the time loop.
         """
         steps, batch = tf.shape(inputs)[1], tf.shape(inputs)[0]
         words = tf.reshape(tf.transpose(inputs), [-1])             # time-major, packed
         hidden, attention = recurrence.recurrence(
             state.features, state.keys, state.hidden, self.word_gates(words, training),
-            self.loop_weights(), self.config.gate)
+            self.loop_weights(), self.config.gate, fused=fused)
         unpack = lambda x: tf.transpose(tf.reshape(x, [steps, batch, -1]), [1, 0, 2])  # noqa
         return unpack(hidden), unpack(attention)
 
@@ -124,7 +125,7 @@ class AttentionGRUDecoder(keras.layers.Layer):
         outputs, attention = self.teacher_forced_outputs(state, inputs, training)
         return self.logits(outputs, training), attention   # fc1/fc2 once, after the loop
 
-    def packed_teacher_forced(self, state, inputs, targets, training=False):
+    def packed_teacher_forced(self, state, inputs, targets, training=False, fused=False):
         """Teacher forcing on real positions only (the training path).
 
         A caption runs up to its last non-pad target; captions are sorted longest first so
@@ -147,7 +148,7 @@ class AttentionGRUDecoder(keras.layers.Layer):
         hidden, attention = recurrence.recurrence(
             sorted_state.features, sorted_state.keys, sorted_state.hidden,
             self.word_gates(tf.gather_nd(inputs, index), training),
-            self.loop_weights(), self.config.gate, active=active)
+            self.loop_weights(), self.config.gate, active=active, fused=fused)
         return Packed(hidden, attention, tf.gather_nd(targets, index), caption)
 
 

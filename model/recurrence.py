@@ -21,11 +21,16 @@ per-image dkeys sum); it stacks the per-step pre-activation gradients, and the w
 gradients are single [U, T*B] x [T*B, 4U] matmuls after it, as cuDNN's RNN does. The same
 for dfeatures (one batched matmul over the stacked attention weights and context gradients).
 tests/test_model.py checks these gradients against autodiff of the same forward.
+
+fused=True computes the attention and its gradient with the CPU kernels of
+model/fused_attention.py (one pass over the [n, P, U] tensors each) instead of TensorFlow
+ops; same arithmetic, for float32 training on CPUs.
 """
 import collections
 
 import tensorflow as tf
 
+from model import fused_attention
 from model.attention import attend
 
 # The loop's weights, already cast to the compute dtype.
@@ -33,12 +38,12 @@ LoopWeights = collections.namedtuple(
     "LoopWeights", ["recurrent_kernel", "recurrent_bias", "context_kernel", "v"])
 
 
-def cell(features, keys, hidden, word_gates, w, gate):
+def cell(features, keys, hidden, word_gates, w, gate, attend_fn=attend):
     """One step. Returns h_t, attention [B, P] (float32) and what the backward pass needs."""
     units = keys.shape[-1]
     pre = tf.matmul(hidden, w.recurrent_kernel) + w.recurrent_bias
     query = pre[:, :units]
-    context, alpha, att_hidden = attend(features, keys, query, w.v)
+    context, alpha, att_hidden = attend_fn(features, keys, query, w.v)
     gated = context * tf.sigmoid(pre[:, 4 * units:]) if gate else context
     gx = word_gates + tf.matmul(gated, w.context_kernel)
     z, r, n = _gates(pre, gx, units)
@@ -53,7 +58,7 @@ def _gates(pre, gx, units):
     return z, r, tf.tanh(xn + r * hn)
 
 
-def recurrence(features, keys, h0, word_gates, w, gate, active=None):
+def recurrence(features, keys, h0, word_gates, w, gate, active=None, fused=False):
     """features [B, P, E], keys [B, P, U], h0 [B, U]; word_gates packed [N, 3U], time-major.
 
     active: None (dense: every row runs every step, N = T * B) or [T] int32, non-increasing,
@@ -67,11 +72,11 @@ def recurrence(features, keys, h0, word_gates, w, gate, active=None):
     @tf.custom_gradient
     def run(features, keys, h0, word_gates, rec_kernel, rec_bias, ctx_kernel, v):
         w = LoopWeights(rec_kernel, rec_bias, ctx_kernel, v)
-        outputs, saved = _forward(layout, features, keys, h0, word_gates, w, gate)
+        outputs, saved = _forward(layout, features, keys, h0, word_gates, w, gate, fused)
 
         def grad(d_hidden, d_attention):
             return _backward(layout, features, keys, h0, w, gate, outputs, saved,
-                             d_hidden, d_attention)
+                             d_hidden, d_attention, fused)
         return outputs, grad
 
     return run(features, keys, h0, word_gates, *w)
@@ -164,17 +169,19 @@ def _like(x, reference):
     return x
 
 
-def _forward(layout, features, keys, h0, word_gates, w, gate):
+def _forward(layout, features, keys, h0, word_gates, w, gate, fused):
     dt = h0.dtype
     u, p, e = keys.shape[-1], keys.shape[1], features.shape[-1]
     arrays = layout.arrays((dt, [u]), (tf.float32, [p]),                   # outputs: h_t, alpha
                            (dt, [w.recurrent_kernel.shape[-1]]), (dt, [3 * u]),  # saved: pre,
                            (dt, [e]), (dt, [p, u]))                  # gx, context, tanh(k + q)
     word_gates = layout.steps_view(word_gates)
+    attend_fn = fused_attention.attend if fused else attend
 
     def body(t, hidden, arrays):
         h, alpha, saved = cell(layout.first(features, t), layout.first(keys, t),
-                               layout.first(hidden, t), layout.at(word_gates, t), w, gate)
+                               layout.first(hidden, t), layout.at(word_gates, t), w, gate,
+                               attend_fn)
         arrays = tuple(a.write(t, x) for a, x in zip(arrays, (h, alpha) + saved))
         # Rows that have finished keep their (no longer used) state: shapes stay fixed.
         return t + 1, layout.merge(h, hidden, t), arrays
@@ -184,7 +191,8 @@ def _forward(layout, features, keys, h0, word_gates, w, gate):
     return (layout.join(arrays[0]), layout.join(arrays[1])), arrays[2:]
 
 
-def _backward(layout, features, keys, h0, w, gate, outputs, saved, d_hidden, d_attention):
+def _backward(layout, features, keys, h0, w, gate, outputs, saved, d_hidden, d_attention,
+              fused):
     hidden, alpha = outputs                                                 # packed
     pre_ta, gx_ta, ctx_ta, att_ta = saved
     dt = h0.dtype
@@ -220,18 +228,24 @@ def _backward(layout, features, keys, h0, w, gate, outputs, saved, d_hidden, d_a
         else:
             d_ctx = d_gated
         # context = sum_p a_p f_p; softmax; scores = tanh(keys + q) . v
-        da = tf.matmul(layout.first(features, t), d_ctx[:, :, None])[:, :, 0]   # [n, P]
-        da = tf.cast(da, tf.float32) + d_a
-        ds = tf.cast(a * (da - tf.reduce_sum(a * da, -1, keepdims=True)), dt)
-        # ds (x) v as a K=1 matmul and the sum over positions as a matmul with ones: both
-        # ~25% / ~10% faster than Eigen's broadcast multiply and middle-axis reduction here.
-        rows = tf.shape(ds)[0]
-        ds_v = tf.reshape(tf.matmul(tf.reshape(ds, [-1, 1]), v[None, :]), tf.shape(att))
-        d_score_in = tf.raw_ops.TanhGrad(y=att, dy=ds_v)                      # [n, P, U]
-        d_keys = layout.update_first(d_keys, d_score_in, t)
-        d_v = d_v + tf.matmul(tf.reshape(att, [-1, u]), tf.reshape(ds, [-1, 1]),
-                              transpose_a=True)[:, 0]
-        d_query = tf.matmul(tf.ones(tf.stack([rows, 1, tf.shape(ds)[1]]), dt), d_score_in)[:, 0]
+        if fused:  # one pass; d_keys[:n] += d(keys + query) in place
+            d_query, d_v_t, d_keys = fused_attention.attend_grad(
+                layout.first(features, t), att, a, d_ctx, d_a, v, d_keys)
+            d_v = d_v + d_v_t
+        else:
+            da = tf.matmul(layout.first(features, t), d_ctx[:, :, None])[:, :, 0]  # [n, P]
+            da = tf.cast(da, tf.float32) + d_a
+            ds = tf.cast(a * (da - tf.reduce_sum(a * da, -1, keepdims=True)), dt)
+            # ds (x) v as a K=1 matmul and the sum over positions as a matmul with ones:
+            # ~25% / ~10% faster than Eigen's broadcast multiply and middle-axis reduction.
+            rows = tf.shape(ds)[0]
+            ds_v = tf.reshape(tf.matmul(tf.reshape(ds, [-1, 1]), v[None, :]), tf.shape(att))
+            d_score_in = tf.raw_ops.TanhGrad(y=att, dy=ds_v)                  # [n, P, U]
+            d_keys = layout.update_first(d_keys, d_score_in, t)
+            d_v = d_v + tf.matmul(tf.reshape(att, [-1, u]), tf.reshape(ds, [-1, 1]),
+                                  transpose_a=True)[:, 0]
+            d_query = tf.matmul(tf.ones(tf.stack([rows, 1, tf.shape(ds)[1]]), dt),
+                                d_score_in)[:, 0]
         d_pre = [d_query, dz, dr, dn * r] + ([d_beta] if gate else [])
         d_pre = tf.concat(d_pre, -1)
         dh = layout.merge(dh * z + tf.matmul(d_pre, kernel_t), dh_all, t)

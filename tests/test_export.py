@@ -73,6 +73,16 @@ def test_saved_model_cli_lists_the_signatures(trained_job):
         assert name in proc.stdout
 
 
+def test_export_of_a_job_trained_with_the_fused_kernels_holds_none_of_them(trained_job):
+    # The CPU attention kernels are for training only: the SavedModel must run where they
+    # were never built (the isolated test above loads it in a process that has not loaded them).
+    with open(os.path.join(trained_job, "metrics.json")) as f:
+        if json.load(f)["attention_kernel"] != "fused":
+            pytest.skip("this job trained with TensorFlow ops (no C++ compiler here)")
+    with open(os.path.join(trained_job, "export", "saved_model.pb"), "rb") as f:
+        assert b"SatAdditive" not in f.read()
+
+
 @pytest.fixture(scope="module")
 def loaded(trained_job):
     return tf.saved_model.load(os.path.join(trained_job, "export"))

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from model import fused_attention
 from trainer import loop, task
 from trainer import steps as steps_mod
 
@@ -74,6 +75,18 @@ def test_same_command_twice_gives_the_same_losses(small_data, tmp_path):
     assert _losses(a) != _losses(c)
 
 
+def test_fused_attention_kernels_train_like_tensorflow_ops(small_data, tmp_path):
+    try:
+        fused_attention.load()
+    except fused_attention.KernelError as e:
+        pytest.skip(f"fused attention kernels not available here: {e}")
+    fused = loop.train(_settings(small_data, tmp_path / "fused", "--epochs", "2", "--attention-kernel", "fused"))
+    ops = loop.train(_settings(small_data, tmp_path / "ops", "--epochs", "2", "--attention-kernel", "ops"))
+    assert (fused["attention_kernel"], ops["attention_kernel"]) == ("fused", "ops")
+    # Same arithmetic in another order: float rounding apart, the same run.
+    np.testing.assert_allclose(_losses(fused), _losses(ops), rtol=1e-4)
+
+
 def test_step_is_traced_once_whatever_the_caption_lengths(small_data, tmp_path):
     t = loop.Trainer(_settings(small_data, tmp_path / "job", "--epochs", "2"))
     t.run()
@@ -129,6 +142,8 @@ def test_vocab_size_that_does_not_match_the_checkpoint_is_refused(small_data, tm
     (["--data", "{data}", "--job-dir", "{job}", "--batch-size", "0"], "--batch-size"),
     (["--data", "{data}", "--job-dir", "{job}", "--strategy", "magic"], "--strategy"),
     (["--data", "{data}", "--job-dir", "{job}", "--bucket-boundaries", "20,10"], "--bucket-boundaries"),
+    (["--data", "{data}", "--job-dir", "{job}", "--attention-kernel", "fused", "--mixed-precision"],
+     "--attention-kernel fused: not available: they compute in float32 and the job computes in bfloat16"),
 ])
 def test_bad_inputs_one_line_before_training(args, words, small_data, tmp_path):
     (tmp_path / "empty").mkdir()

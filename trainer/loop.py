@@ -23,7 +23,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from model import CaptionerConfig
+from model import CaptionerConfig, fused_attention
 from pipelines import fileio
 
 from . import data, distribute
@@ -53,6 +53,7 @@ class Settings:
     attention_reg: float = 1.0
     gate: bool = False
     mixed_precision: bool = False          # bfloat16 compute, float32 variables and logits
+    attention_kernel: str = "auto"         # auto | fused | ops (model/fused_attention.py)
     strategy: str = "auto"
     seed: int = 0
     shuffle_buffer: int = 1024
@@ -182,7 +183,11 @@ class Trainer:
             raise TrainError(f"--batch-size {s.batch_size} does not split over {replicas} replicas")
         self.steps_per_epoch = math.ceil(data.count_captions(meta, "train") / s.batch_size)
         total = self.steps_per_epoch * s.epochs
-        self.steps = CaptionSteps(self.config, mean, std, self.strategy, _learning_rate(s, total), s.clip_norm)
+        try:
+            self.steps = CaptionSteps(self.config, mean, std, self.strategy, _learning_rate(s, total), s.clip_norm,
+                                      attention_kernel=s.attention_kernel)
+        except fused_attention.KernelError as e:
+            raise TrainError(str(e)) from None
         self.model, self.optimizer = self.steps.model, self.steps.optimizer
         # Loop bookkeeping: plain host variables (outside the strategy's scope, so
         # they are not mirrored), saved in the checkpoint with the model.
@@ -382,7 +387,8 @@ class Trainer:
                 "initial_val_xent": (self.initial_val or {}).get("xent"),
                 "stopped": reason, "wall_seconds": round(seconds, 2),
                 "tokens_per_s_this_run": round(tokens / max(seconds, 1e-9), 1),
-                "replicas": self.strategy.num_replicas_in_sync, "history": history}
+                "replicas": self.strategy.num_replicas_in_sync,
+                "attention_kernel": "fused" if self.steps.fused_attention else "ops", "history": history}
 
     def save_weights(self) -> str:
         """The trained weights and what rebuilds them, for export."""

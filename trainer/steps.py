@@ -8,7 +8,7 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
-from model import Captioner, CaptionerConfig, caption_loss
+from model import Captioner, CaptionerConfig, caption_loss, fused_attention
 
 
 class StepAdam(keras.optimizers.Adam):
@@ -47,8 +47,13 @@ class StepAdam(keras.optimizers.Adam):
 
 class CaptionSteps:
     def __init__(self, config: CaptionerConfig, feature_mean, feature_std, strategy: tf.distribute.Strategy,
-                 learning_rate, clip_norm: float, jit_compile: bool = False):
+                 learning_rate, clip_norm: float, jit_compile: bool = False, attention_kernel: str = "auto"):
+        """attention_kernel: auto | fused | ops, see model.fused_attention.resolve (raises
+        fused_attention.KernelError for 'fused' where the kernels cannot serve)."""
         self.config = config
+        # XLA cannot compile the kernels (custom ops): the jit path keeps TensorFlow ops.
+        self.fused_attention = (not jit_compile
+                                and fused_attention.resolve(attention_kernel, config.compute_dtype))
         self.strategy = strategy
         self.clip_norm = clip_norm
         self.jit_compile = jit_compile
@@ -74,7 +79,8 @@ class CaptionSteps:
             # Captions packed by length: padded positions cost nothing, in the time
             # loop or in the vocabulary projection. Same loss and gradients.
             parts = self.model.teacher_forced_loss(features, tokens, training=training,
-                                                   global_token_count=global_tokens)
+                                                   global_token_count=global_tokens,
+                                                   fused_attention=self.fused_attention)
         return parts, local_tokens
 
     def _replica_train(self, features, tokens):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 
+from model import fused_attention
 from pipelines import cli
 
 from . import distribute
@@ -32,6 +33,9 @@ def parse_args(argv) -> Settings:
                     help="lambda of the doubly stochastic attention regulariser (0: off)")
     ap.add_argument("--gate", action="store_true", help="the paper's gating scalar beta on the context")
     ap.add_argument("--mixed-precision", action="store_true", help="bfloat16 compute (GPU/AMX), float32 logits")
+    ap.add_argument("--attention-kernel", choices=fused_attention.CHOICES, default=Settings.attention_kernel,
+                    help="the time loop's attention on CPU: fused kernels built on first use, or TensorFlow ops "
+                    "(auto: the kernels where they build; GPUs and bfloat16 use the ops)")
     ap.add_argument("--strategy", choices=distribute.CHOICES, default="auto")
     ap.add_argument("--seed", type=int, default=Settings.seed)
     ap.add_argument("--shuffle-buffer", type=int, default=Settings.shuffle_buffer)
@@ -71,6 +75,7 @@ def parse_args(argv) -> Settings:
                     learning_rate=a.learning_rate, lr_schedule=a.lr_schedule, warmup_steps=a.warmup_steps,
                     clip_norm=a.clip_norm, embedding_dim=a.embedding_dim, units=a.units, dropout=a.dropout,
                     attention_reg=a.attention_reg, gate=a.gate, mixed_precision=a.mixed_precision,
+                    attention_kernel=a.attention_kernel,
                     strategy=a.strategy, seed=a.seed, shuffle_buffer=a.shuffle_buffer, bucket_boundaries=buckets,
                     checkpoint_every=a.checkpoint_every, keep_checkpoints=a.keep_checkpoints,
                     early_stopping=a.early_stopping, max_steps=a.max_steps, validate=a.validate, progress=a.progress,

@@ -1,0 +1,121 @@
+"""The fused CPU attention kernels (model/fused_attention.py) against TensorFlow's ops and
+autodiff, and their fallback where they cannot be built."""
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from model import caption_loss, fused_attention
+from model.attention import attend
+from tests.test_model import PAD, make_model, random_inputs, step_by_step
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    # make test installs g++ where missing; a machine that still has none is told why.
+    try:
+        return fused_attention.load()
+    except fused_attention.KernelError as e:
+        pytest.skip(f"fused attention kernels not available here: {e}")
+
+
+def _inputs(seed, batch=5, n=3, positions=7, embed=6, units=24):
+    rng = np.random.default_rng(seed)
+    x = lambda *shape: tf.constant(rng.standard_normal(shape).astype(np.float32))  # noqa
+    return x(batch, positions, embed), x(batch, positions, units), x(n, units), x(units)
+
+
+def test_attend_equals_tensorflow_ops_on_the_first_rows(kernels):
+    features, keys, query, v = _inputs(0)                      # n = 3 queries, B = 5 images
+    got = fused_attention.attend(features, keys, query, v)
+    want = attend(features[:3], keys[:3], query, v)
+    for name, a, b in zip(("context", "weights", "hidden"), got, want):
+        np.testing.assert_allclose(a, b, atol=1e-6, err_msg=name)
+
+
+def test_gradient_equals_autodiff_and_adds_into_the_first_rows_only(kernels):
+    features, keys, query, v = _inputs(1)
+    rng = np.random.default_rng(2)
+    d_context = tf.constant(rng.standard_normal((3, 6)).astype(np.float32))
+    d_weights = tf.constant(rng.standard_normal((3, 7)).astype(np.float32))
+    before = rng.standard_normal(keys.shape).astype(np.float32)            # an accumulator
+    with tf.GradientTape() as tape:
+        tape.watch([keys, query, v])
+        context, weights, hidden = attend(features[:3], keys[:3], query, v)
+        objective = tf.reduce_sum(context * d_context) + tf.reduce_sum(weights * d_weights)
+    want_keys, want_query, want_v = tape.gradient(objective, [keys, query, v])
+
+    d_query, d_v, d_keys = fused_attention.attend_grad(features, hidden, weights, d_context,
+                                                       d_weights, v, tf.constant(before))
+    np.testing.assert_allclose(d_query, want_query, atol=1e-5)
+    np.testing.assert_allclose(d_v, want_v, atol=1e-5)
+    np.testing.assert_allclose(d_keys, before + want_keys.numpy(), atol=1e-5)
+    np.testing.assert_array_equal(d_keys[3:], before[3:])
+
+
+def test_bad_shapes_are_refused_with_the_shapes(kernels):
+    features, keys, _, v = _inputs(3, batch=2)
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"shapes do not agree.*\[3,24\]"):
+        fused_attention.attend(features, keys, tf.zeros([3, 24]), v)      # 3 queries, 2 images
+    with pytest.raises(tf.errors.InvalidArgumentError, match="shapes do not agree"):
+        fused_attention.attend_grad(features, tf.zeros([2, 7, 24]), tf.zeros([2, 7]),
+                                    tf.zeros([2, 6]), tf.zeros([2, 7]), v, tf.zeros([1, 7, 24]))
+
+
+@pytest.mark.parametrize("gate", [False, True])
+def test_training_loss_and_gradients_with_the_kernels_equal_autodiff(kernels, gate):
+    # The packed training loop with the kernels against plain autodiff of step(): same loss
+    # (with the attention regulariser), same gradient for every variable.
+    model = make_model(gate=gate)
+    features, tokens = random_inputs(batch=5, length=8)
+    tokens = tokens.numpy()
+    tokens[1, 4:] = PAD
+    tokens = tf.constant(tokens)
+
+    @tf.function
+    def fused():
+        with tf.GradientTape() as tape:
+            loss = model.teacher_forced_loss(features, tokens, attention_reg=0.7,
+                                             fused_attention=True).loss
+        return loss, tape.gradient(loss, model.trainable_variables)
+
+    with tf.GradientTape() as tape:
+        logits, attention = step_by_step(model, features, tokens)
+        slow = caption_loss(logits, tokens[:, 1:], attention, 0.7).loss
+    slow_grads = tape.gradient(slow, model.trainable_variables)
+    loss, grads = fused()
+    np.testing.assert_allclose(loss, slow, rtol=1e-5)
+    for var, a, b in zip(model.trainable_variables, grads, slow_grads):
+        a, b = tf.convert_to_tensor(a), tf.convert_to_tensor(b)
+        scale = float(tf.reduce_max(tf.abs(b))) + 1e-6
+        np.testing.assert_allclose(a / scale, b / scale, atol=1e-5, err_msg=var.path)
+
+
+def test_resolve_choices(kernels):
+    assert fused_attention.resolve("ops", "float32") is False
+    assert fused_attention.resolve("auto", "float32") is True        # this machine: CPU, g++
+    assert fused_attention.resolve("fused", "float32") is True
+    assert fused_attention.resolve("auto", "bfloat16") is False
+    with pytest.raises(fused_attention.KernelError, match="computes in bfloat16"):
+        fused_attention.resolve("fused", "bfloat16")
+    with pytest.raises(fused_attention.KernelError, match="one of auto, fused, ops"):
+        fused_attention.resolve("fast", "float32")
+
+
+def test_without_a_compiler_auto_falls_back_and_fused_says_why(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("SAT_KERNEL_CACHE", str(tmp_path))       # nothing built here yet
+    monkeypatch.setenv("CXX", "/bin/false")                      # a compiler that fails
+    monkeypatch.setattr(fused_attention, "_module", None)
+    monkeypatch.setattr(fused_attention, "_error", None)
+    assert fused_attention.resolve("auto", "float32") is False
+    assert "attention: TensorFlow ops (compiling additive_attention.cc failed" in caplog.text
+    with pytest.raises(fused_attention.KernelError, match="--attention-kernel fused: not available"):
+        fused_attention.resolve("fused", "float32")
+    assert list(tmp_path.iterdir()) == []                        # no half-built file left
+
+
+def test_build_is_cached_per_source(tmp_path, monkeypatch):
+    monkeypatch.setenv("SAT_KERNEL_CACHE", str(tmp_path))
+    first = fused_attention.library_path()
+    mtime = tmp_path.joinpath(first).stat().st_mtime_ns
+    assert fused_attention.library_path() == first                # second call: no rebuild
+    assert tmp_path.joinpath(first).stat().st_mtime_ns == mtime
