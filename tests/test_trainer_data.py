@@ -44,6 +44,14 @@ def test_seeded_order_repeats_and_seeds_differ(small_data):
     assert first(1) != first(2)
 
 
+def test_epoch_datasets_are_not_autotuned(small_data):
+    # An autotuned iterator's deletion waited for the autotuner's next wake-up, up to as long
+    # again as the epoch (see caption_dataset): the trainer makes one iterator per epoch.
+    for shuffle in (True, False):
+        ds = data.caption_dataset(data.shard_files(small_data, "train"), 8, shuffle=shuffle)
+        assert ds.options().autotune.enabled is False
+
+
 def test_length_buckets(small_data):
     files = data.shard_files(small_data, "train")
     for _, t in _all(data.caption_dataset(files, 4, seed=0, bucket_boundaries=(14, 18))):
