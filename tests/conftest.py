@@ -95,6 +95,18 @@ def faulty_scene(scene_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def fused_kernels():
+    """The fused CPU attention kernels' op module (built on first use), or a skip saying why:
+    make test installs g++ where missing, a machine that still has none is told so."""
+    from model import fused_attention
+
+    try:
+        return fused_attention.load()
+    except fused_attention.KernelError as e:
+        pytest.skip(f"fused attention kernels not available here: {e}")
+
+
+@pytest.fixture(scope="session")
 def small_data(scene_dir, tmp_path_factory):
     """The small scene set through the pipeline: a data directory to train on."""
     from pipelines import preprocess

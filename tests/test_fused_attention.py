@@ -9,22 +9,13 @@ from model.attention import attend
 from tests.test_model import PAD, make_model, random_inputs, step_by_step
 
 
-@pytest.fixture(scope="module")
-def kernels():
-    # make test installs g++ where missing; a machine that still has none is told why.
-    try:
-        return fused_attention.load()
-    except fused_attention.KernelError as e:
-        pytest.skip(f"fused attention kernels not available here: {e}")
-
-
 def _inputs(seed, batch=5, n=3, positions=7, embed=6, units=24):
     rng = np.random.default_rng(seed)
     x = lambda *shape: tf.constant(rng.standard_normal(shape).astype(np.float32))  # noqa
     return x(batch, positions, embed), x(batch, positions, units), x(n, units), x(units)
 
 
-def test_attend_equals_tensorflow_ops_on_the_first_rows(kernels):
+def test_attend_equals_tensorflow_ops_on_the_first_rows(fused_kernels):
     features, keys, query, v = _inputs(0)                      # n = 3 queries, B = 5 images
     got = fused_attention.attend(features, keys, query, v)
     want = attend(features[:3], keys[:3], query, v)
@@ -32,7 +23,7 @@ def test_attend_equals_tensorflow_ops_on_the_first_rows(kernels):
         np.testing.assert_allclose(a, b, atol=1e-6, err_msg=name)
 
 
-def test_gradient_equals_autodiff_and_adds_into_the_first_rows_only(kernels):
+def test_gradient_equals_autodiff_and_adds_into_the_first_rows_only(fused_kernels):
     features, keys, query, v = _inputs(1)
     rng = np.random.default_rng(2)
     d_context = tf.constant(rng.standard_normal((3, 6)).astype(np.float32))
@@ -52,7 +43,7 @@ def test_gradient_equals_autodiff_and_adds_into_the_first_rows_only(kernels):
     np.testing.assert_array_equal(d_keys[3:], before[3:])
 
 
-def test_bad_shapes_are_refused_with_the_shapes(kernels):
+def test_bad_shapes_are_refused_with_the_shapes(fused_kernels):
     features, keys, _, v = _inputs(3, batch=2)
     with pytest.raises(tf.errors.InvalidArgumentError, match=r"shapes do not agree.*\[3,24\]"):
         fused_attention.attend(features, keys, tf.zeros([3, 24]), v)      # 3 queries, 2 images
@@ -62,7 +53,7 @@ def test_bad_shapes_are_refused_with_the_shapes(kernels):
 
 
 @pytest.mark.parametrize("gate", [False, True])
-def test_training_loss_and_gradients_with_the_kernels_equal_autodiff(kernels, gate):
+def test_training_loss_and_gradients_with_the_kernels_equal_autodiff(fused_kernels, gate):
     # The packed training loop with the kernels against plain autodiff of step(): same loss
     # (with the attention regulariser), same gradient for every variable.
     model = make_model(gate=gate)
@@ -90,7 +81,7 @@ def test_training_loss_and_gradients_with_the_kernels_equal_autodiff(kernels, ga
         np.testing.assert_allclose(a / scale, b / scale, atol=1e-5, err_msg=var.path)
 
 
-def test_resolve_choices(kernels):
+def test_resolve_choices(fused_kernels):
     assert fused_attention.resolve("ops", "float32") is False
     assert fused_attention.resolve("auto", "float32") is True        # this machine: CPU, g++
     assert fused_attention.resolve("fused", "float32") is True

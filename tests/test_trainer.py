@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from model import fused_attention
 from trainer import loop, task
 from trainer import steps as steps_mod
 
@@ -75,11 +74,7 @@ def test_same_command_twice_gives_the_same_losses(small_data, tmp_path):
     assert _losses(a) != _losses(c)
 
 
-def test_fused_attention_kernels_train_like_tensorflow_ops(small_data, tmp_path):
-    try:
-        fused_attention.load()
-    except fused_attention.KernelError as e:
-        pytest.skip(f"fused attention kernels not available here: {e}")
+def test_fused_attention_kernels_train_like_tensorflow_ops(fused_kernels, small_data, tmp_path):
     fused = loop.train(_settings(small_data, tmp_path / "fused", "--epochs", "2", "--attention-kernel", "fused"))
     ops = loop.train(_settings(small_data, tmp_path / "ops", "--epochs", "2", "--attention-kernel", "ops"))
     assert (fused["attention_kernel"], ops["attention_kernel"]) == ("fused", "ops")
