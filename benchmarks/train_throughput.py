@@ -159,7 +159,8 @@ def main():
         for r in range(args.rounds):
             o = ours(length, args.steps, args.warmup, mixed=False, jit=False)
             if o["fused_attention"]:  # what the kernels add: the same step with TensorFlow ops
-                rounds["ops"].append(ours(length, args.steps, args.warmup, False, False, "ops")["tokens_per_s"])
+                rounds["ops"].append(ours(length, args.steps, args.warmup, mixed=False, jit=False,
+                                          attention_kernel="ops")["tokens_per_s"])
             rounds["ours"].append(o["tokens_per_s"])
             rounds["real"].append(o["real_tokens_per_s"])
             rounds["flops"].append(o["flops_per_s"])
