@@ -105,6 +105,18 @@ def build(weights: str = "random", seed: int = 0) -> keras.Model:
     return model
 
 
+def weights_sha256(model: keras.Model) -> str:
+    """A digest of the weights' values (the .h5 file's own bytes differ from one
+    save to the next), so a rerun can tell it has the same encoder."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for w in model.weights:
+        h.update(str(w.shape).encode())
+        h.update(w.numpy().tobytes())
+    return h.hexdigest()
+
+
 def load(weights_path: str) -> keras.Model:
     """The encoder saved with a data directory (see `save`)."""
     return build(weights_path)

@@ -14,8 +14,8 @@ that could not be used, with its reason) and metadata.json.
 """
 from __future__ import annotations
 
+import fnmatch
 import hashlib
-import io
 import json
 import logging
 import os
@@ -23,343 +23,70 @@ import sys
 import time
 
 import apache_beam as beam
-import numpy as np
-from apache_beam.metrics import Metrics
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions, TestOptions
 
-from . import cli, fileio, records, sources
+from . import cli, fileio, records, shards, sources
 from . import vocab as vocab_lib
+from .transforms import check, encode, metadata, stats, vocabulary
 
 log = logging.getLogger("pipelines.preprocess")
 
 FORMAT_VERSION = 1
 ENCODER_FILE = "encoder/inception_v3.weights.h5"
-STATS_FILE = "feature_stats.npz"
+STATS_FILE = metadata.STATS_FILE
 METADATA_FILE = records.METADATA_FILE
-NAMESPACE = "captioner"
 
 
 class UsageError(ValueError):
     """A bad flag: reported as one line, exit code 2."""
 
 
-# --------------------------------------------------------------------------- DoFns
-
-
-class TokenizeCaptions(beam.DoFn):
-    """Batches of manifest entries -> entries whose captions carry their words.
-
-    Captions with no words after normalisation are rejected; an image left with
-    no caption is rejected before it costs an encoder pass.
-    """
-
-    def setup(self):
-        from . import text  # TensorFlow import: once per worker, not at pipeline build
-
-        self._words = text.words
-
-    def process(self, batch):
-        texts = [c["text"] for e in batch for c in e["captions"]]
-        all_words = iter(self._words(texts))
-        for entry in batch:
-            kept = []
-            for cap in entry["captions"]:
-                words = next(all_words)
-                if words:
-                    kept.append(dict(cap, words=words))
-                else:
-                    Metrics.counter(NAMESPACE, "captions_rejected").inc()
-                    yield beam.pvalue.TaggedOutput("rejected", sources.reject(
-                        entry["split"], "caption", {"id": cap["id"], "image_id": entry["image_id"], "caption": cap["text"]},
-                        "blank caption (no words after normalisation)", captions=1))
-            if kept:
-                yield dict(entry, captions=kept)
-            else:
-                Metrics.counter(NAMESPACE, "images_rejected").inc()
-                yield beam.pvalue.TaggedOutput("rejected", sources.reject(
-                    entry["split"], "image", _describe(entry), "no usable caption", images=1))
-
-
-def _describe(entry) -> dict:
-    return {"image_id": entry["image_id"], "file_name": entry["file_name"], "path": entry["path"]}
-
-
-def _read_pixels(entry):
-    """(pixels, None) or (None, reason) for an entry's image file."""
-    from apache_beam.io.filesystems import FileSystems
-
-    from . import images
-
-    try:
-        with FileSystems.open(entry["path"]) as f:
-            return images.decode(f.read()), None
-    except images.ImageError as e:
-        return None, str(e)
-    except (OSError, IOError, beam.io.filesystem.BeamIOError) as e:
-        return None, f"missing or unreadable file ({type(e).__name__}: {str(e)[:200]})"
-
-
-def _image_reject(entry, reason):
-    Metrics.counter(NAMESPACE, "images_rejected").inc()
-    Metrics.counter(NAMESPACE, "captions_rejected").inc(len(entry["captions"]))
-    return beam.pvalue.TaggedOutput("rejected", sources.reject(
-        entry["split"], "image", dict(_describe(entry), captions=[c["text"] for c in entry["captions"]]),
-        reason, images=1, captions=len(entry["captions"])))
-
-
-class CheckImage(beam.DoFn):
-    """Entry -> the same entry if its image decodes, else a reject with the reason.
-
-    A separate pass from LoadPixels so that the vocabulary can be counted over
-    exactly the captions that will be written without holding any pixels: the
-    records need the vocabulary, and decoding is ~1% of an encoder pass.
-    """
-
-    def process(self, entry):
-        _, reason = _read_pixels(entry)
-        yield entry if reason is None else _image_reject(entry, reason)
-
-
-class LoadPixels(beam.DoFn):
-    """Entry -> (entry, [299, 299, 3] scaled pixels)."""
-
-    def setup(self):
-        from model import inception
-
-        self._prepare = inception.prepare
-
-    def process(self, entry):
-        pixels, reason = _read_pixels(entry)
-        if reason is not None:  # the file changed since CheckImage read it
-            yield _image_reject(entry, reason)
-            return
-        # Resize here, per image (sizes differ), so the encoder gets uniform batches.
-        yield entry, self._prepare(pixels[None]).numpy()[0]
-
-
-class _LoadedEncoder:
-    """The encoder and its compiled call, shared by all threads of a worker process."""
-
-    def __init__(self, weights_path):
-        import tensorflow as tf
-
-        from model import inception
-
-        self.model = inception.load(weights_path)
-        # One trace for every batch size: the input signature leaves it open.
-        self.call = tf.function(lambda x: self.model(x, training=False), reduce_retracing=True,
-                                input_signature=[tf.TensorSpec([None, inception.INPUT_SIZE, inception.INPUT_SIZE, 3], tf.float32)])
-
-
-class EncodeImages(beam.DoFn):
-    """Batches of (entry, pixels) -> (entry, float16 [64, 2048] features).
-
-    The model is loaded once per worker process (beam.utils.shared), not once
-    per element or per DoFn instance.
-    """
-
-    def __init__(self, weights_path: str, shared_handle, total: int):
-        self._weights_path = weights_path
-        self._shared = shared_handle
-        self._total = total  # images in the whole run, for the progress line
-
-    def setup(self):
-        path = self._weights_path
-        self._encoder = self._shared.acquire(lambda: _LoadedEncoder(path))
-        self._count = 0
-        self._start = self._last_log = time.time()
-
-    def process(self, batch):
-        entries = [e for e, _ in batch]
-        pixels = np.stack([p for _, p in batch])
-        features = self._encoder.call(pixels).numpy().astype(np.float16)
-        Metrics.counter(NAMESPACE, "images_encoded").inc(len(entries))
-        self._count += len(entries)
-        now = time.time()
-        if now - self._last_log > 15:  # a line a user can follow on a long local run
-            self._last_log = now
-            log.info("encoded %d of %d images in this worker (%.1f images/s)", self._count, self._total,
-                     self._count / (now - self._start))
-        for entry, f in zip(entries, features):
-            yield entry, f
-
-
-class MakeRecord(beam.DoFn):
-    """(entry, features) + vocabulary -> a serialised tf.train.Example."""
-
-    def setup(self):
-        self._index = None
-        self._vocab_id = None
-
-    def process(self, element, tokens):
-        entry, features = element
-        if self._vocab_id != id(tokens):  # the side input is one list; index it once
-            self._index = {w: i for i, w in enumerate(tokens)}
-            self._vocab_id = id(tokens)
-        ids = [vocab_lib.encode(c["words"], self._index) for c in entry["captions"]]
-        Metrics.counter(NAMESPACE, "images_written").inc()
-        Metrics.counter(NAMESPACE, "captions_written").inc(len(ids))
-        yield records.make_example(entry["image_id"], entry["file_name"], features, ids,
-                                   [c["text"] for c in entry["captions"]])
-
-
-class ChannelStats(beam.CombineFn):
-    """Per-channel mean and standard deviation of [64, C] feature maps.
-
-    Accumulates (count, mean, M2) per channel and merges with Chan et al.'s
-    parallel update, which stays exact in float64 where sum-of-squares would
-    cancel (the raw random-encoder features have std ~8e-4).
-    """
-
-    def create_accumulator(self):
-        return (0, None, None)
-
-    def add_input(self, acc, features):
-        x = np.asarray(features, np.float64)
-        return self.merge_accumulators([acc, (x.shape[0], x.mean(0), ((x - x.mean(0)) ** 2).sum(0))])
-
-    def merge_accumulators(self, accs):
-        n, mean, m2 = 0, None, None
-        for bn, bmean, bm2 in accs:
-            if bn == 0:
-                continue
-            if n == 0:
-                n, mean, m2 = bn, bmean.copy(), bm2.copy()
-                continue
-            total = n + bn
-            delta = bmean - mean
-            mean = mean + delta * (bn / total)
-            m2 = m2 + bm2 + delta ** 2 * (n * bn / total)
-            n = total
-        return (n, mean, m2)
-
-    def extract_output(self, acc):
-        n, mean, m2 = acc
-        if n == 0:
-            return None
-        return {"count": n, "mean": mean.astype(np.float32), "std": np.sqrt(m2 / n).astype(np.float32)}
-
-
-class WriteMetadata(beam.DoFn):
-    """Once every side input is ready: vocab.txt, feature_stats.npz, metadata.json."""
-
-    def __init__(self, output: str, static: dict):
-        self._output = output
-        self._static = static
-
-    def process(self, _, tokens, stats, counts, longest):
-        if stats is None:
-            raise RuntimeError("no training image was written, so there are no feature statistics "
-                               "(see the rejected/ records)")
-        vocab_lib.write(fileio.join(self._output, vocab_lib.FILE_NAME), tokens)
-        buf = io.BytesIO()
-        np.savez(buf, mean=stats["mean"], std=stats["std"], count=np.int64(stats["count"]))
-        fileio.write_bytes(fileio.join(self._output, STATS_FILE), buf.getvalue())
-        meta = dict(self._static)
-        meta["vocab"] = dict(meta["vocab"], size=len(tokens))
-        meta["features"] = dict(meta["features"], stats_count=int(stats["count"]))
-        for split, info in meta["splits"].items():
-            for what in ("images", "captions"):
-                got = {k: int(counts.get((split, what, k), 0)) for k in ("seen", "written", "rejected")}
-                if got["seen"] != got["written"] + got["rejected"]:
-                    raise RuntimeError(f"{split} {what}: seen {got['seen']} != written {got['written']} "
-                                       f"+ rejected {got['rejected']}: an input was lost")
-                info[what] = got
-            info["max_tokens"] = int(longest.get(split, 0))
-        fileio.write_json(fileio.join(self._output, METADATA_FILE), meta)
-        yield meta
-
-
 # --------------------------------------------------------------------------- the pipeline
-
-
-def _events_from_entry(entry):
-    yield (entry["split"], "images", "seen"), 1
-    yield (entry["split"], "captions", "seen"), len(entry["captions"])
-
-
-def _events_from_reject(rej):
-    for what in ("images", "captions"):
-        if rej[what]:
-            yield (rej["split"], what, "rejected"), rej[what]
-
-
-def _events_from_written(element):
-    entry, _ = element
-    yield (entry["split"], "images", "written"), 1
-    yield (entry["split"], "captions", "written"), len(entry["captions"])
-
-
-def _word_list(entry):
-    for cap in entry["captions"]:
-        yield from cap["words"]
 
 
 def build(p: beam.Pipeline, opts: dict) -> None:
     """Add the preprocessing transforms to `p` (tests drive this directly).
 
+    Two passes over the images, so that no image-sized data waits anywhere:
+    CheckInputs (tokenise, decode each image once and drop the pixels) fixes
+    what will be written and so the vocabulary; EncodeShards then reads,
+    encodes and writes each shard, streaming, with the vocabulary ready.
+
     opts: output, splits {split: manifest path}, annotation_rejects (path), num_shards
-    {split: n}, batch_size, total_images, vocab_size, min_count, encoder_path, static (metadata).
+    {split: n}, batch_size, total_images, vocab_size, min_count, encoder_path,
+    encoder_sha256, static (metadata).
     """
-    from apache_beam.utils import shared
-
     out = opts["output"]
-    encoder_handle = shared.Shared()
-    all_events, all_rejects, written_by_split, longest = [], [], {}, []
-
     annotation_rejects = (p | "ReadAnnotationRejects" >> beam.io.ReadFromText(opts["annotation_rejects"])
                           | "ParseAnnotationRejects" >> beam.Map(json.loads))
-    all_rejects.append(annotation_rejects)
-    all_events.append(annotation_rejects | "SeenRejectedAnnotations" >> beam.FlatMap(
-        lambda r: [((r["split"], w, "seen"), r[w]) for w in ("images", "captions") if r[w]]))
+    entries = ([p | f"Read[{split}]" >> beam.io.ReadFromText(manifest) for split, manifest in opts["splits"].items()]
+               | "Manifests" >> beam.Flatten()
+               | "Parse" >> beam.Map(json.loads)
+               # Spread the work: ReadFromText of one small file is a single split.
+               | "Reshuffle" >> beam.Reshuffle())
+    checked = entries | "CheckInputs" >> check.CheckInputs()
+    vocab = checked["ok"] | "Vocabulary" >> vocabulary.BuildVocabulary(opts["vocab_size"], opts["min_count"])
+    written = checked["ok"] | "EncodeShards" >> encode.EncodeShards(
+        out, opts["num_shards"], vocab, opts["encoder_path"], opts["encoder_sha256"],
+        opts["batch_size"], opts["total_images"])
+    summaries = written["shards"]
 
-    for split, manifest in opts["splits"].items():
-        entries = (p | f"Read[{split}]" >> beam.io.ReadFromText(manifest)
-                   | f"Parse[{split}]" >> beam.Map(json.loads)
-                   # Spread the work: ReadFromText of one file is a single split.
-                   | f"Reshuffle[{split}]" >> beam.Reshuffle())
-        all_events.append(entries | f"Seen[{split}]" >> beam.FlatMap(_events_from_entry))
-        tokenized = (entries
-                     | f"BatchText[{split}]" >> beam.BatchElements(min_batch_size=64, max_batch_size=512)
-                     | f"Tokenize[{split}]" >> beam.ParDo(TokenizeCaptions()).with_outputs("rejected", main="ok"))
-        checked = tokenized.ok | f"CheckImage[{split}]" >> beam.ParDo(CheckImage()).with_outputs("rejected", main="ok")
-        pixels = checked.ok | f"LoadPixels[{split}]" >> beam.ParDo(LoadPixels()).with_outputs("rejected", main="ok")
-        encoded = (pixels.ok
-                   | f"BatchImages[{split}]" >> beam.BatchElements(
-                       min_batch_size=opts["batch_size"], max_batch_size=opts["batch_size"])
-                   | f"Encode[{split}]" >> beam.ParDo(EncodeImages(opts["encoder_path"], encoder_handle, opts["total_images"])))
-        all_rejects += [tokenized.rejected, checked.rejected, pixels.rejected]
-        all_events.append(encoded | f"Written[{split}]" >> beam.FlatMap(_events_from_written))
-        longest.append(encoded | f"Lengths[{split}]" >> beam.FlatMap(
-            lambda el, s=split: [(s, len(c["words"]) + 2) for c in el[0]["captions"]]))
-        written_by_split[split] = encoded
-        if split == "train":
-            words = checked.ok | "Words" >> beam.FlatMap(_word_list)
-            vocab = (words | "CountWords" >> beam.combiners.Count.PerElement()
-                     | "AllCounts" >> beam.combiners.ToDict()
-                     | "SelectWords" >> beam.Map(vocab_lib.select_words, opts["vocab_size"], opts["min_count"]))
-            stats = (encoded | "Features" >> beam.Map(lambda el: el[1])
-                     | "ChannelStats" >> beam.CombineGlobally(ChannelStats()))
-
-    vocab_side = beam.pvalue.AsSingleton(vocab)
-    for split, encoded in written_by_split.items():
-        (encoded
-         | f"MakeRecord[{split}]" >> beam.ParDo(MakeRecord(), vocab_side)
-         | f"WriteShards[{split}]" >> beam.io.WriteToTFRecord(
-             records.shard_prefix(out, split), file_name_suffix=records.SHARD_SUFFIX,
-             num_shards=opts["num_shards"][split], shard_name_template=records.SHARD_TEMPLATE))
-
-    rejects = all_rejects | "AllRejects" >> beam.Flatten()
-    all_events.append(rejects | "RejectEvents" >> beam.FlatMap(_events_from_reject))
-    (rejects | "RejectsToJson" >> beam.Map(lambda r: json.dumps(r, sort_keys=True, ensure_ascii=False))
-     | "WriteRejects" >> beam.io.WriteToText(fileio.join(out, "rejected", "rejected"),
-                                             file_name_suffix=".jsonl", num_shards=1))
-    counts = all_events | "AllEvents" >> beam.Flatten() | "Count" >> beam.CombinePerKey(sum)
-    longest = longest | "AllLengths" >> beam.Flatten() | "Longest" >> beam.CombinePerKey(max)
+    rejects = (annotation_rejects, checked["rejected"], written["rejected"]) | "AllRejects" >> beam.Flatten()
+    rejects_written = (rejects | "RejectsToJson" >> beam.Map(lambda r: json.dumps(r, sort_keys=True, ensure_ascii=False))
+                       | "WriteRejects" >> beam.io.WriteToText(fileio.join(out, "rejected", "rejected"),
+                                                               file_name_suffix=".jsonl", num_shards=1))
+    events = [annotation_rejects | "SeenAnnotations" >> beam.FlatMap(metadata.annotation_seen_events),
+              entries | "Seen" >> beam.FlatMap(metadata.seen_events),
+              rejects | "RejectedEvents" >> beam.FlatMap(metadata.rejected_events),
+              summaries | "WrittenEvents" >> beam.FlatMap(metadata.written_events)]
+    counts = events | "AllEvents" >> beam.Flatten() | "Count" >> beam.CombinePerKey(sum)
+    channel_stats = (summaries | "TrainStats" >> beam.FlatMap(
+                         lambda s: [stats.from_json(s["stats"])] if s["split"] == "train" else [])
+                     | "ChannelStats" >> beam.CombineGlobally(stats.MergeChannelStats()))
     (p | "Once" >> beam.Create([None])
-     | "WriteMetadata" >> beam.ParDo(WriteMetadata(out, opts["static"]), vocab_side,
-                                     beam.pvalue.AsSingleton(stats), beam.pvalue.AsDict(counts),
-                                     beam.pvalue.AsDict(longest)))
+     | "WriteMetadata" >> beam.ParDo(metadata.WriteMetadata(out, opts["static"]), beam.pvalue.AsSingleton(vocab),
+                                     beam.pvalue.AsSingleton(channel_stats), beam.pvalue.AsDict(counts),
+                                     beam.pvalue.AsList(summaries), beam.pvalue.AsList(rejects_written)))
 
 
 # --------------------------------------------------------------------------- the command
@@ -423,17 +150,49 @@ def _parse_shards(spec: str) -> dict:
     return shards
 
 
-def _clear_output(out: str, overwrite: bool) -> None:
-    existing = [f for f in fileio.list_files(out) if f.endswith((records.SHARD_SUFFIX, METADATA_FILE))] \
-        if fileio.exists(out) else []
-    if existing and not overwrite:
-        raise UsageError(f"--output {out} already holds a data set ({os.path.basename(existing[0])}, ...); "
+def _is_shard_name(name: str, split: str | None = None) -> bool:
+    return any(fnmatch.fnmatch(name, os.path.basename(records.shard_glob("", s)))
+               for s in ([split] if split else records.SPLITS))
+
+
+def _prepare_output(out: str, overwrite: bool, planned: set[str]) -> None:
+    """Refuse a finished data set unless --overwrite; clear it with --overwrite.
+
+    A directory this command wrote without finishing (no metadata.json: killed,
+    crashed, out of disk) is resumed instead: what the run left half-done goes,
+    as do shards of another plan, and finished shards stay for EncodeShard to
+    keep if their inputs are unchanged (pipelines.shards).
+    """
+    if not fileio.exists(out):
+        return
+    files = fileio.list_files(out)
+    top = {f: f[len(out) + 1:] for f in files}
+    ours = [f for f, rel in top.items() if _is_shard_name(rel) or rel == METADATA_FILE]
+    started = any(rel.startswith((shards.DONE_DIR + "/", "inputs/")) for rel in top.values())
+    finished = fileio.exists(fileio.join(out, METADATA_FILE))
+    if ours and not overwrite and (finished or not started):
+        raise UsageError(f"--output {out} already holds a data set ({os.path.basename(ours[0])}, ...); "
                          "pass --overwrite to replace it")
-    for f in existing if overwrite else []:
-        fileio.remove(f)
-    if overwrite and fileio.exists(fileio.join(out, "rejected")):
-        for f in fileio.list_files(fileio.join(out, "rejected")):
+    if overwrite:
+        for f, rel in top.items():
+            if f in ours or rel.startswith(("rejected/", shards.DONE_DIR + "/")):
+                fileio.remove(f)
+        shards.remove_leftovers(out)
+        return
+    if not started:
+        return
+    left = shards.remove_leftovers(out)
+    stale = [f for f, rel in top.items()
+             if (_is_shard_name(rel) and rel not in planned)
+             or (rel.startswith(shards.DONE_DIR + "/")
+                 and os.path.basename(rel).removesuffix(".json") + records.SHARD_SUFFIX not in planned)
+             or rel.startswith("rejected/")]
+    for f in stale:
+        if fileio.exists(f):
             fileio.remove(f)
+    done = sum(1 for rel in top.values() if rel.startswith(shards.DONE_DIR + "/") and rel.endswith(".json"))
+    log.info("resuming the unfinished run in %s: %d finished shard(s) are kept where their inputs are "
+             "unchanged; removed %d partial file(s) and %d stale file(s)", out, done, left, len(stale))
 
 
 def _sha256(path: str) -> str:
@@ -464,8 +223,11 @@ def prepare(args) -> dict:
     missing = [s for s in splits if s not in args.num_shards]
     if missing:
         raise UsageError(f"--num-shards names no count for split {missing[0]!r}")
+    for split, split_entries in splits.items():
+        shards.assign(split_entries, args.num_shards[split])
+    planned = {records.shard_name(s, i, args.num_shards[s]) for s in splits for i in range(args.num_shards[s])}
 
-    _clear_output(out, args.overwrite)
+    _prepare_output(out, args.overwrite, planned)
     t = time.time()
     try:
         encoder = inception.build(args.encoder_weights, args.seed)
@@ -473,6 +235,7 @@ def prepare(args) -> dict:
         raise UsageError(str(e)) from None
     encoder_path = fileio.join(out, ENCODER_FILE)
     inception.save(encoder, encoder_path)
+    encoder_digest = inception.weights_sha256(encoder)
     log.info("encoder ready in %.1fs: %s", time.time() - t, encoder_path)
 
     manifests = {}
@@ -504,7 +267,7 @@ def prepare(args) -> dict:
             "num_shards": {s: args.num_shards[s] for s in splits}, "batch_size": args.batch_size,
             "total_images": sum(len(e) for e in splits.values()),
             "vocab_size": args.vocab_size, "min_count": args.min_count, "encoder_path": encoder_path,
-            "static": static}
+            "encoder_sha256": encoder_digest, "static": static}
 
 
 def _check_remote_paths(args, runner: str) -> None:

@@ -6,11 +6,15 @@ float_list, because a float_list stores 4 bytes a value and would double the
 shards; token ids are a flat int64 list plus one length per caption (a ragged
 [captions, tokens] matrix), and varint-encoded ids cost ~1 byte each.
 
-The pipeline writes with `make_example`; the trainer, evaluator and tests read
-with `parse_examples` (batched, inside tf.data). Nothing else spells the keys.
+The pipeline writes with `make_example` and `frame`; the trainer, evaluator and
+tests read with `parse_examples` (batched, inside tf.data). Nothing else spells
+the keys or the shard names.
 """
 from __future__ import annotations
 
+import struct
+
+import google_crc32c
 import numpy as np
 import tensorflow as tf
 
@@ -36,8 +40,29 @@ SHARD_SUFFIX = ".tfrecord"
 SHARD_TEMPLATE = "-SSSSS-of-NNNNN"  # Beam's template: train-00000-of-00004.tfrecord
 
 
+def shard_name(split: str, index: int, count: int) -> str:
+    """train-00003-of-00016.tfrecord: the file name of shard `index` of `count`."""
+    if not 0 <= index < count:
+        raise ValueError(f"shard {index} of {count} does not exist")
+    return f"{split}-{index:05d}-of-{count:05d}{SHARD_SUFFIX}"
+
+
 def shard_glob(data_dir: str, split: str) -> str:
     return f"{shard_prefix(data_dir, split)}-?????-of-?????{SHARD_SUFFIX}"
+
+
+def _masked_crc(data: bytes) -> int:
+    crc = google_crc32c.value(data)
+    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def frame(record: bytes) -> bytes:
+    """One record in TFRecord framing: length, its masked CRC-32C, the bytes,
+    their masked CRC-32C. Shard files are these frames back to back, so a
+    writer can stream them to any file system (local, or gs:// through Beam's
+    FileSystems) without TensorFlow's file layer."""
+    length = struct.pack("<Q", len(record))
+    return b"".join((length, struct.pack("<I", _masked_crc(length)), record, struct.pack("<I", _masked_crc(record))))
 
 
 def make_example(image_id: int, file_name: str, features: np.ndarray,

@@ -51,11 +51,13 @@ def test_translates_with_setup_file(gcs, gcs_coco):
     assert result["dry_run"] and result["runner"] == "DataflowRunner"
     names = _transform_names(result["pipeline"])
     for split in ("train", "val"):
-        for step in ("Tokenize", "CheckImage", "LoadPixels", "Encode", "MakeRecord"):
-            assert f"{step}[{split}]" in names, step
-        # The shards go through Beam's own TFRecord sink (WriteToTFRecord's Write/WriteImpl).
-        assert any(n.startswith(f"WriteShards[{split}]/Write/WriteImpl") for n in names)
-    assert {"WriteMetadata", "WriteRejects", "SelectWords", "ChannelStats"} <= names
+        assert f"Read[{split}]" in names
+    for step in ("CheckInputs/Tokenize", "CheckInputs/CheckImage", "Vocabulary/SelectWords",
+                 "EncodeShards/GroupByShard", "EncodeShards/Encode"):
+        assert step in names, step
+    # Only the small manifest entries are grouped by shard; no step groups the encoded records.
+    assert not any("WriteToTFRecord" in n or n.startswith("WriteShards") for n in names)
+    assert {"WriteMetadata", "WriteRejects", "ChannelStats"} <= names
     # --setup_file: the package was built and travels with the job to every worker.
     envs = list(result["pipeline"].components.environments.values())
     staged = [d.role_payload for env in envs for d in env.dependencies]
@@ -93,13 +95,15 @@ def test_local_paths_are_refused_for_dataflow(gcs, gcs_coco, scene_dir, tmp_path
 
 
 def test_a_step_that_cannot_be_pickled_fails_before_submission(gcs, gcs_coco, monkeypatch):
-    original = preprocess.EncodeImages.__init__
+    from pipelines.transforms import encode
+
+    original = encode.EncodeShard.__init__
 
     def holding_a_generator(self, *args, **kwargs):
         original(self, *args, **kwargs)
         self._batches = (b for b in range(3))  # what a careless DoFn might keep: cannot be pickled
 
-    monkeypatch.setattr(preprocess.EncodeImages, "__init__", holding_a_generator)
+    monkeypatch.setattr(encode.EncodeShard, "__init__", holding_a_generator)
     with pytest.raises(Exception, match="(?i)pickl|generator"):
         _run(gcs, gcs_coco, "data-broken", "--sdk_container_image", IMAGE)
 

@@ -149,7 +149,9 @@ def test_feature_statistics_over_train(faulty_run):
 def test_channel_stats_combiner_merges_exactly():
     rng = np.random.default_rng(0)
     parts = [rng.normal(3e-4, 8e-4, (64 * k, 8)) for k in (1, 3, 2)]
-    fn = preprocess.ChannelStats()
+    from pipelines.transforms import stats
+
+    fn = stats.ChannelStats()
     accs = []
     for part in parts:
         acc = fn.create_accumulator()
