@@ -18,6 +18,9 @@ import shutil
 import tempfile
 
 
+TMP_MARK = ".tmp-"  # write_bytes's file before its rename: a killed process may leave one
+
+
 def is_gcs(path: str) -> bool:
     return str(path).startswith("gs://")
 
@@ -116,7 +119,7 @@ def write_bytes(path: str, data: bytes) -> None:
         return
     makedirs(os.path.dirname(path) or ".")
     # Write then rename, so a reader never sees half a file.
-    tmp = f"{path}.tmp-{os.getpid()}"
+    tmp = f"{path}{TMP_MARK}{os.getpid()}"
     with open(tmp, "wb") as f:
         f.write(data)
     os.replace(tmp, path)

@@ -5,12 +5,17 @@
 Runs on Beam's DirectRunner by default and on Dataflow with
 `--runner DataflowRunner --project P --region R --temp_location gs://... --setup_file ./setup.py`.
 
-What it writes (see ARCHITECTURE.md): {split}-SSSSS-of-NNNNN.tfrecord shards
-(one example per image: float16 InceptionV3 features and all its captions),
-vocab.txt (built from the training split), feature_stats.npz (per-channel mean
-and std over the training split), encoder/ (the weights that made the
-features), inputs/ (the manifest of what was read), rejected/ (every input
-that could not be used, with its reason) and metadata.json.
+What it writes: {split}-SSSSS-of-NNNNN.tfrecord shards (one example per image:
+float16 InceptionV3 features and all its captions; pipelines/records.py),
+shards/ (what each finished shard holds), vocab.txt (built from the training
+split), feature_stats.npz (per-channel mean and std over the training split),
+encoder/ (the weights that made the features), inputs/ (the manifest of what
+was read), rejected/ (every input that could not be used, with its reason) and,
+last, metadata.json. A directory without metadata.json is an unfinished run:
+the same command resumes it, keeping the shards it finished.
+
+The transforms live in pipelines/transforms/; this module owns the flags, the
+launcher's work before the pipeline (`prepare`) and the wiring (`build`).
 """
 from __future__ import annotations
 

@@ -130,11 +130,12 @@ class ShardWriter:
 
 
 def leftovers(data_dir: str) -> list[str]:
-    """Files an interrupted run left behind: partial shards and Beam's staging files."""
+    """Files an interrupted run left behind: partial shards, small files caught
+    before their rename, Beam's staging files."""
     if not fileio.exists(data_dir):
         return []
     return [f for f in fileio.list_files(data_dir)
-            if PARTIAL in os.path.basename(f) or f"/{BEAM_TEMP}" in f]
+            if PARTIAL in os.path.basename(f) or fileio.TMP_MARK in os.path.basename(f) or f"/{BEAM_TEMP}" in f]
 
 
 def remove_leftovers(data_dir: str) -> int:

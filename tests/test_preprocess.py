@@ -231,3 +231,56 @@ def test_existing_output_needs_overwrite(faulty_run, faulty_scene):
     out, _ = faulty_run
     with pytest.raises(preprocess.UsageError, match="--overwrite"):
         _run(["--coco-dir", faulty_scene["dir"], "--output", out])
+
+
+def test_a_killed_run_is_refused_by_the_trainer_and_finished_by_the_same_command(scene_dir, tmp_path):
+    """kill -9 while a shard is being written; the same command again keeps the
+    shards finished before the kill, removes what was half-done and ends with the
+    data set an uninterrupted run writes."""
+    import signal
+    import time
+
+    from pipelines import shards
+    from trainer import data as trainer_data
+
+    out = str(tmp_path / "killed")
+    args = ["--coco-dir", scene_dir, "--output", out, "--encoder-weights", "random", "--seed", "5",
+            "--num-shards", "train=7,val=2"]
+    proc = subprocess.Popen([sys.executable, "-m", "pipelines.preprocess", *args], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        # A shard finished and another one under way: the moment to pull the plug.
+        if glob.glob(os.path.join(out, shards.DONE_DIR, "*.json")) and glob.glob(os.path.join(out, "*" + shards.PARTIAL + "*")):
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run ended before it could be killed mid-shard"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    finished_before = {os.path.basename(p) for p in glob.glob(os.path.join(out, shards.DONE_DIR, "*.json"))}
+    assert finished_before and shards.leftovers(out)
+    with pytest.raises(trainer_data.DataError, match="no metadata.json"):
+        trainer_data.load_metadata(out)
+
+    again = _cli(*args)
+    assert again.returncode == 0, again.stderr
+    assert "resuming the unfinished run" in again.stderr
+    assert again.stderr.count("kept, finished by an earlier run") == len(finished_before), again.stderr
+    assert not shards.leftovers(out)
+    assert not [d for d in os.listdir(out) + os.listdir(os.path.join(out, "rejected")) if d.startswith("beam-temp")]
+
+    clean = str(tmp_path / "clean")
+    assert _cli(*[clean if a == out else a for a in args]).returncode == 0
+    a_meta, b_meta = (json.load(open(os.path.join(d, "metadata.json"))) for d in (out, clean))
+    for split in ("train", "val"):
+        assert a_meta["splits"][split]["images"] == b_meta["splits"][split]["images"]
+        assert [f["records"] for f in a_meta["splits"][split]["files"]] == \
+               [f["records"] for f in b_meta["splits"][split]["files"]]
+        a, b = ({r["image_id"]: r for r in _records(d, split)} for d in (out, clean))
+        assert a.keys() == b.keys()
+        for k in a:
+            assert a[k]["captions"] == b[k]["captions"]
+            np.testing.assert_allclose(a[k]["features"].astype(np.float32), b[k]["features"].astype(np.float32),
+                                       rtol=2e-3, atol=1e-6)
+    assert open(os.path.join(out, "vocab.txt")).read() == open(os.path.join(clean, "vocab.txt")).read()
+    trainer_data.load_metadata(out)  # the trainer takes it now

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import json
 import os
 
 import apache_beam as beam
@@ -193,3 +194,36 @@ def test_encode_shards_keeps_finished_shards_and_redoes_changed_ones(pictures, e
     assert moved == {records.shard_name("train", changed[1]["shard"], 3)}
     rec = records.read_records([os.path.join(out, n) for n in moved])
     assert rec[0]["caption_text"] == ["a square"]
+
+
+# --------------------------------------------------------------------------- WriteMetadata
+
+
+def _summary(name, records_, captions):
+    return {"split": "train", "name": name, "records": records_, "bytes": 10 * records_, "sha256": "0" * 64,
+            "images": records_, "captions": captions, "max_tokens": 7}
+
+
+def test_write_metadata_checks_the_counts_and_lists_every_shard(tmp_path):
+    from pipelines.transforms import metadata
+
+    static = {"format_version": 1, "vocab": {"file": "vocab.txt"}, "features": {},
+              "splits": {"train": {"shards": 2}}}
+    fn = metadata.WriteMetadata(str(tmp_path), static)
+    tokens = list(vocab.SPECIALS) + ["a"]
+    stats_ = {"count": 128, "mean": np.zeros(4, np.float32), "std": np.ones(4, np.float32)}
+    summaries = [_summary("train-00001-of-00002.tfrecord", 1, 5), _summary("train-00000-of-00002.tfrecord", 2, 9)]
+    counts = {("train", "images", "seen"): 4, ("train", "images", "written"): 3, ("train", "images", "rejected"): 1,
+              ("train", "captions", "seen"): 15, ("train", "captions", "written"): 14,
+              ("train", "captions", "rejected"): 1}
+    (meta,) = fn.process(None, tokens, stats_, counts, summaries)
+    assert meta["splits"]["train"]["images"] == {"seen": 4, "written": 3, "rejected": 1}
+    assert [f["name"] for f in meta["splits"]["train"]["files"]] == [s["name"] for s in reversed(summaries)]
+    assert meta["splits"]["train"]["max_tokens"] == 7 and meta["vocab"]["size"] == 5
+    assert json.load(open(tmp_path / "metadata.json")) == meta
+
+    lost = {**counts, ("train", "captions", "written"): 13}  # a caption neither written nor rejected
+    with pytest.raises(RuntimeError, match="train captions: seen 15 != written 13 \\+ rejected 1"):
+        list(fn.process(None, tokens, stats_, lost, summaries))
+    with pytest.raises(RuntimeError, match="1 shards written, 2 planned"):
+        list(fn.process(None, tokens, stats_, counts, summaries[:1]))
