@@ -186,3 +186,65 @@ def test_mixed_precision_trains_and_exports_in_float32(small_data, tmp_path):
     assert json.load(open(tmp_path / "job" / "config.json"))["compute_dtype"] == "bfloat16"
     info = export.build_module(str(tmp_path / "job"))[1]
     assert info["config"]["compute_dtype"] == "float32"
+
+
+def _twin_steps(jit_a: bool, jit_b: bool):
+    from model import CaptionerConfig
+
+    config = CaptionerConfig(vocab_size=40, embedding_dim=16, units=32, feature_dim=24, dropout=0.0, gate=True)
+    rng = np.random.default_rng(3)
+    mean, std = rng.normal(0, 1, 24).astype(np.float32), rng.uniform(0.5, 2, 24).astype(np.float32)
+    spec = (tf.TensorSpec([None, 64, 24], tf.float16), tf.TensorSpec([None, None], tf.int32))
+    pair = []
+    for jit in (jit_a, jit_b):
+        s = steps_mod.CaptionSteps(config, mean, std, tf.distribute.get_strategy(), 1e-3, 5.0,
+                                   jit_compile=jit, attention_kernel="ops")
+        s.build(spec)
+        pair.append(s)
+    pair[1].model.set_weights(pair[0].model.get_weights())
+    # A bucket-padded batch, as the trainer feeds the XLA step: captions of 5..11 tokens padded to 11.
+    lengths = [11, 5, 9, 7, 11, 6]
+    tokens = np.zeros((len(lengths), 11), np.int32)
+    for i, n in enumerate(lengths):
+        tokens[i, :n] = [2] + list(rng.integers(4, 40, n - 2)) + [3]
+    features = tf.constant(rng.normal(0, 1, (len(lengths), 64, 24)), tf.float16)
+    return pair, (features, tf.constant(tokens))
+
+
+def test_xla_step_computes_the_loss_and_gradients_of_the_graph_step():
+    # XLA runs the padded formulation (static shapes); the graph step packs captions by
+    # length. Same loss, same gradient for every variable, to float rounding.
+    (xla, graph), batch = _twin_steps(True, False)
+    loss_x, grads_x = xla.loss_and_gradients(batch)
+    loss_g, grads_g = graph.loss_and_gradients(batch)
+    np.testing.assert_allclose(float(loss_x), float(loss_g), rtol=1e-5)
+    for var, gx, gg in zip(xla.model.trainable_variables, grads_x, grads_g):
+        scale = float(tf.reduce_max(tf.abs(gg))) + 1e-12
+        np.testing.assert_allclose(gx.numpy() / scale, gg.numpy() / scale, atol=2e-5, err_msg=var.path)
+    assert any(float(tf.reduce_max(tf.abs(g))) > 0 for g in grads_g)
+    # And the whole step (clip, Adam update) moves both models the same way.
+    out_x, out_g = xla.train_step(batch), graph.train_step(batch)
+    np.testing.assert_allclose(float(out_x["grad_norm"]), float(out_g["grad_norm"]), rtol=1e-5)
+    for a, b in zip(xla.model.get_weights(), graph.model.get_weights()):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_jit_compile_on_trains_like_the_graph_step_on_bucketed_lengths(small_data, tmp_path):
+    common = ("--epochs", "1", "--dropout", "0", "--attention-kernel", "ops", "--no-validate")
+    xla = loop.Trainer(_settings(small_data, tmp_path / "xla", *common, "--jit-compile", "on"))
+    m_xla = xla.run()
+    m_graph = loop.train(_settings(small_data, tmp_path / "graph", *common, "--jit-compile", "off",
+                                   "--bucket-boundaries", ",".join(map(str, xla.buckets))))
+    assert (m_xla["jit_compile"], m_graph["jit_compile"]) == (True, False)
+    np.testing.assert_allclose(_losses(m_xla), _losses(m_graph), rtol=1e-4)
+    # Lengths are padded up to the buckets: the compiled step saw at most one length per bucket.
+    lengths = {int(t.shape[1]) for _, t in xla._dataset(xla.train_files, 0, shuffle=False)}
+    assert lengths <= {b - 1 for b in xla.buckets} and len(lengths) <= len(xla.buckets)
+
+
+def test_jit_compile_choices():
+    assert loop._resolve_jit("off", 1) is False and loop._resolve_jit("on", 1) is True
+    # auto: XLA only with one GPU; none here.
+    assert loop._resolve_jit("auto", 1) is bool(tf.config.list_logical_devices("GPU"))
+    with pytest.raises(loop.TrainError, match="one replica"):
+        loop._resolve_jit("on", 2)

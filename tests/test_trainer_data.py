@@ -87,3 +87,22 @@ def test_shards_that_do_not_parse_are_refused(tmp_path):
     bad.write_bytes(b"definitely not a tfrecord file")
     with pytest.raises(data.DataError, match="not a captioner TFRecord shard"):
         data.check_shards([str(bad)], records.FEATURE_SHAPE)
+
+
+def test_padding_to_buckets_gives_a_few_fixed_lengths(small_data):
+    meta = data.load_metadata(small_data)
+    longest = max(info["max_tokens"] for info in meta["splits"].values())
+    buckets = data.jit_buckets((), longest)
+    assert buckets[-1] == longest + 1 and list(buckets) == sorted(set(buckets))
+    assert data.jit_buckets((8, 12, 99), 20) == (8, 12, 21)
+    files = data.shard_files(small_data, "train")
+    seen, captions = set(), 0
+    for _, t in _all(data.caption_dataset(files, 4, seed=0, bucket_boundaries=buckets, pad_to_bucket=True)):
+        width = t.shape[1]
+        assert width + 1 in buckets, width  # padded to its bucket's longest
+        i = buckets.index(width + 1)
+        lengths = (t != 0).sum(1)
+        assert ((lengths >= (buckets[i - 1] if i else 0)) & (lengths < width + 1)).all()  # in it, not cut
+        seen.add(width)
+        captions += len(t)
+    assert len(seen) > 1 and captions == data.count_captions(meta, "train")

@@ -67,12 +67,26 @@ def check_shards(files: list[str], feature_shape) -> None:
         raise DataError(f"{files[0]}: not a captioner TFRecord shard ({msg})") from None
 
 
+# Default buckets for a compiled (XLA) step: fine where COCO's captions are (10-16 tokens), coarse beyond.
+_JIT_BUCKETS = (10, 12, 14, 16, 20, 24, 32, 48, 64, 96, 128)
+
+
+def jit_buckets(given: tuple[int, ...], max_tokens: int) -> tuple[int, ...]:
+    """Bucket boundaries for padding every caption up to a fixed length, so an XLA
+    step sees a few shapes: `given` (or the defaults) up to the longest caption,
+    and one more boundary above it, since padding to a boundary needs every
+    caption shorter than the largest."""
+    kept = [b for b in (given or _JIT_BUCKETS) if b <= max_tokens]
+    return tuple(kept) + (max_tokens + 1,)
+
+
 def caption_dataset(files: list[str], batch_size: int, *, feature_shape=records.FEATURE_SHAPE,
                     shuffle: bool = True, seed: int = 0, shuffle_buffer: int = 1024,
                     bucket_boundaries: tuple[int, ...] = (), input_context: tf.distribute.InputContext | None = None,
-                    read_batch: int = 32, prefetch: int = 4) -> tf.data.Dataset:
+                    read_batch: int = 32, prefetch: int = 4, pad_to_bucket: bool = False) -> tf.data.Dataset:
     """(features [B, 64, 2048] float16, tokens [B, T] int32) batches, T = the
-    longest caption in the batch (tokens include <start> and <end>).
+    longest caption in the batch (tokens include <start> and <end>), or with
+    pad_to_bucket the bucket's longest (boundary - 1), for compiled steps.
 
     Deterministic for a given seed: file order, interleave and shuffle are all
     seeded, so a run can be repeated and an epoch can be resumed by skipping
@@ -108,7 +122,9 @@ def caption_dataset(files: list[str], batch_size: int, *, feature_shape=records.
         boundaries = list(bucket_boundaries)
         ds = ds.bucket_by_sequence_length(
             lambda f, t: tf.shape(t)[0], boundaries, [batch_size] * (len(boundaries) + 1),
-            pad_to_bucket_boundary=False)
+            pad_to_bucket_boundary=pad_to_bucket)
+    elif pad_to_bucket:
+        raise ValueError("pad_to_bucket needs bucket_boundaries")
     else:
         ds = ds.padded_batch(batch_size, padded_shapes=([*feature_shape], [None]))  # pads to the batch's longest
     # Fixed parallelism and prefetch depth, with tf.data's autotuning off. With it on, deleting

@@ -54,6 +54,7 @@ class Settings:
     gate: bool = False
     mixed_precision: bool = False          # bfloat16 compute, float32 variables and logits
     attention_kernel: str = "auto"         # auto | fused | ops (model/fused_attention.py)
+    jit_compile: str = "auto"              # auto | on | off: XLA for the train step (auto: on one GPU)
     strategy: str = "auto"
     seed: int = 0
     shuffle_buffer: int = 1024
@@ -98,6 +99,26 @@ def model_config(s: Settings, vocab_size: int) -> CaptionerConfig:
     return CaptionerConfig(vocab_size=vocab_size, embedding_dim=s.embedding_dim, units=s.units,
                            dropout=s.dropout, attention_reg=s.attention_reg, gate=s.gate,
                            compute_dtype="bfloat16" if s.mixed_precision else "float32")
+
+
+JIT_CHOICES = ("auto", "on", "off")
+
+
+def _resolve_jit(choice: str, replicas: int) -> bool:
+    """auto: XLA where it pays and works, one GPU (the step's collectives stay outside
+    XLA, so several replicas keep the graph step); on: always (one replica); off: never."""
+    if choice not in JIT_CHOICES:
+        raise TrainError(f"--jit-compile {choice}: choose one of {', '.join(JIT_CHOICES)}")
+    if choice == "on" and replicas > 1:
+        raise TrainError(f"--jit-compile on works with one replica; this job has {replicas} "
+                         "(use --jit-compile auto or off)")
+    if choice == "auto":
+        return replicas == 1 and bool(tf.config.list_logical_devices("GPU"))
+    return choice == "on"
+
+
+def _max_tokens(meta: dict) -> int:
+    return max(int(info.get("max_tokens", 0)) for info in meta["splits"].values())
 
 
 def _resolve_config(s: Settings, vocab_size: int) -> CaptionerConfig:
@@ -183,9 +204,14 @@ class Trainer:
             raise TrainError(f"--batch-size {s.batch_size} does not split over {replicas} replicas")
         self.steps_per_epoch = math.ceil(data.count_captions(meta, "train") / s.batch_size)
         total = self.steps_per_epoch * s.epochs
+        self.jit_compile = _resolve_jit(s.jit_compile, replicas)
+        # XLA compiles once per batch shape: lengths padded up to fixed buckets keep that to a few.
+        self.buckets = s.bucket_boundaries
+        if self.jit_compile:
+            self.buckets = data.jit_buckets(s.bucket_boundaries, _max_tokens(meta))
         try:
             self.steps = CaptionSteps(self.config, mean, std, self.strategy, _learning_rate(s, total), s.clip_norm,
-                                      attention_kernel=s.attention_kernel)
+                                      jit_compile=self.jit_compile, attention_kernel=s.attention_kernel)
         except fused_attention.KernelError as e:
             raise TrainError(str(e)) from None
         self.model, self.optimizer = self.steps.model, self.steps.optimizer
@@ -220,7 +246,8 @@ class Trainer:
             ds = data.caption_dataset(
                 files, ctx.get_per_replica_batch_size(s.batch_size) if ctx else s.batch_size,
                 feature_shape=self.feature_shape, shuffle=shuffle, seed=s.seed * 1000 + epoch,
-                shuffle_buffer=s.shuffle_buffer, bucket_boundaries=s.bucket_boundaries, input_context=ctx)
+                shuffle_buffer=s.shuffle_buffer, bucket_boundaries=self.buckets, input_context=ctx,
+                pad_to_bucket=self.jit_compile)
             return ds.skip(skip) if skip else ds
 
         return self.strategy.distribute_datasets_from_function(fn)
@@ -388,7 +415,8 @@ class Trainer:
                 "stopped": reason, "wall_seconds": round(seconds, 2),
                 "tokens_per_s_this_run": round(tokens / max(seconds, 1e-9), 1),
                 "replicas": self.strategy.num_replicas_in_sync,
-                "attention_kernel": "fused" if self.steps.fused_attention else "ops", "history": history}
+                "attention_kernel": "fused" if self.steps.fused_attention else "ops",
+                "jit_compile": self.jit_compile, "history": history}
 
     def save_weights(self) -> str:
         """The trained weights and what rebuilds them, for export."""

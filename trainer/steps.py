@@ -63,6 +63,7 @@ class CaptionSteps:
             self.optimizer.build(self.model.trainable_variables)
         self.train_step = None
         self.eval_step = None
+        self._grads = None
 
     def _replica_loss(self, features, tokens, training):
         targets = tokens[:, 1:]
@@ -83,12 +84,16 @@ class CaptionSteps:
                                                    fused_attention=self.fused_attention)
         return parts, local_tokens
 
-    def _replica_train(self, features, tokens):
+    def _replica_grads(self, features, tokens):
         with tf.GradientTape() as tape:
             parts, ntok = self._replica_loss(features, tokens, True)
-        variables = self.model.trainable_variables
-        grads = tape.gradient(parts.loss, variables)
+        grads = tape.gradient(parts.loss, self.model.trainable_variables)
         grads = [tf.convert_to_tensor(g) for g in grads]  # embedding: IndexedSlices -> dense for all_reduce
+        return parts, ntok, grads
+
+    def _replica_train(self, features, tokens):
+        parts, ntok, grads = self._replica_grads(features, tokens)
+        variables = self.model.trainable_variables
         grads = tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, grads)
         grads, norm = tf.clip_by_global_norm(grads, self.clip_norm)
         self.optimizer.apply_gradients(zip(grads, variables))
@@ -127,6 +132,16 @@ class CaptionSteps:
             return {"loss": loss, "xent": xent, "reg": reg, "tokens": ntok}
 
         self.train_step, self.eval_step = train_step, eval_step
+        # The train step's loss and gradients before the update, compiled as the step compiles
+        # them (for checking the XLA step against the graph step).
+        self._grads = tf.function(self._replica_grads, jit_compile=self.jit_compile or None)
+
+    def loss_and_gradients(self, batch):
+        """(loss, [gradient per trainable variable]) of one batch, without updating (one replica)."""
+        if self.strategy.num_replicas_in_sync != 1:
+            raise ValueError("loss_and_gradients is for one replica")
+        parts, _, grads = self._grads(*batch)
+        return parts.loss, grads
 
     def trace_count(self) -> tuple[int, int]:
         return (self.train_step.experimental_get_tracing_count(), self.eval_step.experimental_get_tracing_count())

@@ -12,7 +12,7 @@ import sys
 from model import fused_attention
 from pipelines import cli
 
-from . import distribute
+from . import distribute, loop
 from .loop import Settings
 
 
@@ -36,6 +36,9 @@ def parse_args(argv) -> Settings:
     ap.add_argument("--attention-kernel", choices=fused_attention.CHOICES, default=Settings.attention_kernel,
                     help="the time loop's attention on CPU: fused kernels built on first use, or TensorFlow ops "
                     "(auto: the kernels where they build; GPUs and bfloat16 use the ops)")
+    ap.add_argument("--jit-compile", choices=loop.JIT_CHOICES, default=Settings.jit_compile,
+                    help="XLA for the train step (auto: on with one GPU, off on CPUs; lengths are then "
+                    "padded up to buckets, so it compiles a few times, not once per length)")
     ap.add_argument("--strategy", choices=distribute.CHOICES, default="auto")
     ap.add_argument("--seed", type=int, default=Settings.seed)
     ap.add_argument("--shuffle-buffer", type=int, default=Settings.shuffle_buffer)
@@ -75,7 +78,7 @@ def parse_args(argv) -> Settings:
                     learning_rate=a.learning_rate, lr_schedule=a.lr_schedule, warmup_steps=a.warmup_steps,
                     clip_norm=a.clip_norm, embedding_dim=a.embedding_dim, units=a.units, dropout=a.dropout,
                     attention_reg=a.attention_reg, gate=a.gate, mixed_precision=a.mixed_precision,
-                    attention_kernel=a.attention_kernel,
+                    attention_kernel=a.attention_kernel, jit_compile=a.jit_compile,
                     strategy=a.strategy, seed=a.seed, shuffle_buffer=a.shuffle_buffer, bucket_boundaries=buckets,
                     checkpoint_every=a.checkpoint_every, keep_checkpoints=a.keep_checkpoints,
                     early_stopping=a.early_stopping, max_steps=a.max_steps, validate=a.validate, progress=a.progress,
@@ -103,7 +106,7 @@ def main(argv=None) -> int:
     settings = parse_args(sys.argv[1:] if argv is None else argv)
     from pipelines import vocab as vocab_lib
 
-    from . import data, loop
+    from . import data
 
     try:
         trainer = loop.Trainer(settings)
