@@ -42,6 +42,7 @@ work=$(mktemp -d)
 "$PY" -m pipelines.preprocess --coco-dir "$work/coco" --output "$work/data" --encoder-weights random \
   --num-shards train=2,val=1 2>/dev/null | tail -1
 "$PY" -m trainer.task --data "$work/data" --job-dir "$work/job" --epochs 1 --no-eval --no-progress 2>/dev/null | tail -1
-image=$(ls "$work"/coco/val2014/*.jpg | head -1)
+images=("$work"/coco/val2014/*.jpg)
+image=${images[0]}
 echo "== python -m benchmarks.serving_latency --model JOB/export --image $(basename "$image")"
 "$PY" -m benchmarks.serving_latency --model "$work/job/export" --image "$image"

@@ -30,7 +30,10 @@ echo "job directory: $OUT/job (checkpoints/, logs/ for TensorBoard, loss.png, me
 echo "               eval-val/: results.json, metrics.json, gallery/index.html)"
 
 echo "== 4/4 captioning a held-out image with the SavedModel"
-IMG="$OUT/coco/val2014/$(ls "$OUT/coco/val2014" | head -n 1)"
+# The first image by name, from a glob: `ls | head -n 1` under pipefail could die of SIGPIPE
+# (exit 141) when head closed the pipe before ls had written its last block.
+VAL_IMAGES=("$OUT"/coco/val2014/*)
+IMG="${VAL_IMAGES[0]}"
 "$PY" -m trainer.caption "$IMG" --model "$OUT/job/export" --plot "$OUT/plots"
 "$PY" - "$OUT" <<'PYEOF'
 import json, sys
