@@ -87,6 +87,16 @@ def exists(path: str) -> bool:
     return os.path.exists(path)
 
 
+def size(path: str) -> int | None:
+    """A file's size in bytes, or None when there is no such file."""
+    if is_gcs(path):
+        bucket, name = split_gcs(path)
+        with _gcs_errors(path):
+            blob = _bucket(bucket).get_blob(name)
+        return None if blob is None else int(blob.size)
+    return os.path.getsize(path) if os.path.isfile(path) else None
+
+
 def makedirs(path: str) -> None:
     if not is_gcs(path):  # GCS has no directories
         os.makedirs(path, exist_ok=True)

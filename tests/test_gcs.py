@@ -63,6 +63,7 @@ def test_upload_and_local_copy_keep_bytes(gcs, tmp_path):
     with fileio.open_read(dest) as f:  # streamed, in pieces
         assert f.read(1000) == data[:1000]
         assert f.read() == data[1000:]
+    assert fileio.size(dest) == len(data) and fileio.size(fileio.join(gcs, "job", "nothing")) is None
 
 
 def test_missing_objects_fail_like_missing_files(gcs, tmp_path):
@@ -127,3 +128,9 @@ def test_pipeline_writes_its_data_set_to_gcs(gcs, scene_dir):
     assert len(train) == N_TRAIN == meta["splits"]["train"]["images"]["written"]
     assert len(val) == N_VAL == meta["splits"]["val"]["images"]["written"]
     assert train[0]["features"].shape == records.FEATURE_SHAPE
+    # The shards were renamed into place whole, and they are what metadata.json says they are.
+    from pipelines import shards as shards_lib
+    from pipelines import validate
+
+    assert not shards_lib.leftovers(out)
+    assert validate.validate(out, full=False)[1] == []

@@ -47,7 +47,19 @@ def load_feature_stats(data_dir: str, meta: dict) -> tuple[np.ndarray, np.ndarra
         return z["mean"].astype(np.float32), z["std"].astype(np.float32)
 
 
-def shard_files(data_dir: str, split: str) -> list[str]:
+def shard_files(data_dir: str, split: str, meta: dict | None = None) -> list[str]:
+    """A split's shard files. Given the metadata, exactly the shards it lists, each
+    checked to be there at the size it was written at (a truncated copy or a cut-short
+    write fails here, naming the file, rather than mid-epoch); else those the glob finds."""
+    from pipelines import validate
+
+    listed = validate.listed_shards(data_dir, meta, split) if meta is not None else None
+    if listed is not None:
+        problems = validate.check_sizes(data_dir, meta, split)
+        if problems:
+            more = f" (and {len(problems) - 1} more: `python -m pipelines.validate {data_dir}`)" if len(problems) > 1 else ""
+            raise DataError(problems[0] + more)
+        return [f["path"] for f in listed]
     files = sorted(tf.io.gfile.glob(records.shard_glob(data_dir, split)))
     if not files:
         raise DataError(f"--data {data_dir}: no {split} shards ({records.shard_glob(data_dir, split)})")

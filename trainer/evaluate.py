@@ -370,7 +370,7 @@ def evaluate(model_dir: str, data_dir: str | None = None, split: str = "val", be
     if not data_dir:
         raise UsageError(f"--model {model_dir}: its export.json names no data directory; pass --data")
     meta = data.load_metadata(data_dir)
-    files = data.shard_files(data_dir, split)
+    files = data.shard_files(data_dir, split, meta)
     max_length = max_length or int(info.get("default_max_length", 20))
     # Beside the export: JOB_DIR/export -> JOB_DIR/eval-val.
     parent = model_dir.rstrip("/").rsplit("/", 1)[0] if "/" in model_dir.rstrip("/") else "."

@@ -188,11 +188,11 @@ class Trainer:
         self.meta = meta
         self.vocab = data.load_vocab(s.data, meta)
         self.feature_shape = tuple(meta["features"]["shape"])
-        self.train_files = data.shard_files(s.data, "train")
+        self.train_files = data.shard_files(s.data, "train", meta)
         data.check_shards(self.train_files, self.feature_shape)
         self.val_files = []
         if s.validate and "val" in meta["splits"] and meta["splits"]["val"]["images"]["written"]:
-            self.val_files = data.shard_files(s.data, "val")
+            self.val_files = data.shard_files(s.data, "val", meta)
             data.check_shards(self.val_files, self.feature_shape)
         mean, std = data.load_feature_stats(s.data, meta)
         self.config = _resolve_config(s, len(self.vocab))
