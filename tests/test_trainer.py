@@ -1,6 +1,7 @@
 """The training loop: repeatable, resumable, distributed the same as on one device."""
 from __future__ import annotations
 
+import glob
 import json
 import os
 import signal
@@ -248,3 +249,42 @@ def test_jit_compile_choices():
     assert loop._resolve_jit("auto", 1) is bool(tf.config.list_logical_devices("GPU"))
     with pytest.raises(loop.TrainError, match="one replica"):
         loop._resolve_jit("on", 2)
+
+
+def _cut_short(prefix):
+    data_file = sorted(glob.glob(prefix + ".data-*"))[0]
+    with open(data_file, "r+b") as f:
+        f.truncate(os.path.getsize(data_file) // 2)
+
+
+def test_a_damaged_newest_checkpoint_is_reported_and_the_newest_intact_one_restored(small_data, tmp_path, capsys):
+    job = tmp_path / "job"
+    args = ("--epochs", "2", "--checkpoint-every", "4", "--keep-checkpoints", "5", "--no-validate")
+    loop.train(_settings(small_data, job, *args))
+    ckpts = tf.train.get_checkpoint_state(str(job / "checkpoints")).all_model_checkpoint_paths
+    newest, older = ckpts[-1], ckpts[-2]
+    _cut_short(newest)
+    capsys.readouterr()
+    m = loop.train(_settings(small_data, job, "--epochs", "3", *args[2:]))
+    err = capsys.readouterr().err
+    line = next(l for l in err.splitlines() if l.startswith("checkpoint damaged"))
+    assert os.path.basename(newest) in line and f"restored {os.path.basename(older)}" in line
+    step = int(older.rsplit("-", 1)[1])
+    assert f"resuming from {older}: " in err and f"step {step}" in err
+    # It trained on from there to the end of epoch 3, like a job that was never damaged.
+    clean = loop.train(_settings(small_data, tmp_path / "clean", "--epochs", "3", *args[2:]))
+    assert m["steps"] == clean["steps"]
+    np.testing.assert_allclose(_losses(m)[-1], _losses(clean)[-1], rtol=1e-4)
+
+
+def test_no_intact_checkpoint_is_one_line_naming_the_folder(small_data, tmp_path):
+    job = tmp_path / "job"
+    args = ["--epochs", "1", "--checkpoint-every", "0", "--keep-checkpoints", "2", "--no-validate", "--no-export"]
+    loop.train(_settings(small_data, job, *args))
+    for prefix in tf.train.get_checkpoint_state(str(job / "checkpoints")).all_model_checkpoint_paths:
+        _cut_short(prefix)
+    proc = subprocess.run([sys.executable, "-m", "trainer.task", "--data", small_data, "--job-dir", str(job),
+                           *SMALL, "--epochs", "2", *args[2:]], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: {job / 'checkpoints'}: no intact checkpoint") and "afresh" in last

@@ -267,12 +267,31 @@ class Trainer:
         n = max(total["tokens"], 1)
         return {k: total[k] / n for k in ("loss", "xent", "reg")}
 
+    def _restore_newest_intact(self) -> str | None:
+        """Restore the newest checkpoint that reads back whole; say in one line which newer
+        ones were damaged (cut short by a full disk, a partial copy) and why. -> its path."""
+        state = tf.train.get_checkpoint_state(self.checkpoint_dir)
+        candidates = list(reversed(state.all_model_checkpoint_paths)) if state else []
+        damaged = []
+        for path in candidates:
+            try:
+                self.checkpoint.restore(path)
+            except Exception as e:  # noqa: BLE001 - a damaged file raises IndexError, DataLossError, ValueError...
+                damaged.append(f"{os.path.basename(path)} ({type(e).__name__}: {str(e).strip().splitlines()[0][:120]})")
+                continue
+            if damaged:
+                print(f"checkpoint damaged: {'; '.join(damaged)}; restored {os.path.basename(path)}, the newest "
+                      "intact one, and training goes on from there", file=sys.stderr)
+            return path
+        if damaged:
+            raise TrainError(f"{self.checkpoint_dir}: no intact checkpoint ({'; '.join(damaged)}); move the folder "
+                             "away to start this job afresh, or put back an undamaged copy")
+        return None
+
     def run(self) -> dict:
         s = self.s
         # Every worker restores from the chief's checkpoints (the only real ones).
-        restored = tf.train.latest_checkpoint(self.checkpoint_dir)
-        if restored:
-            self.checkpoint.restore(restored)
+        restored = self._restore_newest_intact()
         if self.chief:
             fileio.write_text(fileio.join(s.job_dir, CONFIG_FILE), self.config.to_json())
             fileio.write_json(fileio.join(s.job_dir, JOB_FILE), settings_dict(s))
