@@ -288,3 +288,51 @@ def test_no_intact_checkpoint_is_one_line_naming_the_folder(small_data, tmp_path
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith(f"error: {job / 'checkpoints'}: no intact checkpoint") and "afresh" in last
+
+
+def _poison_one_record(data_dir):
+    """Rewrite train shard 0 with one image's features set to infinity, as a damaged
+    batch would be, and record the new shard in metadata.json as the pipeline would."""
+    from pipelines import records, shards
+
+    meta_path = os.path.join(data_dir, "metadata.json")
+    meta = json.load(open(meta_path))
+    entry = meta["splits"]["train"]["files"][0]
+    path = os.path.join(data_dir, entry["name"])
+    recs = records.read_records([path])
+    recs[0]["features"] = np.full_like(recs[0]["features"], np.inf)
+    writer = shards.ShardWriter(path)
+    for r in recs:
+        writer.write(records.make_example(r["image_id"], r["file_name"], r["features"], r["captions"], r["caption_text"]))
+    entry.update(writer.commit())
+    json.dump(meta, open(meta_path, "w"))
+
+
+def test_a_non_finite_loss_stops_at_once_and_keeps_the_last_good_checkpoint(small_data, tmp_path):
+    import shutil
+
+    data_dir = str(tmp_path / "data")
+    shutil.copytree(small_data, data_dir)
+    _poison_one_record(data_dir)
+    job = tmp_path / "job"
+    proc = subprocess.run([sys.executable, "-m", "trainer.task", "--data", data_dir, "--job-dir", str(job), *SMALL,
+                           "--epochs", "2", "--checkpoint-every", "1", "--no-validate", "--no-export"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: step ") and "--learning-rate" in last and "pipelines.validate" in last
+    bad_step = int(last.split("step ", 1)[1].split(":", 1)[0])
+    saved = tf.train.latest_checkpoint(str(job / "checkpoints"))
+    # Nothing saved from the bad state: the newest checkpoint is the step before it, and it is finite.
+    if bad_step > 1:
+        assert saved and int(saved.rsplit("-", 1)[1]) == bad_step - 1
+        assert f"({os.path.basename(saved)}) is intact" in last
+        reader = tf.train.load_checkpoint(saved)
+        for name in reader.get_variable_to_shape_map():
+            value = reader.get_tensor(name)
+            if name.startswith("model/") and np.issubdtype(np.asarray(value).dtype, np.floating):
+                assert np.isfinite(value).all(), name
+    else:
+        assert saved is None and "no checkpoint was written" in last
+    assert "non-finite" in subprocess.run([sys.executable, "-m", "pipelines.validate", data_dir, "--full"], cwd=ROOT,
+                                          capture_output=True, text=True, timeout=300).stderr

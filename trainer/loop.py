@@ -267,6 +267,19 @@ class Trainer:
         n = max(total["tokens"], 1)
         return {k: total[k] / n for k in ("loss", "xent", "reg")}
 
+    def _stop_if_not_finite(self, out, step) -> None:
+        """A NaN or infinite loss or gradient norm has already been applied to the weights:
+        stop before anything is saved from this state, so the last checkpoint stays the good one."""
+        loss, norm = float(out["loss"]), float(out["grad_norm"])
+        if math.isfinite(loss) and math.isfinite(norm):
+            return
+        last = self.manager.latest_checkpoint if self.chief else None
+        kept = f"the last checkpoint ({os.path.basename(last)}) is intact" if last else "no checkpoint was written"
+        raise TrainError(f"step {step}: loss {loss}, gradient norm {norm}: stopped before saving this state "
+                         f"({kept}). Likely causes: a learning rate too high for this model (--learning-rate "
+                         f"{self.s.learning_rate}: lower it and run the command again to go on from the checkpoint), "
+                         f"or features that are not finite (`python -m pipelines.validate {self.s.data} --full`)")
+
     def _restore_newest_intact(self) -> str | None:
         """Restore the newest checkpoint that reads back whole; say in one line which newer
         ones were damaged (cut short by a full disk, a partial copy) and why. -> its path."""
@@ -335,6 +348,7 @@ class Trainer:
                 for batch in ds:
                     out = self.steps.train_step(batch)
                     step = self.global_step()
+                    self._stop_if_not_finite(out, step)
                     self.step_in_epoch.assign_add(1)
                     n = int(out["tokens"])
                     self.epoch_loss_sum.assign_add(float(out["loss"]) * n)
