@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import os
 import shutil
@@ -95,6 +96,15 @@ def size(path: str) -> int | None:
             blob = _bucket(bucket).get_blob(name)
         return None if blob is None else int(blob.size)
     return os.path.getsize(path) if os.path.isfile(path) else None
+
+
+def sha256(path: str) -> str:
+    """The hex SHA-256 of a file's bytes, read in pieces (shards run to hundreds of MB)."""
+    h = hashlib.sha256()
+    with open_read(path) as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def makedirs(path: str) -> None:

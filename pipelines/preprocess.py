@@ -20,7 +20,6 @@ launcher's work before the pipeline (`prepare`) and the wiring (`build`).
 from __future__ import annotations
 
 import fnmatch
-import hashlib
 import json
 import logging
 import os
@@ -155,9 +154,8 @@ def _parse_shards(spec: str) -> dict:
     return shards
 
 
-def _is_shard_name(name: str, split: str | None = None) -> bool:
-    return any(fnmatch.fnmatch(name, os.path.basename(records.shard_glob("", s)))
-               for s in ([split] if split else records.SPLITS))
+def _is_shard_name(name: str) -> bool:
+    return any(fnmatch.fnmatch(name, os.path.basename(records.shard_glob("", s))) for s in records.SPLITS)
 
 
 def _prepare_output(out: str, overwrite: bool, planned: set[str]) -> None:
@@ -187,10 +185,10 @@ def _prepare_output(out: str, overwrite: bool, planned: set[str]) -> None:
     if not started:
         return
     left = shards.remove_leftovers(out)
+    planned_done = {shards.done_path(out, name) for name in planned}
     stale = [f for f, rel in top.items()
              if (_is_shard_name(rel) and rel not in planned)
-             or (rel.startswith(shards.DONE_DIR + "/")
-                 and os.path.basename(rel).removesuffix(".json") + records.SHARD_SUFFIX not in planned)
+             or (rel.startswith(shards.DONE_DIR + "/") and f not in planned_done)
              or rel.startswith("rejected/")]
     for f in stale:
         if fileio.exists(f):
@@ -198,10 +196,6 @@ def _prepare_output(out: str, overwrite: bool, planned: set[str]) -> None:
     done = sum(1 for rel in top.values() if rel.startswith(shards.DONE_DIR + "/") and rel.endswith(".json"))
     log.info("resuming the unfinished run in %s: %d finished shard(s) are kept where their inputs are "
              "unchanged; removed %d partial file(s) and %d stale file(s)", out, done, left, len(stale))
-
-
-def _sha256(path: str) -> str:
-    return hashlib.sha256(fileio.read_bytes(path)).hexdigest()
 
 
 def prepare(args) -> dict:
@@ -259,7 +253,7 @@ def prepare(args) -> dict:
                      "standardise": "per channel, (x - mean) / std, statistics over the training split"},
         "encoder": {"architecture": inception.ARCHITECTURE, "weights": args.encoder_weights,
                     "seed": args.seed if args.encoder_weights == "random" else None,
-                    "file": ENCODER_FILE, "sha256": _sha256(encoder_path), "input_size": inception.INPUT_SIZE,
+                    "file": ENCODER_FILE, "sha256": fileio.sha256(encoder_path), "input_size": inception.INPUT_SIZE,
                     "input_scaling": "bilinear resize to 299x299, then x / 127.5 - 1"},
         "vocab": {"file": vocab_lib.FILE_NAME, "max_words": args.vocab_size, "min_count": args.min_count,
                   "specials": list(vocab_lib.SPECIALS), "built_from": "train"},

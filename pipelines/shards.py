@@ -56,16 +56,6 @@ def done_path(data_dir: str, name: str) -> str:
     return fileio.join(data_dir, DONE_DIR, name.removesuffix(records.SHARD_SUFFIX) + ".json")
 
 
-def _size(path: str) -> int | None:
-    from apache_beam.io.filesystems import FileSystems
-
-    try:
-        found = FileSystems.match([path])[0].metadata_list
-    except Exception:  # noqa: BLE001 - Beam raises BeamIOError or the FS's own for a missing path
-        return None
-    return found[0].size_in_bytes if found else None
-
-
 def read_done(data_dir: str, name: str, expected_fingerprint: str) -> dict | None:
     """The record of shard `name` if it finished with these inputs and its file
     is still the size it was written at; None means: write it (again)."""
@@ -78,7 +68,7 @@ def read_done(data_dir: str, name: str, expected_fingerprint: str) -> dict | Non
         return None
     if done.get("fingerprint") != expected_fingerprint:
         return None
-    if _size(fileio.join(data_dir, name)) != done.get("bytes"):
+    if fileio.size(fileio.join(data_dir, name)) != done.get("bytes"):
         return None
     return done
 

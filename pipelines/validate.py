@@ -13,7 +13,6 @@ whole, 1 when something is wrong, 2 when DATA_DIR is not a data directory.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import sys
 
@@ -59,14 +58,6 @@ def check_sizes(data_dir: str, meta: dict, split: str) -> list[str]:
     return problems
 
 
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with fileio.open_read(path) as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def check_contents(data_dir: str, meta: dict, split: str, vocab_size: int) -> tuple[list[str], dict]:
     """Read every record of a split's shards. -> (problems, {records, captions})."""
     import numpy as np
@@ -77,7 +68,7 @@ def check_contents(data_dir: str, meta: dict, split: str, vocab_size: int) -> tu
     for f in listed_shards(data_dir, meta, split) or []:
         if fileio.size(f["path"]) is None:
             continue  # check_sizes reports it
-        if _sha256(f["path"]) != f["sha256"]:
+        if fileio.sha256(f["path"]) != f["sha256"]:
             problems.append(f"{f['path']}: its sha256 differs from the one written; {RERUN}")
         n = captions = 0
         try:
