@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import time
 
 import numpy as np
@@ -33,16 +34,22 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", required=True, help="an export directory")
     ap.add_argument("--image", required=True)
+    ap.add_argument("--data", help="the data directory, for the encoder alone (default: the one export.json records)")
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--max-length", type=int, default=30)
     args = ap.parse_args()
 
     from model import inception
     from pipelines import images
-    from trainer.caption import load_model
+    from trainer import jobdir
+    from trainer.caption import EXPORT_INFO, ModelError, load_model
 
-    loaded, info = load_model(args.model)
-    encoder = inception.load(os.path.join(info["data"], info["encoder"]["file"]))
+    try:
+        loaded, info = load_model(args.model)
+        data_dir = args.data or jobdir.recorded_data(info, os.path.join(args.model, EXPORT_INFO), args.model)
+        encoder = inception.load(os.path.join(data_dir, info["encoder"]["file"]))
+    except (ModelError, jobdir.RecordedPathError, inception.EncoderWeightsError) as e:
+        sys.exit(f"error: {e}")
     forward = tf.function(lambda x: encoder(x, training=False))
     blob = open(args.image, "rb").read()
     pixels = inception.prepare(images.decode(blob)[None])

@@ -123,16 +123,7 @@ def load(weights_path: str) -> keras.Model:
 
 
 def save(model: keras.Model, path: str) -> None:
-    """Save the weights (a .weights.h5 file), locally or to gs://."""
+    """Save the weights (a .weights.h5 file), locally or to gs://, whole or not at all."""
     from pipelines import fileio
 
-    if fileio.is_gcs(path):
-        import tempfile
-
-        with tempfile.TemporaryDirectory() as tmp:
-            local = os.path.join(tmp, os.path.basename(path))
-            model.save_weights(local)
-            fileio.upload(local, path)
-    else:
-        fileio.makedirs(os.path.dirname(path) or ".")
-        model.save_weights(path)
+    fileio.write_through_local(path, model.save_weights)

@@ -15,11 +15,69 @@ import errno
 import hashlib
 import json
 import os
+import posixpath
+import re
 import shutil
 import tempfile
 
 
 TMP_MARK = ".tmp-"  # write_bytes's file before its rename: a killed process may leave one
+
+
+class WriteError(OSError):
+    """A write that failed for want of space or rights; str() is one line naming the path.
+    Made from that one line (Beam re-raises a DoFn's error as its type, made from its first
+    argument and the step's name), with .path and .errno when known."""
+
+    def __init__(self, message: str, path: str | None = None, code: int | None = None):
+        super().__init__(message)
+        self.path, self.errno = path, code
+
+
+# The errnos of a write the machine refused: full disk, quota, file-size limit, read-only, rights.
+_WRITE_ERRNOS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+                 errno.EFBIG: "file too large for this file system or limit", errno.EROFS: "read-only file system",
+                 errno.EACCES: "permission denied", errno.EPERM: "permission denied"}
+# TensorFlow's C++ file writers report the same as errors of their own, "PATH; Reason [Op:Name]".
+_TF_WRITE_REASONS = {"No space left on device": errno.ENOSPC, "Disk quota exceeded": errno.EDQUOT,
+                     "File too large": errno.EFBIG, "Read-only file system": errno.EROFS,
+                     "Permission denied": errno.EACCES}
+
+
+def write_error(e: BaseException, path: str | None = None) -> WriteError | None:
+    """`e` as a WriteError naming `path` (default: the file the error names) when it is a
+    refused write: an OSError, or TensorFlow's error for one (checkpoints, summaries, exports).
+    None for anything else, which the caller lets through."""
+    if isinstance(e, WriteError):
+        return e
+    if isinstance(e, OSError) and e.errno in _WRITE_ERRNOS:
+        code, where = e.errno, e.filename
+    elif type(e).__module__.startswith("tensorflow") and hasattr(e, "message"):
+        found = next(((r, c) for r, c in _TF_WRITE_REASONS.items() if r in e.message), None)
+        if not found:
+            return None
+        code = found[1]
+        m = re.search(r"(\S+); " + re.escape(found[0]), e.message)
+        where = m.group(1) if m else None
+    else:
+        return None
+    where = path or (str(where) if where else "a file")
+    # A temporary name (ours, or TF's before its rename) says less than the file it was for.
+    where = re.sub(r"(" + re.escape(TMP_MARK) + r"\d+|\.tempstate\d+)$", "", where)
+    return WriteError(f"cannot write {where}: {_WRITE_ERRNOS[code]}", where, code)
+
+
+@contextlib.contextmanager
+def writing(path: str | None):
+    """Within the block, a refused write (full disk...) becomes one WriteError naming `path`
+    (None: the file the error names)."""
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001 - anything that is not a refused write goes on as it was
+        err = write_error(e, path)
+        if err is None:
+            raise
+        raise err from None
 
 
 def is_gcs(path: str) -> bool:
@@ -28,8 +86,26 @@ def is_gcs(path: str) -> bool:
 
 def join(base: str, *parts: str) -> str:
     if is_gcs(base):
-        return "/".join([base.rstrip("/")] + [p.strip("/") for p in parts])
+        bucket, blob = split_gcs(base.rstrip("/"))
+        # normpath: a recorded relative path ("../data") resolves inside the bucket too.
+        return f"gs://{bucket}" + posixpath.normpath(posixpath.join("/" + blob, *[p.strip("/") for p in parts]))
     return os.path.join(base, *parts)
+
+
+def absolute(path: str) -> str:
+    """`path` resolved now, so that a file recording it means the same from anywhere."""
+    return path if is_gcs(path) else os.path.abspath(path)
+
+
+def relative(path: str, start: str) -> str | None:
+    """`path` relative to the folder `start` when both are on one file system (local, or
+    one bucket), so that the two copied together keep their link; else None."""
+    if is_gcs(path) != is_gcs(start):
+        return None
+    if is_gcs(path):
+        (b1, p1), (b2, p2) = split_gcs(path), split_gcs(start)
+        return posixpath.relpath("/" + p1, "/" + p2) if b1 == b2 else None
+    return os.path.relpath(os.path.abspath(path), os.path.abspath(start))
 
 
 def split_gcs(path: str) -> tuple[str, str]:
@@ -137,12 +213,19 @@ def write_bytes(path: str, data: bytes) -> None:
         with _gcs_errors(path):
             _blob(path).upload_from_string(data)
         return
-    makedirs(os.path.dirname(path) or ".")
-    # Write then rename, so a reader never sees half a file.
+    # Write then rename, so a reader never sees half a file; a write refused part-way
+    # (a full disk) leaves neither half a file nor the temporary one.
     tmp = f"{path}{TMP_MARK}{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    try:
+        with writing(path):
+            makedirs(os.path.dirname(path) or ".")
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
 
 
 def read_text(path: str) -> str:
@@ -176,12 +259,31 @@ def list_files(prefix_dir: str, suffix: str = "") -> list[str]:
 
 
 def upload(local_path: str, dest: str) -> None:
+    """Copy a local file to `dest` (local or gs://), appearing there whole or not at all."""
     if is_gcs(dest):
-        with _gcs_errors(dest):
+        with writing(dest), _gcs_errors(dest):
             _blob(dest).upload_from_filename(local_path)
-    else:
-        makedirs(os.path.dirname(dest) or ".")
-        shutil.copyfile(local_path, dest)
+        return
+    tmp = f"{dest}{TMP_MARK}{os.getpid()}"
+    try:
+        with writing(dest):
+            makedirs(os.path.dirname(dest) or ".")
+            shutil.copyfile(local_path, tmp)
+            os.replace(tmp, dest)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
+def write_through_local(dest: str, write) -> None:
+    """write(local_path) makes a file in a fresh temporary folder (libraries such as h5py
+    want a local path, and crash outright on a full disk); it is then put at `dest` whole."""
+    with tempfile.TemporaryDirectory() as tmp:
+        local = os.path.join(tmp, os.path.basename(dest))
+        with writing(local):
+            write(local)
+        upload(local, dest)
 
 
 def local_copy(path: str) -> str:

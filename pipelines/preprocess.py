@@ -329,6 +329,8 @@ def summary(meta: dict, seconds: float) -> str:
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("apache_beam").setLevel(logging.WARNING)
+    # A DoFn's error is logged with its traceback as it is re-raised; main reports it in one line.
+    logging.getLogger("apache_beam.runners.common").setLevel(logging.CRITICAL)
     # On Dataflow: the job id, its console link and its state changes, as they come.
     for name in ("apache_beam.runners.dataflow.internal.apiclient", "apache_beam.runners.dataflow.dataflow_runner"):
         logging.getLogger(name).setLevel(logging.INFO)
@@ -341,6 +343,11 @@ def main(argv=None) -> int:
     except sources.SourceError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except fileio.WriteError as e:
+        where = str(e).split(" [while running")[0]  # Beam adds the step's name
+        print(f"error: {where}; free some space and run the same command again: it keeps the shards "
+              "already written and does the rest", file=sys.stderr)
+        return 2
     if meta.get("dry_run"):
         print(f"dry run: the pipeline was translated for {meta['runner']}; nothing was submitted")
         return 0

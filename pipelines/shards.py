@@ -88,14 +88,16 @@ class ShardWriter:
 
         self.path = path
         self._tmp = f"{path}{PARTIAL}{uuid.uuid4().hex[:12]}"
-        self._file = FileSystems.create(self._tmp, compression_type=CompressionTypes.UNCOMPRESSED)
+        with fileio.writing(path):  # a refused write names the shard, not its partial file
+            self._file = FileSystems.create(self._tmp, compression_type=CompressionTypes.UNCOMPRESSED)
         self._sha = hashlib.sha256()
         self.records = 0
         self.bytes = 0
 
     def write(self, record: bytes) -> None:
         framed = records.frame(record)
-        self._file.write(framed)
+        with fileio.writing(self.path):
+            self._file.write(framed)
         self._sha.update(framed)
         self.records += 1
         self.bytes += len(framed)
@@ -104,8 +106,9 @@ class ShardWriter:
         """Close, move into place; returns what the shard holds."""
         from apache_beam.io.filesystems import FileSystems
 
-        self._file.close()
-        FileSystems.rename([self._tmp], [self.path])
+        with fileio.writing(self.path):
+            self._file.close()
+            FileSystems.rename([self._tmp], [self.path])
         return {"name": os.path.basename(self.path), "records": self.records, "bytes": self.bytes,
                 "sha256": self._sha.hexdigest()}
 
@@ -114,6 +117,8 @@ class ShardWriter:
 
         try:
             self._file.close()
+        except OSError:
+            pass  # a full disk fails the close too; the error being handled says so
         finally:
             if FileSystems.exists(self._tmp):
                 FileSystems.delete([self._tmp])

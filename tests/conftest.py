@@ -156,3 +156,38 @@ def gcs():
             yield f"gs://{GCS_BUCKET}"
         finally:
             server.stop()
+
+
+class SmallDisk:
+    """A tmpfs of its own, filled on demand: a real full disk (ENOSPC from the kernel)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self._filler = os.path.join(path, "filler")
+
+    def fill(self, leave: int = 0) -> None:
+        """Take all the space but `leave` bytes."""
+        st = os.statvfs(self.path)
+        with open(self._filler, "ab") as f:
+            f.write(b"\0" * max(0, st.f_bavail * st.f_frsize - leave))
+
+    def make_room(self) -> None:
+        os.remove(self._filler)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 256 MB tmpfs (mounting one needs root; make test and CI run as root)."""
+    import subprocess
+
+    if os.geteuid() != 0:
+        pytest.skip("the disk-full tests mount a tmpfs, which needs root (make test in CI runs as root)")
+    path = str(tmp_path / "disk")
+    os.makedirs(path)
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256m", "tmpfs", path], capture_output=True, text=True)
+    if proc.returncode:
+        pytest.fail(f"cannot mount a tmpfs for the disk-full tests ({proc.stderr.strip()}): run them as root")
+    try:
+        yield SmallDisk(path)
+    finally:
+        subprocess.run(["umount", "-l", path], check=True)

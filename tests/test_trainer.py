@@ -336,3 +336,32 @@ def test_a_non_finite_loss_stops_at_once_and_keeps_the_last_good_checkpoint(smal
         assert saved is None and "no checkpoint was written" in last
     assert "non-finite" in subprocess.run([sys.executable, "-m", "pipelines.validate", data_dir, "--full"], cwd=ROOT,
                                           capture_output=True, text=True, timeout=300).stderr
+
+
+def test_the_best_checkpoint_outlives_the_newest_ones_when_a_run_gets_worse(small_data, tmp_path, capsys):
+    from trainer import checkpoints, export
+
+    job = tmp_path / "job"
+    # A learning rate this high makes validation worse again in later epochs (seed 0), and
+    # keeping one checkpoint rotates the best one out of checkpoints/.
+    m = loop.train(_settings(small_data, job, "--epochs", "8", "--learning-rate", "3e-2", "--keep-checkpoints", "1",
+                             "--no-export"))
+    best_epoch = min(m["history"], key=lambda h: h["val_loss"])
+    assert best_epoch is not m["history"][-1], "the run did not get worse: the test needs a later, worse epoch"
+    assert m["best_val_loss"] == best_epoch["val_loss"]
+    last = checkpoints.listed(str(job / "checkpoints"))
+    best = checkpoints.listed(str(job / "checkpoints" / "best"))
+    assert [os.path.basename(p) for p in last] == [f"ckpt-{m['steps']}"]
+    assert [os.path.basename(p) for p in best] == [f"ckpt-{best_epoch['step']}"]
+
+    out = str(tmp_path / "best-export")
+    assert export.main(["--job-dir", str(job), "--checkpoint", "best", "--output", out]) == 0
+    info = json.load(open(os.path.join(out, "assets.extra", "export.json")))
+    assert info["checkpoint"] == best[0]
+    # The best checkpoint holds the best epoch's weights: its val loss is the recorded best.
+    t = loop.Trainer(_settings(small_data, job, "--epochs", "8", "--no-export"))
+    t.steps.build(t._dataset(t.val_files, 0, shuffle=False).element_spec)
+    t.checkpoint.restore(best[0]).assert_consumed()
+    assert t.validate(0)["loss"] == pytest.approx(best_epoch["val_loss"], rel=1e-5)
+    capsys.readouterr()
+    assert export.main(["--job-dir", str(tmp_path / "nowhere"), "--checkpoint", "best"]) == 2

@@ -360,15 +360,17 @@ def evaluate(model_dir: str, data_dir: str | None = None, split: str = "val", be
              instances: str | None = None, gallery_size: int = 12, spice: bool = False,
              batch_size: int = 32) -> dict:
     """Run the whole evaluation, write its files, return metrics.json's content."""
-    from . import data, gallery
-    from .caption import load_model
+    from . import data, gallery, jobdir
+    from .caption import EXPORT_INFO, load_model
 
     model, info = load_model(model_dir)
     if "caption_features" not in model.signatures:
         raise UsageError(f"--model {model_dir}: no caption_features signature (re-export with trainer.export)")
-    data_dir = data_dir or info.get("data")
     if not data_dir:
-        raise UsageError(f"--model {model_dir}: its export.json names no data directory; pass --data")
+        try:
+            data_dir = jobdir.recorded_data(info, fileio.join(model_dir, EXPORT_INFO), model_dir)
+        except jobdir.RecordedPathError as e:
+            raise UsageError(str(e)) from None
     meta = data.load_metadata(data_dir)
     files = data.shard_files(data_dir, split, meta)
     max_length = max_length or int(info.get("default_max_length", 20))
@@ -485,7 +487,7 @@ def main(argv=None) -> int:
     except ModelError as e:
         print(f"error: --model {a.model}: {e}", file=sys.stderr)
         return 2
-    except (UsageError, data.DataError) as e:
+    except (UsageError, data.DataError, fileio.WriteError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except ScoringError as e:

@@ -1,6 +1,6 @@
 """Export a trained job as a SavedModel that captions raw image bytes.
 
-    python -m trainer.export --job-dir JOB_DIR [--output DIR] [--data DATA_DIR]
+    python -m trainer.export --job-dir JOB_DIR [--output DIR] [--data DATA_DIR] [--checkpoint last|best|PATH]
 
 The SavedModel holds everything: the InceptionV3 encoder with exactly the
 weights that made the training features, the image decoding and scaling, the
@@ -17,8 +17,8 @@ one with options is a second signature):
 """
 from __future__ import annotations
 
-import hashlib
 import os
+import shutil
 import sys
 
 import tensorflow as tf
@@ -27,9 +27,11 @@ from model import Captioner, CaptionerConfig, decoding, inception
 from pipelines import cli, fileio
 from pipelines import vocab as vocab_lib
 
-from . import data
+from . import checkpoints, data, jobdir
 from .caption import EXPORT_INFO
-from .loop import CONFIG_FILE, JOB_FILE
+from .jobdir import CONFIG_FILE
+
+CHECKPOINT_CHOICES = ("last", "best")  # or a checkpoint's path
 
 
 class ExportError(ValueError):
@@ -79,71 +81,117 @@ class CaptionModule(tf.Module):
         return self._decode(features, beam_size, max_length)
 
 
-def _sha256(path: str) -> str:
-    return hashlib.sha256(fileio.read_bytes(path)).hexdigest()
+def _restore(captioner: Captioner, job_dir: str, which: str) -> str:
+    """Restore `which` (last: the newest intact checkpoint; best: the best validation loss's;
+    or a checkpoint's path) into `captioner`. -> the checkpoint's path."""
+    def restore(path):
+        tf.train.Checkpoint(model=captioner).restore(path).expect_partial().assert_existing_objects_matched()
+
+    if which not in CHECKPOINT_CHOICES:
+        try:
+            restore(which)
+        except Exception as e:  # noqa: BLE001 - a missing or damaged checkpoint raises many types
+            raise ExportError(f"--checkpoint {which}: cannot restore it ({str(e).strip().splitlines()[0][:160]})") \
+                from None
+        return which
+    folder = fileio.join(job_dir, jobdir.BEST if which == "best" else jobdir.CHECKPOINTS)
+    path, damaged = checkpoints.restore_newest_intact(folder, restore)
+    if path is None:
+        kind = "intact checkpoint" if damaged else "checkpoint"
+        why = f" ({'; '.join(damaged)})" if damaged else \
+            " (the best one is kept when the job validates)" if which == "best" else ""
+        raise ExportError(f"--job-dir {job_dir}: no {kind} in {folder}{why}")
+    if damaged:
+        print(f"checkpoint damaged: {'; '.join(damaged)}; exporting {os.path.basename(path)}, the newest intact one",
+              file=sys.stderr)
+    return path
 
 
 def build_module(job_dir: str, data_dir: str | None = None, beam_size: int = 3,
-                 max_length: int | None = None) -> tuple[CaptionModule, dict]:
+                 max_length: int | None = None, checkpoint: str = "last") -> tuple[CaptionModule, dict]:
     cfg_path = fileio.join(job_dir, CONFIG_FILE)
     if not fileio.exists(cfg_path):
         raise ExportError(f"--job-dir {job_dir}: no {CONFIG_FILE} (is this a training job directory?)")
     config = CaptionerConfig.from_json(fileio.read_text(cfg_path))
-    if data_dir is None:
-        job_path = fileio.join(job_dir, JOB_FILE)
-        if not fileio.exists(job_path):
-            raise ExportError(f"--job-dir {job_dir}: no {JOB_FILE}; pass --data DATA_DIR")
-        data_dir = fileio.read_json(job_path)["data"]
+    try:
+        data_dir = jobdir.data_dir(job_dir, data_dir)
+    except jobdir.RecordedPathError as e:
+        raise ExportError(str(e)) from None
     meta = data.load_metadata(data_dir)
     tokens = data.load_vocab(data_dir, meta)
     if len(tokens) != config.vocab_size:
         raise ExportError(f"--data {data_dir}: vocabulary of {len(tokens)} tokens, the model has {config.vocab_size}")
-    ckpt = tf.train.latest_checkpoint(fileio.join(job_dir, "checkpoints"))
-    if ckpt is None:
-        raise ExportError(f"--job-dir {job_dir}: no checkpoint in checkpoints/")
     # Serving computes in float32 whatever the training precision.
     config = CaptionerConfig.from_dict(dict(config.to_dict(), compute_dtype="float32", dropout=0.0))
     captioner = Captioner(config)
-    tf.train.Checkpoint(model=captioner).restore(ckpt).expect_partial().assert_existing_objects_matched()
+    ckpt = _restore(captioner, job_dir, checkpoint)
     enc_path = fileio.join(data_dir, meta["encoder"]["file"])
-    if _sha256(enc_path) != meta["encoder"]["sha256"]:
+    if fileio.sha256(enc_path) != meta["encoder"]["sha256"]:
         raise ExportError(f"{enc_path}: not the encoder that made the features (sha256 differs from metadata.json)")
     encoder = inception.load(enc_path)
     longest = max(int(info.get("max_tokens", 0)) for info in meta["splits"].values())
     max_length = max_length or max(longest + 4, 20)  # generated tokens (<end> included)
-    info = {"checkpoint": ckpt, "data": data_dir, "encoder": meta["encoder"], "config": config.to_dict(),
+    info = {"checkpoint": fileio.absolute(ckpt), "encoder": meta["encoder"], "config": config.to_dict(),
             "vocab_size": len(tokens), "default_beam_size": beam_size, "default_max_length": max_length,
-            "signatures": ["serving_default", "caption_images", "caption_features"]}
+            "signatures": ["serving_default", "caption_images", "caption_features"], "data": data_dir}
     return CaptionModule(captioner, encoder, tokens, beam_size, max_length), info
 
 
 def export(job_dir: str, output: str | None = None, data_dir: str | None = None, beam_size: int = 3,
-           max_length: int | None = None) -> str:
-    module, info = build_module(job_dir, data_dir, beam_size, max_length)
-    output = output or fileio.join(job_dir, "export")
+           max_length: int | None = None, checkpoint: str = "last") -> str:
+    """Write the SavedModel to `output` (default JOB_DIR/export). Locally it is written beside
+    and renamed into place whole; on gs:// export.json, written last, marks it complete. A
+    refused write (a full disk) leaves the previous export as it was and raises WriteError."""
+    module, info = build_module(job_dir, data_dir, beam_size, max_length, checkpoint)
+    output = (output or fileio.join(job_dir, jobdir.EXPORT)).rstrip("/")
+    info = jobdir.record_data(info, info["data"], output)
     signatures = {
         "serving_default": module.serving_default.get_concrete_function(),
         "caption_images": module.caption_images.get_concrete_function(),
         "caption_features": module.caption_features.get_concrete_function(),
     }
-    tf.saved_model.save(module, output, signatures=signatures)
-    fileio.write_json(fileio.join(output, EXPORT_INFO), info)
+    if fileio.is_gcs(output):
+        with fileio.writing(output):
+            if fileio.exists(fileio.join(output, EXPORT_INFO)):
+                fileio.remove(fileio.join(output, EXPORT_INFO))
+            tf.saved_model.save(module, output, signatures=signatures)
+            fileio.write_json(fileio.join(output, EXPORT_INFO), info)
+        return output
+    staging = f"{output}{fileio.TMP_MARK}{os.getpid()}"
+    try:
+        with fileio.writing(output):
+            tf.saved_model.save(module, staging, signatures=signatures)
+            fileio.write_json(fileio.join(staging, EXPORT_INFO), info)
+            _replace_dir(staging, output)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return output
+
+
+def _replace_dir(new: str, dest: str) -> None:
+    """Put the folder `new` at `dest`, replacing what is there (a rename each, no copy)."""
+    old = f"{dest}{fileio.TMP_MARK}old-{os.getpid()}"
+    if os.path.exists(dest):
+        os.rename(dest, old)
+    os.rename(new, dest)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def main(argv=None) -> int:
     ap = cli.Parser(prog="python -m trainer.export", description=__doc__.split("\n\n")[0])
     ap.add_argument("--job-dir", required=True)
     ap.add_argument("--output", help="default: JOB_DIR/export")
-    ap.add_argument("--data", help="the data directory (default: the one the job trained on)")
+    ap.add_argument("--data", help="the data directory (default: the one the job trained on, from job.json)")
+    ap.add_argument("--checkpoint", default="last", metavar="last|best|PATH",
+                    help="last: the newest intact checkpoint; best: the best validation loss's; or a checkpoint path")
     ap.add_argument("--beam-size", type=int, default=3, help="serving_default's beam size")
     ap.add_argument("--max-length", type=int, default=0, help="serving_default's longest caption (0: from the data)")
     a = ap.parse_args(sys.argv[1:] if argv is None else argv)
     if a.beam_size < 1 or a.max_length < 0:
         ap.error("--beam-size must be >= 1 and --max-length >= 0")
     try:
-        out = export(a.job_dir, a.output, a.data, a.beam_size, a.max_length or None)
-    except (ExportError, data.DataError) as e:
+        out = export(a.job_dir, a.output, a.data, a.beam_size, a.max_length or None, a.checkpoint)
+    except (ExportError, data.DataError, fileio.WriteError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"exported {out}")

@@ -26,11 +26,9 @@ import tensorflow as tf
 from model import CaptionerConfig, fused_attention
 from pipelines import fileio
 
-from . import data, distribute
+from . import checkpoints, data, distribute, jobdir
+from .jobdir import CONFIG_FILE
 from .steps import CaptionSteps
-
-CONFIG_FILE = "config.json"
-JOB_FILE = "job.json"  # the settings (data directory included) of the job, for export and evaluation
 
 
 class TrainError(ValueError):
@@ -232,11 +230,15 @@ class Trainer:
             model=self.model, optimizer=self.optimizer, rng=rng, epoch=self.epoch,
             step_in_epoch=self.step_in_epoch, best_val=self.best_val, bad_epochs=self.bad_epochs,
             epoch_loss_sum=self.epoch_loss_sum, epoch_xent_sum=self.epoch_xent_sum, epoch_tokens=self.epoch_tokens)
-        self.checkpoint_dir = ckpt_dir = fileio.join(s.job_dir, "checkpoints")
+        self.checkpoint_dir = fileio.join(s.job_dir, jobdir.CHECKPOINTS)
+        home = s.job_dir
         if not self.chief:  # non-chief workers save too (collective ops), somewhere throwaway
-            task = self.strategy.cluster_resolver.task_id
-            ckpt_dir = fileio.join(s.job_dir, "tmp", f"worker-{task}", "checkpoints")
-        self.manager = tf.train.CheckpointManager(self.checkpoint, ckpt_dir, max_to_keep=s.keep_checkpoints)
+            home = fileio.join(s.job_dir, "tmp", f"worker-{self.strategy.cluster_resolver.task_id}")
+        self.manager = tf.train.CheckpointManager(self.checkpoint, fileio.join(home, jobdir.CHECKPOINTS),
+                                                  max_to_keep=s.keep_checkpoints)
+        # The best validation loss's checkpoint, apart: the newest ones rotate it out when
+        # a run later gets worse, and a run that goes bad must not take it with it.
+        self.best_manager = tf.train.CheckpointManager(self.checkpoint, fileio.join(home, jobdir.BEST), max_to_keep=1)
 
     # ------------------------------------------------------------------ data
     def _dataset(self, files, epoch, shuffle, skip=0):
@@ -283,36 +285,45 @@ class Trainer:
     def _restore_newest_intact(self) -> str | None:
         """Restore the newest checkpoint that reads back whole; say in one line which newer
         ones were damaged (cut short by a full disk, a partial copy) and why. -> its path."""
-        state = tf.train.get_checkpoint_state(self.checkpoint_dir)
-        candidates = list(reversed(state.all_model_checkpoint_paths)) if state else []
-        damaged = []
-        for path in candidates:
-            try:
-                self.checkpoint.restore(path)
-            except Exception as e:  # noqa: BLE001 - a damaged file raises IndexError, DataLossError, ValueError...
-                damaged.append(f"{os.path.basename(path)} ({type(e).__name__}: {str(e).strip().splitlines()[0][:120]})")
-                continue
-            if damaged:
-                print(f"checkpoint damaged: {'; '.join(damaged)}; restored {os.path.basename(path)}, the newest "
-                      "intact one, and training goes on from there", file=sys.stderr)
-            return path
-        if damaged:
+        path, damaged = checkpoints.restore_newest_intact(self.checkpoint_dir, self.checkpoint.restore)
+        if path is None and damaged:
             raise TrainError(f"{self.checkpoint_dir}: no intact checkpoint ({'; '.join(damaged)}); move the folder "
                              "away to start this job afresh, or put back an undamaged copy")
-        return None
+        if damaged:
+            print(f"checkpoint damaged: {'; '.join(damaged)}; restored {os.path.basename(path)}, the newest "
+                  "intact one, and training goes on from there", file=sys.stderr)
+        return path
+
+    def _save(self, step: int, best: bool = False) -> str:
+        return checkpoints.save(self.best_manager if best else self.manager, step)
 
     def run(self) -> dict:
+        """Train (or go on training) to the end. A refused write (a full disk) stops it with one
+        TrainError line naming the file, and what a rerun with space goes on from."""
+        try:
+            with fileio.writing(None):  # summaries and job files; checkpoints name themselves
+                return self._run()
+        except fileio.WriteError as e:
+            last = self.manager.latest_checkpoint
+            after = (f"the newest checkpoint, {os.path.basename(last)}, is whole: free some space (or copy the job "
+                     "elsewhere) and run the same command again, it goes on from there") if last else \
+                "no checkpoint was written: free some space and run the same command again"
+            raise TrainError(f"{e}; {after}") from None
+
+    def _run(self) -> dict:
         s = self.s
         # Every worker restores from the chief's checkpoints (the only real ones).
         restored = self._restore_newest_intact()
         if self.chief:
             fileio.write_text(fileio.join(s.job_dir, CONFIG_FILE), self.config.to_json())
-            fileio.write_json(fileio.join(s.job_dir, JOB_FILE), settings_dict(s))
-        history_path = fileio.join(s.job_dir, "history.json")
+            fileio.write_json(fileio.join(s.job_dir, jobdir.JOB_FILE),
+                              jobdir.record_data(dict(settings_dict(s), job_dir=fileio.absolute(s.job_dir)),
+                                                 s.data, s.job_dir))
+        history_path = fileio.join(s.job_dir, jobdir.HISTORY_FILE)
         history = fileio.read_json(history_path) if restored and fileio.exists(history_path) else []
         writers = {}
         if self.chief:
-            writers = {k: tf.summary.create_file_writer(fileio.join(s.job_dir, "logs", k)) for k in ("train", "val")}
+            writers = {k: tf.summary.create_file_writer(fileio.join(s.job_dir, jobdir.LOGS, k)) for k in ("train", "val")}
         progress = sys.stderr.isatty() if s.progress is None else s.progress
         start_time = time.time()
         trained_tokens, stop_reason = 0, "epochs done"
@@ -326,9 +337,9 @@ class Trainer:
             self.steps.build(self._dataset(self.val_files, 0, shuffle=False).element_spec)
             initial_val = self.validate(0)
             if self.chief:
-                fileio.write_json(fileio.join(s.job_dir, "initial_val.json"), initial_val)
-        elif restored and fileio.exists(fileio.join(s.job_dir, "initial_val.json")):
-            initial_val = fileio.read_json(fileio.join(s.job_dir, "initial_val.json"))
+                fileio.write_json(fileio.join(s.job_dir, jobdir.INITIAL_VAL_FILE), initial_val)
+        elif restored and fileio.exists(fileio.join(s.job_dir, jobdir.INITIAL_VAL_FILE)):
+            initial_val = fileio.read_json(fileio.join(s.job_dir, jobdir.INITIAL_VAL_FILE))
         self.initial_val = initial_val
 
         with _Sigterm() as sigterm:
@@ -367,9 +378,9 @@ class Trainer:
                         bar.update(1)
                         bar.set_postfix(loss=f"{float(out['loss']):.3f}", tok_s=f"{rate:,.0f}")
                     if s.checkpoint_every and step % s.checkpoint_every == 0:
-                        self.manager.save(checkpoint_number=step)
+                        self._save(step)
                     if sigterm.received:
-                        path = self.manager.save(checkpoint_number=step)
+                        path = self._save(step)
                         if bar:
                             bar.close()
                         raise Interrupted(f"stopped by SIGTERM at step {step}; saved {path}; "
@@ -381,7 +392,7 @@ class Trainer:
                 if s.max_steps and self.global_step() >= s.max_steps and \
                         int(self.step_in_epoch) < self.steps_per_epoch:
                     # Stopped mid-epoch by --max-steps: keep the position for a later run.
-                    self.manager.save(checkpoint_number=self.global_step())
+                    self._save(self.global_step())
                     stop_reason = "max steps"
                     break
                 record = {"epoch": epoch + 1, "step": self.global_step(),
@@ -406,15 +417,18 @@ class Trainer:
                 self.epoch_loss_sum.assign(0.0)
                 self.epoch_xent_sum.assign(0.0)
                 self.epoch_tokens.assign(0)
-                stop = False
+                stop = improved = False
                 if val:
-                    if val["loss"] < float(self.best_val):
+                    improved = val["loss"] < float(self.best_val)
+                    if improved:
                         self.best_val.assign(val["loss"])
                         self.bad_epochs.assign(0)
                     else:
                         self.bad_epochs.assign_add(1)
                         stop = bool(s.early_stopping) and int(self.bad_epochs) >= s.early_stopping
-                self.manager.save(checkpoint_number=self.global_step())
+                self._save(self.global_step())
+                if improved:
+                    self._save(self.global_step(), best=True)
                 if self.chief:
                     fileio.write_json(history_path, history)
                 if stop:
@@ -424,9 +438,9 @@ class Trainer:
             w.flush()
         metrics = self._final_metrics(history, trained_tokens, time.time() - start_time, stop_reason)
         if self.chief:
-            fileio.write_json(fileio.join(s.job_dir, "metrics.json"), metrics)
+            fileio.write_json(fileio.join(s.job_dir, jobdir.METRICS_FILE), metrics)
             if history:
-                _write_loss_plot(history, fileio.join(s.job_dir, "loss.png"))
+                _write_loss_plot(history, fileio.join(s.job_dir, jobdir.LOSS_PLOT))
             self.save_weights()
         return metrics
 
@@ -453,13 +467,9 @@ class Trainer:
 
     def save_weights(self) -> str:
         """The trained weights and what rebuilds them, for export."""
-        path = fileio.join(self.s.job_dir, "final", "model.weights.h5")
-        local = path if not fileio.is_gcs(path) else os.path.join("/tmp", f"captioner-{os.getpid()}.weights.h5")
-        fileio.makedirs(os.path.dirname(local))
-        self.model.save_weights(local)
-        if local != path:
-            fileio.upload(local, path)
-        fileio.write_text(fileio.join(self.s.job_dir, "final", CONFIG_FILE), self.config.to_json())
+        path = fileio.join(self.s.job_dir, jobdir.FINAL, "model.weights.h5")
+        fileio.write_through_local(path, self.model.save_weights)
+        fileio.write_text(fileio.join(self.s.job_dir, jobdir.FINAL, CONFIG_FILE), self.config.to_json())
         return path
 
 

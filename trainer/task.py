@@ -92,7 +92,13 @@ def finish(trainer, settings):
         return None
     from . import export
 
-    path = export.export(settings.job_dir)
+    from pipelines import fileio
+
+    try:
+        path = export.export(settings.job_dir)
+    except fileio.WriteError as e:
+        raise loop.TrainError(f"{e}; training is done and saved: free some space and run `python -m trainer.export "
+                              f"--job-dir {settings.job_dir}` (or the same command again)") from None
     print(f"exported the SavedModel to {path}", file=sys.stderr)
     if settings.evaluate and "val" in trainer.meta["splits"]:
         from . import evaluate
@@ -104,20 +110,25 @@ def finish(trainer, settings):
 
 def main(argv=None) -> int:
     settings = parse_args(sys.argv[1:] if argv is None else argv)
+    from pipelines import fileio
     from pipelines import vocab as vocab_lib
 
-    from . import data
+    from . import data, evaluate, export
 
     try:
         trainer = loop.Trainer(settings)
         metrics = trainer.run()
-    except (data.DataError, loop.TrainError, vocab_lib.VocabError) as e:
+        finish(trainer, settings)
+    except (data.DataError, loop.TrainError, vocab_lib.VocabError, export.ExportError, evaluate.UsageError,
+            fileio.WriteError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except evaluate.ScoringError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except loop.Interrupted as e:
         print(str(e), file=sys.stderr)
         return 143  # 128 + SIGTERM: stopped, not finished
-    finish(trainer, settings)
     print(f"trained {metrics['steps']} steps ({metrics['stopped']}); final train loss "
           f"{metrics['final_train_loss']}, val loss {metrics['final_val_loss']}; {settings.job_dir}")
     return 0

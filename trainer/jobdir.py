@@ -1,0 +1,72 @@
+"""The layout of a training job directory, and the paths its files record.
+
+    JOB_DIR/
+      config.json          the model's CaptionerConfig (a resumed job must agree with it)
+      job.json             the job's settings; "data" is the data directory, absolute when
+                           written, and "data_relative" the same seen from JOB_DIR
+      checkpoints/         the newest checkpoints (tf.train.CheckpointManager's "checkpoint" file)
+      checkpoints/best/    the checkpoint of the best validation loss so far
+      history.json  initial_val.json  metrics.json  loss.png
+      logs/train  logs/val TensorBoard
+      final/               the last weights as .weights.h5, and their config.json
+      export/              the SavedModel (trainer.export)
+
+A job directory is used from other folders and machines (evaluation, export, a copy
+in a bucket), so what it records is resolved when written, and a recorded path that
+is missing is followed relative to the job, then reported with where it came from.
+"""
+from __future__ import annotations
+
+import os
+
+from pipelines import fileio
+
+CONFIG_FILE = "config.json"
+JOB_FILE = "job.json"
+CHECKPOINTS = "checkpoints"
+BEST = "checkpoints/best"
+HISTORY_FILE = "history.json"
+INITIAL_VAL_FILE = "initial_val.json"
+METRICS_FILE = "metrics.json"
+LOSS_PLOT = "loss.png"
+FINAL = "final"
+EXPORT = "export"
+LOGS = "logs"
+
+
+class RecordedPathError(ValueError):
+    """A path a job or export records that is not there; str() says where it came from."""
+
+
+def record_data(record: dict, data_dir: str, home: str) -> dict:
+    """`record` with the data directory as "data" (absolute) and "data_relative" (from `home`,
+    the folder the record describes, so that the two copied side by side stay linked)."""
+    return dict(record, data=fileio.absolute(data_dir), data_relative=fileio.relative(data_dir, home))
+
+
+def recorded_data(record: dict, record_file: str, home: str, flag: str = "--data") -> str:
+    """The data directory a record names: as recorded if it is there, else the same place
+    relative to `home`; neither: a RecordedPathError naming `record_file` and `flag`."""
+    recorded = record.get("data")
+    if not recorded:
+        raise RecordedPathError(f"{record_file} records no data directory: pass {flag} DATA_DIR")
+    if fileio.exists(recorded):
+        return recorded
+    beside = fileio.join(home, record["data_relative"]) if record.get("data_relative") else None
+    if beside and not fileio.is_gcs(beside):
+        beside = os.path.normpath(beside)
+    if beside and fileio.exists(beside):
+        return beside
+    also = f" (nor is {beside}, where it was relative to this folder)" if beside else ""
+    raise RecordedPathError(f"{record_file} records the data directory {recorded}, which does not exist{also}: "
+                            f"pass {flag} DATA_DIR")
+
+
+def data_dir(job_dir: str, override: str | None = None, flag: str = "--data") -> str:
+    """The data directory a job trained on (`override`, when given, wins)."""
+    if override:
+        return override
+    path = fileio.join(job_dir, JOB_FILE)
+    if not fileio.exists(path):
+        raise RecordedPathError(f"{job_dir}: no {JOB_FILE} (is this a training job directory?): pass {flag} DATA_DIR")
+    return recorded_data(fileio.read_json(path), path, job_dir, flag)
