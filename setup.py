@@ -33,11 +33,11 @@ setup(
     version="0.1.0",
     description="Attention-based image captioning (Show, Attend and Tell) at scale: "
     "Beam preprocessing, tf.distribute training, SavedModel serving.",
-    packages=find_packages(include=["pipelines*", "model*", "trainer*"]),
+    packages=find_packages(include=["caption_io*", "model*", "caption_serving*", "pipelines*", "caption_eval*", "trainer*"]),
     # The fused attention kernels' C++ source, built on first use (model/fused_attention.py).
     package_data={"model": ["kernels/*.cc"]},
     python_requires=">=3.10",
     install_requires=REQUIRED,
     extras_require=EXTRAS,
-    entry_points={"console_scripts": ["caption = trainer.caption:main"]},
+    entry_points={"console_scripts": ["caption = caption_serving.caption:main"]},
 )

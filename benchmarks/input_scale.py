@@ -35,8 +35,9 @@ def rss_mb() -> float:
 
 
 def write_split(data_dir: str, images: int, n_shards: int, seed: int = 0) -> dict:
-    from pipelines import records, shards
-    from pipelines import vocab as vocab_lib
+    from caption_io import records
+    from pipelines import shards
+    from caption_io import vocab as vocab_lib
 
     rng = np.random.default_rng(seed)
     words = [f"w{i}" for i in range(VOCAB_WORDS)]

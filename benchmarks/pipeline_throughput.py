@@ -23,7 +23,7 @@ def bare_encoder_rate(weights_path: str, image_paths: list[str], batch_size: int
     import tensorflow as tf
 
     from model import inception
-    from pipelines import images
+    from caption_io import images
 
     model = inception.load(weights_path)
     call = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
@@ -43,7 +43,8 @@ def main():
     ap.add_argument("--workdir", default=None)
     args = ap.parse_args()
 
-    from pipelines import preprocess, records, synthetic
+    from pipelines import preprocess, synthetic
+    from caption_io import records
 
     work = args.workdir or tempfile.mkdtemp(prefix="bench-pipeline-")
     import apache_beam as beam

@@ -40,9 +40,9 @@ def main():
     args = ap.parse_args()
 
     from model import inception
-    from pipelines import images
-    from trainer import jobdir
-    from trainer.caption import EXPORT_INFO, ModelError, load_model
+    from caption_io import images
+    from caption_io import jobdir
+    from caption_serving.caption import EXPORT_INFO, ModelError, load_model
 
     try:
         loaded, info = load_model(args.model)

@@ -52,7 +52,7 @@ import collections
 
 import tensorflow as tf
 
-from pipelines.vocab import END_ID, PAD_ID, START_ID
+from caption_io.vocab import END_ID, PAD_ID, START_ID
 
 DEFAULT_ALPHA = 0.7
 

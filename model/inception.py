@@ -77,7 +77,7 @@ def build(weights: str = "random", seed: int = 0) -> keras.Model:
                 "(seeded) or --encoder-weights PATH (a weights file you have)")
         base_weights = "imagenet"
     else:
-        from pipelines import fileio  # small files, local or gs://, in one place
+        from caption_io import fileio  # small files, local or gs://, in one place
 
         base_weights = None
         if weights != "random" and not fileio.exists(weights):
@@ -124,6 +124,6 @@ def load(weights_path: str) -> keras.Model:
 
 def save(model: keras.Model, path: str) -> None:
     """Save the weights (a .weights.h5 file), locally or to gs://, whole or not at all."""
-    from pipelines import fileio
+    from caption_io import fileio
 
     fileio.write_through_local(path, model.save_weights)

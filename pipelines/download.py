@@ -50,7 +50,7 @@ import zlib
 
 from tqdm import tqdm
 
-from . import cli
+from caption_io import cli
 
 DEFAULT_BASE_URL = "http://images.cocodataset.org/"
 DEFAULT_TIMEOUT = 60.0  # seconds for connecting and for each read, not for the whole file

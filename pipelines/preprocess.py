@@ -29,9 +29,10 @@ import time
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions, TestOptions
 
-from . import cli, fileio, records, shards, sources
-from . import vocab as vocab_lib
-from .transforms import check, encode, metadata, stats, vocabulary
+from caption_io import cli, fileio, records
+from pipelines import shards, sources
+from caption_io import vocab as vocab_lib
+from pipelines.transforms import check, encode, metadata, stats, vocabulary
 
 log = logging.getLogger("pipelines.preprocess")
 

@@ -22,7 +22,7 @@ import os
 import shutil
 import uuid
 
-from . import fileio, records
+from caption_io import fileio, records
 
 DONE_DIR = "shards"
 PARTIAL = ".partial-"

@@ -18,7 +18,7 @@ import random
 import zlib
 from collections import OrderedDict
 
-from . import fileio
+from caption_io import fileio
 
 
 class SourceError(ValueError):

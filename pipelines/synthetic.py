@@ -30,7 +30,7 @@ import sys
 import numpy as np
 from PIL import Image, ImageDraw
 
-from . import cli
+from caption_io import cli
 
 COLOURS = ("red", "green", "blue", "yellow", "white", "black")
 SHAPES = ("circle", "square", "triangle")

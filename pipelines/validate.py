@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import sys
 
-from . import cli, fileio, records
+from caption_io import cli, fileio, records
 
 RERUN = "re-run `python -m pipelines.preprocess` for it (or copy the data directory again)"
 
@@ -101,7 +101,7 @@ def check_contents(data_dir: str, meta: dict, split: str, vocab_size: int) -> tu
 
 def validate(data_dir: str, full: bool = False) -> tuple[list[str], list[str]]:
     """-> (summary lines, problem lines) for a data directory."""
-    from . import vocab as vocab_lib
+    from caption_io import vocab as vocab_lib
 
     meta = read_metadata(data_dir)
     lines, problems = [], []

@@ -34,7 +34,7 @@ echo "== 4/4 captioning a held-out image with the SavedModel"
 # (exit 141) when head closed the pipe before ls had written its last block.
 VAL_IMAGES=("$OUT"/coco/val2014/*)
 IMG="${VAL_IMAGES[0]}"
-"$PY" -m trainer.caption "$IMG" --model "$OUT/job/export" --plot "$OUT/plots"
+"$PY" -m caption_serving.caption "$IMG" --model "$OUT/job/export" --plot "$OUT/plots"
 "$PY" - "$OUT" <<'PYEOF'
 import json, sys
 m = json.load(open(f"{sys.argv[1]}/job/metrics.json"))

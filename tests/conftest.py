@@ -9,7 +9,8 @@ import socket
 import pytest
 from PIL import Image
 
-from pipelines import fileio, synthetic
+from caption_io import fileio
+from pipelines import synthetic
 
 # Small enough to encode in seconds with the random-weight InceptionV3.
 N_TRAIN, N_VAL = 14, 5
@@ -120,7 +121,8 @@ def small_data(scene_dir, tmp_path_factory):
 @pytest.fixture(scope="session")
 def trained_job(small_data, tmp_path_factory):
     """A small model trained briefly on the small scene set, exported to JOB/export."""
-    from trainer import export, loop, task
+    from caption_serving import export
+    from trainer import loop, task
 
     job = str(tmp_path_factory.mktemp("job"))
     loop.train(task.parse_args(["--data", small_data, "--job-dir", job, "--units", "64", "--embedding-dim", "32",

@@ -19,14 +19,14 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from trainer import caption
+from caption_serving import caption
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "trainer.caption", *args], cwd=ROOT,
+    return subprocess.run([sys.executable, "-m", "caption_serving.caption", *args], cwd=ROOT,
                           env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True, timeout=300)
 
 
@@ -252,4 +252,4 @@ def test_invalid_model_dirs_and_flags(val_images, tmp_path, capsys):
 
 def test_console_script_is_declared():
     with open(os.path.join(ROOT, "setup.py")) as f:
-        assert '"caption = trainer.caption:main"' in f.read()
+        assert '"caption = caption_serving.caption:main"' in f.read()

@@ -13,7 +13,8 @@ import os
 
 import pytest
 
-from pipelines import fileio, preprocess
+from caption_io import fileio
+from pipelines import preprocess
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMAGE = "us-central1-docker.pkg.dev/my-project/captioner/worker:2.77"

@@ -11,7 +11,9 @@ import shutil
 import pytest
 import tensorflow as tf
 
-from trainer import checkpoints, export, task
+from caption_io import checkpoints
+from caption_serving import export
+from trainer import task
 
 TRAIN = ["--units", "64", "--embedding-dim", "32", "--batch-size", "8", "--no-progress", "--no-export"]
 
@@ -79,7 +81,7 @@ def test_summaries_refused_by_a_full_disk_name_the_event_file(small_data, refere
 
 
 def test_an_export_refused_by_a_full_disk_keeps_the_previous_export(trained_job, small_disk, capsys):
-    from trainer.caption import load_model
+    from caption_serving.caption import load_model
 
     out = os.path.join(small_disk.path, "export")
     assert export.main(["--job-dir", trained_job, "--output", out]) == 0
@@ -125,7 +127,7 @@ def test_shards_refused_by_a_full_disk_then_a_rerun_finishes_the_same_data(scene
 
 
 def test_small_files_refused_by_a_full_disk_leave_neither_half_a_file_nor_a_temporary(small_disk):
-    from pipelines import fileio
+    from caption_io import fileio
 
     path = os.path.join(small_disk.path, "sub", "metadata.json")
     fileio.write_json(path, {"a": 1})

@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from trainer import evaluate, gallery
+from caption_eval import evaluate, gallery
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 W, H = 320, 240  # the scene set's image size: grid cells are 40 x 30 pixels
@@ -177,7 +177,7 @@ def test_gallery_without_images_still_lists_captions(tmp_path):
 
 # ------------------------------------------------------------------------------------- the CLI
 def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "trainer.evaluate", *args], cwd=ROOT,
+    return subprocess.run([sys.executable, "-m", "caption_eval.evaluate", *args], cwd=ROOT,
                           env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True, timeout=600)
 
 
@@ -191,7 +191,7 @@ def evaluated(trained_job, small_data, tmp_path_factory):
 
 
 def test_cli_writes_results_metrics_and_gallery(evaluated, small_data):
-    from pipelines import records
+    from caption_io import records
     from trainer import data
 
     out, proc = evaluated

@@ -13,7 +13,7 @@ import pytest
 import tensorflow as tf
 
 from model import Captioner, CaptionerConfig, decoding, inception
-from pipelines import images, records, vocab
+from caption_io import images, records, vocab
 from trainer import data
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -120,7 +120,7 @@ def test_beam_one_is_greedy_and_attention_rows_sum_to_one(loaded, trained_job, s
 def test_export_refuses_a_job_without_checkpoints(tmp_path, trained_job):
     (tmp_path / "config.json").write_text(open(os.path.join(trained_job, "config.json")).read())
     (tmp_path / "job.json").write_text(open(os.path.join(trained_job, "job.json")).read())
-    proc = subprocess.run([sys.executable, "-m", "trainer.export", "--job-dir", str(tmp_path)], cwd=ROOT,
+    proc = subprocess.run([sys.executable, "-m", "caption_serving.export", "--job-dir", str(tmp_path)], cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
     assert "no checkpoint" in proc.stderr.strip().splitlines()[-1] and "Traceback" not in proc.stderr

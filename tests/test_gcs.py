@@ -2,7 +2,7 @@
 
 The google-cloud-storage client honours STORAGE_EMULATOR_HOST, and so does Beam's
 GCS IO (it builds its client with that library): the project's small-file reading
-and writing (pipelines.fileio), caption's inputs and plots, and a whole pipeline
+and writing (caption_io.fileio), caption's inputs and plots, and a whole pipeline
 run with --output gs://... go to the emulator here exactly as they would go to
 Cloud Storage.
 
@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipelines import fileio, records
+from caption_io import fileio, records
 
 def test_small_files_round_trip(gcs):
     base = fileio.join(gcs, "run1")
@@ -89,7 +89,7 @@ def _jpeg(colour) -> bytes:
 
 
 def test_caption_reads_gs_inputs_with_the_byte_cap(gcs):
-    from trainer import caption
+    from caption_serving import caption
 
     path = fileio.join(gcs, "images", "red.jpg")
     fileio.write_bytes(path, _jpeg((200, 10, 10)))

@@ -11,7 +11,9 @@ import sys
 
 import pytest
 
-from trainer import evaluate, export, task
+from caption_eval import evaluate
+from caption_serving import export
+from trainer import task
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

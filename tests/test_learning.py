@@ -10,8 +10,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from pipelines import preprocess, records, synthetic
-from trainer import data, export, loop, task
+from pipelines import preprocess, synthetic
+from caption_io import records
+from trainer import data, loop, task
+from caption_serving import export
 
 # The bars (see the closing note of the trainer issue for the figures reached).
 VAL_XENT_SHARE = 0.25     # val cross-entropy ends below this share of where it started

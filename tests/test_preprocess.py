@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from model import inception
-from pipelines import images, preprocess, records, text, vocab
+from caption_io import images, records, text, vocab
+from pipelines import preprocess
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -8,7 +8,8 @@ import os
 
 import pytest
 
-from pipelines import preprocess, records, sources
+from pipelines import preprocess, sources
+from caption_io import records
 
 
 def _coco(scene_dir, split):

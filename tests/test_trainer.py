@@ -177,7 +177,7 @@ def test_sigkill_after_a_checkpoint_then_rerun_finishes_the_same(small_data, tmp
 
 
 def test_mixed_precision_trains_and_exports_in_float32(small_data, tmp_path):
-    from trainer import export
+    from caption_serving import export
 
     m = loop.train(_settings(small_data, tmp_path / "job", "--epochs", "3", "--learning-rate", "3e-3",
                              "--mixed-precision"))
@@ -293,7 +293,8 @@ def test_no_intact_checkpoint_is_one_line_naming_the_folder(small_data, tmp_path
 def _poison_one_record(data_dir):
     """Rewrite train shard 0 with one image's features set to infinity, as a damaged
     batch would be, and record the new shard in metadata.json as the pipeline would."""
-    from pipelines import records, shards
+    from caption_io import records
+    from pipelines import shards
 
     meta_path = os.path.join(data_dir, "metadata.json")
     meta = json.load(open(meta_path))
@@ -339,7 +340,8 @@ def test_a_non_finite_loss_stops_at_once_and_keeps_the_last_good_checkpoint(smal
 
 
 def test_the_best_checkpoint_outlives_the_newest_ones_when_a_run_gets_worse(small_data, tmp_path, capsys):
-    from trainer import checkpoints, export
+    from caption_io import checkpoints
+    from caption_serving import export
 
     job = tmp_path / "job"
     # A learning rate this high makes validation worse again in later epochs (seed 0), and

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from pipelines import records
+from caption_io import records
 from trainer import data
 
 

@@ -14,7 +14,8 @@ from apache_beam.testing.test_pipeline import TestPipeline as BeamPipeline
 from apache_beam.testing.util import assert_that, equal_to
 from PIL import Image
 
-from pipelines import records, shards, vocab
+from caption_io import records, vocab
+from pipelines import shards
 from pipelines.transforms import check, encode, vocabulary
 
 

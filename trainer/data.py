@@ -12,8 +12,8 @@ import io
 import numpy as np
 import tensorflow as tf
 
-from pipelines import fileio, records
-from pipelines import vocab as vocab_lib
+from caption_io import fileio, records
+from caption_io import vocab as vocab_lib
 
 METADATA_FILE = records.METADATA_FILE
 

@@ -26,7 +26,7 @@ import sys
 import tempfile
 import time
 
-from pipelines import cli, fileio
+from caption_io import cli, fileio
 
 PACKAGE = "show-attend-tell"
 TRAINER_MODULE = "trainer.task"
@@ -83,7 +83,7 @@ def parse_args(argv):
 
     # A trainer flag that is wrong should fail here, in seconds, not after the cluster starts.
     with _quiet_stderr():  # importing TensorFlow prints start-up lines we cannot switch off
-        from . import task
+        from trainer import task
     settings = task.parse_args(["--data", _UNSET, "--job-dir", _UNSET, *trainer_args])
     if settings.data != _UNSET or settings.job_dir != _UNSET:
         ap.error("give --data and --job-dir to the launcher, not after --")

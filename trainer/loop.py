@@ -24,11 +24,12 @@ import numpy as np
 import tensorflow as tf
 
 from model import CaptionerConfig, fused_attention
-from pipelines import fileio
+from caption_io import fileio
 
-from . import checkpoints, data, distribute, jobdir
-from .jobdir import CONFIG_FILE
-from .steps import CaptionSteps
+from caption_io import checkpoints, jobdir
+from trainer import data, distribute
+from caption_io.jobdir import CONFIG_FILE
+from trainer.steps import CaptionSteps
 
 
 class TrainError(ValueError):

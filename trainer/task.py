@@ -10,10 +10,10 @@ from __future__ import annotations
 import sys
 
 from model import fused_attention
-from pipelines import cli
+from caption_io import cli
 
-from . import distribute, loop
-from .loop import Settings
+from trainer import distribute, loop
+from trainer.loop import Settings
 
 
 def parse_args(argv) -> Settings:
@@ -90,18 +90,18 @@ def finish(trainer, settings):
     (other workers of a multi-worker job return at once). -> the export path or None."""
     if not (settings.export and trainer.chief):
         return None
-    from . import export
+    from caption_serving import export
 
-    from pipelines import fileio
+    from caption_io import fileio
 
     try:
         path = export.export(settings.job_dir)
     except fileio.WriteError as e:
-        raise loop.TrainError(f"{e}; training is done and saved: free some space and run `python -m trainer.export "
+        raise loop.TrainError(f"{e}; training is done and saved: free some space and run `python -m caption_serving.export "
                               f"--job-dir {settings.job_dir}` (or the same command again)") from None
     print(f"exported the SavedModel to {path}", file=sys.stderr)
     if settings.evaluate and "val" in trainer.meta["splits"]:
-        from . import evaluate
+        from caption_eval import evaluate
 
         scores = evaluate.evaluate(path, settings.data, split="val")
         print(evaluate.table(scores))
@@ -110,10 +110,12 @@ def finish(trainer, settings):
 
 def main(argv=None) -> int:
     settings = parse_args(sys.argv[1:] if argv is None else argv)
-    from pipelines import fileio
-    from pipelines import vocab as vocab_lib
+    from caption_io import fileio
+    from caption_io import vocab as vocab_lib
 
-    from . import data, evaluate, export
+    from trainer import data
+    from caption_eval import evaluate
+    from caption_serving import export
 
     try:
         trainer = loop.Trainer(settings)

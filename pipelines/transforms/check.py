@@ -6,8 +6,8 @@ from __future__ import annotations
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
-from .. import sources
-from . import NAMESPACE
+from pipelines import sources
+from pipelines.transforms import NAMESPACE
 
 
 def describe(entry) -> dict:
@@ -18,7 +18,7 @@ def read_pixels(entry):
     """(uint8 [H, W, 3] pixels, None) or (None, reason) for an entry's image file."""
     from apache_beam.io.filesystems import FileSystems
 
-    from .. import images
+    from caption_io import images
 
     try:
         with FileSystems.open(entry["path"]) as f:
@@ -45,7 +45,7 @@ class TokenizeCaptions(beam.DoFn):
     """
 
     def setup(self):
-        from .. import text  # TensorFlow import: once per worker, not at pipeline build
+        from caption_io import text  # TensorFlow import: once per worker, not at pipeline build
 
         self._words = text.words
 

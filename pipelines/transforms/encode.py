@@ -19,9 +19,10 @@ import apache_beam as beam
 import numpy as np
 from apache_beam.metrics import Metrics
 
-from .. import fileio, records, shards
-from .. import vocab as vocab_lib
-from . import NAMESPACE, check, stats
+from caption_io import fileio, records
+from pipelines import shards
+from caption_io import vocab as vocab_lib
+from pipelines.transforms import NAMESPACE, check, stats
 
 log = logging.getLogger("pipelines.preprocess")
 

@@ -10,8 +10,9 @@ import io
 import apache_beam as beam
 import numpy as np
 
-from .. import fileio, records, shards
-from .. import vocab as vocab_lib
+from caption_io import fileio, records
+from pipelines import shards
+from caption_io import vocab as vocab_lib
 
 STATS_FILE = "feature_stats.npz"
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import apache_beam as beam
 
-from .. import vocab as vocab_lib
+from caption_io import vocab as vocab_lib
 
 
 def _train_words(entry):

@@ -9,7 +9,7 @@
       history.json  initial_val.json  metrics.json  loss.png
       logs/train  logs/val TensorBoard
       final/               the last weights as .weights.h5, and their config.json
-      export/              the SavedModel (trainer.export)
+      export/              the SavedModel (caption_serving.export)
 
 A job directory is used from other folders and machines (evaluation, export, a copy
 in a bucket), so what it records is resolved when written, and a recorded path that
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 
-from pipelines import fileio
+from caption_io import fileio
 
 CONFIG_FILE = "config.json"
 JOB_FILE = "job.json"

@@ -1,6 +1,6 @@
 """Export a trained job as a SavedModel that captions raw image bytes.
 
-    python -m trainer.export --job-dir JOB_DIR [--output DIR] [--data DATA_DIR] [--checkpoint last|best|PATH]
+    python -m caption_serving.export --job-dir JOB_DIR [--output DIR] [--data DATA_DIR] [--checkpoint last|best|PATH]
 
 The SavedModel holds everything: the InceptionV3 encoder with exactly the
 weights that made the training features, the image decoding and scaling, the
@@ -24,12 +24,13 @@ import sys
 import tensorflow as tf
 
 from model import Captioner, CaptionerConfig, decoding, inception
-from pipelines import cli, fileio
-from pipelines import vocab as vocab_lib
+from caption_io import cli, fileio
+from caption_io import vocab as vocab_lib
 
-from . import checkpoints, data, jobdir
-from .caption import EXPORT_INFO
-from .jobdir import CONFIG_FILE
+from caption_io import checkpoints, jobdir
+from trainer import data
+from caption_serving.caption import EXPORT_INFO
+from caption_io.jobdir import CONFIG_FILE
 
 CHECKPOINT_CHOICES = ("last", "best")  # or a checkpoint's path
 
@@ -178,7 +179,7 @@ def _replace_dir(new: str, dest: str) -> None:
 
 
 def main(argv=None) -> int:
-    ap = cli.Parser(prog="python -m trainer.export", description=__doc__.split("\n\n")[0])
+    ap = cli.Parser(prog="python -m caption_serving.export", description=__doc__.split("\n\n")[0])
     ap.add_argument("--job-dir", required=True)
     ap.add_argument("--output", help="default: JOB_DIR/export")
     ap.add_argument("--data", help="the data directory (default: the one the job trained on, from job.json)")

@@ -17,7 +17,7 @@ import os
 
 import tensorflow as tf
 
-from pipelines import fileio
+from caption_io import fileio
 
 
 def prefix(manager: tf.train.CheckpointManager, step: int) -> str:

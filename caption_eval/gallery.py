@@ -14,7 +14,7 @@ import io
 
 import numpy as np
 
-from pipelines import fileio, images
+from caption_io import fileio, images
 
 BLANK_SIZE = (299, 299)  # the encoder's input, when the image's own size is unknown
 
@@ -56,7 +56,7 @@ def write(out_dir: str, items: list[dict], image_dirs: list[str], sizes: dict | 
           summary: str = "") -> str:
     """items: {"image_id", "file_name", "caption", "references", "words", "attention"};
     sizes: {image_id: (width, height)} for blank canvases. Returns index.html's path."""
-    from .plot import attention_png
+    from caption_serving.plot import attention_png
 
     sizes = sizes or {}
     found = 0

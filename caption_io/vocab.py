@@ -6,7 +6,7 @@ order the pipeline saw the captions in).
 """
 from __future__ import annotations
 
-from . import fileio
+from caption_io import fileio
 
 PAD, UNK, START, END = "<pad>", "<unk>", "<start>", "<end>"
 SPECIALS = (PAD, UNK, START, END)

@@ -1,6 +1,6 @@
 """Score an exported captioner on a split of its data directory.
 
-    python -m trainer.evaluate --model EXPORT_DIR [--data DATA_DIR] [--split val|test]
+    python -m caption_eval.evaluate --model EXPORT_DIR [--data DATA_DIR] [--split val|test]
         [--beam-size 3] [--max-length N] [--output DIR] [--images-dir DIR]
         [--instances FILE] [--gallery N] [--spice]
 
@@ -15,7 +15,7 @@ and where the data set has object boxes, measures attention correctness. Writes 
   gallery/        index.html with the first --gallery images (default 12)
 
 Text: references and candidates are normalised with the project's own
-pipelines.text.normalize (the function that made the vocabulary), not with
+caption_io.text.normalize (the function that made the vocabulary), not with
 pycocoevalcap's PTBTokenizer: the model's words were cut by that function, so
 scoring with another tokenizer would count tokenizer disagreements as caption
 errors, and it saves the PTBTokenizer's separate Java run.
@@ -29,8 +29,9 @@ from collections import Counter, defaultdict
 
 import numpy as np
 
-from pipelines import cli, fileio, synthetic
-from pipelines import text as text_lib
+from caption_io import cli, fileio
+from pipelines import synthetic
+from caption_io import text as text_lib
 
 GRID = 8  # the encoder's feature map is 8x8 (64 attention weights a word)
 METRIC_KEYS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr")
@@ -335,9 +336,9 @@ def caption_split(model, files: list[str], beam_size: int, max_length: int, batc
     never holds more than one batch of feature maps."""
     import tensorflow as tf
 
-    from pipelines import records
+    from caption_io import records
 
-    from .caption import FIRST_WORD_ID
+    from caption_serving.caption import FIRST_WORD_ID
 
     fn = model.signatures["caption_features"]
     ds = tf.data.TFRecordDataset(files).batch(batch_size).map(records.parse_examples)
@@ -348,7 +349,7 @@ def caption_split(model, files: list[str], beam_size: int, max_length: int, batc
         texts = batch["caption_text"].to_list()
         for i, image_id in enumerate(batch["image_id"].numpy()):
             caption = out["captions"][i].decode("utf-8")
-            # The caption's words are the non-special tokens in order (as in trainer.caption).
+            # The caption's words are the non-special tokens in order (as in caption_serving.caption).
             keep = out["tokens"][i] >= FIRST_WORD_ID
             yield {"image_id": int(image_id), "file_name": batch["file_name"][i].numpy().decode("utf-8"),
                    "references": [t.decode("utf-8") for t in texts[i]], "caption": caption,
@@ -360,12 +361,14 @@ def evaluate(model_dir: str, data_dir: str | None = None, split: str = "val", be
              instances: str | None = None, gallery_size: int = 12, spice: bool = False,
              batch_size: int = 32) -> dict:
     """Run the whole evaluation, write its files, return metrics.json's content."""
-    from . import data, gallery, jobdir
-    from .caption import EXPORT_INFO, load_model
+    from trainer import data
+    from caption_eval import gallery
+    from caption_io import jobdir
+    from caption_serving.caption import EXPORT_INFO, load_model
 
     model, info = load_model(model_dir)
     if "caption_features" not in model.signatures:
-        raise UsageError(f"--model {model_dir}: no caption_features signature (re-export with trainer.export)")
+        raise UsageError(f"--model {model_dir}: no caption_features signature (re-export with caption_serving.export)")
     if not data_dir:
         try:
             data_dir = jobdir.recorded_data(info, fileio.join(model_dir, EXPORT_INFO), model_dir)
@@ -415,7 +418,7 @@ def evaluate(model_dir: str, data_dir: str | None = None, split: str = "val", be
         except ScoringError as e:
             spice_error, metrics["SPICE"] = str(e), None
     metrics.update({"split": split, "beam_size": beam_size, "max_length": max_length, "model": model_dir,
-                    "data": data_dir, "text_normalisation": "pipelines.text.normalize (tensorflow-text)",
+                    "data": data_dir, "text_normalisation": "caption_io.text.normalize (tensorflow-text)",
                     "caption_seconds": round(caption_seconds, 1),
                     "score_seconds": round(time.time() - start - caption_seconds, 1)})
     metrics["instances"] = boxes_from
@@ -461,7 +464,7 @@ class UsageError(ValueError):
 
 
 def main(argv=None) -> int:
-    ap = cli.Parser(prog="python -m trainer.evaluate", description=__doc__.split("\n\n")[0])
+    ap = cli.Parser(prog="python -m caption_eval.evaluate", description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", required=True, help="the SavedModel directory (JOB_DIR/export)")
     ap.add_argument("--data", help="the data directory (default: the one named in the export)")
     ap.add_argument("--split", default="val", choices=("val", "test"))
@@ -478,8 +481,8 @@ def main(argv=None) -> int:
     if a.beam_size < 1 or a.max_length < 0 or a.gallery < 0 or a.batch_size < 1:
         ap.error("--beam-size and --batch-size must be >= 1, --max-length and --gallery >= 0")
 
-    from . import data
-    from .caption import ModelError
+    from trainer import data
+    from caption_serving.caption import ModelError
 
     try:
         metrics = evaluate(a.model, a.data, a.split, a.beam_size, a.max_length or None, a.output, a.images_dir,

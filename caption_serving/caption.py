@@ -1,7 +1,7 @@
 """Caption your own images with an exported model.
 
     caption IMAGE_OR_URL... --model EXPORT_DIR [--beam-size 3] [--max-length N]
-            [--plot OUT_DIR] [--json]          (or: python -m trainer.caption ...)
+            [--plot OUT_DIR] [--json]          (or: python -m caption_serving.caption ...)
 
 Each input is a local file, a gs:// object or an http(s) URL; --model and --plot
 may be gs:// too. Prints one caption a line (`INPUT<TAB>caption` when several inputs are given), or
@@ -28,9 +28,9 @@ import warnings
 import numpy as np
 from PIL import Image
 
-from pipelines import cli, fileio, images, vocab
+from caption_io import cli, fileio, images, vocab
 
-# Beside the SavedModel: what trainer.export wrote down about it (defaults, data, encoder).
+# Beside the SavedModel: what caption_serving.export wrote down about it (defaults, data, encoder).
 EXPORT_INFO = os.path.join("assets.extra", "export.json")
 # Formats TensorFlow's decode_image reads the same way PIL does: these bytes go to the
 # model untouched, so a caption here equals the SavedModel's for the same file. BMP is
@@ -209,7 +209,7 @@ def main(argv=None) -> int:
         return 2
     max_length = a.max_length or int(info.get("default_max_length", 20))
     if a.plot:
-        from . import plot
+        from caption_serving import plot
 
         fileio.makedirs(a.plot)
     several, failed, taken = len(a.inputs) > 1, 0, set()
