@@ -9,8 +9,11 @@ FROM apache/beam_python3.11_sdk:2.77.0
 
 WORKDIR /opt/captioner
 COPY setup.py README.md ./
-COPY pipelines ./pipelines
+COPY caption_io ./caption_io
 COPY model ./model
+COPY caption_serving ./caption_serving
+COPY pipelines ./pipelines
+COPY caption_eval ./caption_eval
 COPY trainer ./trainer
 # GPU workers need TensorFlow's CUDA libraries too:
 #   docker build --build-arg GPU_EXTRAS="tensorflow[and-cuda]>=2.21,<2.22" -t IMAGE .

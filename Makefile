@@ -6,7 +6,7 @@ PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 DEMO    ?= demo_out
 
-.PHONY: demo test java cxx clean
+.PHONY: demo test lint java cxx clean
 
 # The venv is rebuilt when setup.py changes (its dependencies are declared there).
 $(STAMP): setup.py
@@ -29,7 +29,11 @@ cxx:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq g++ >/dev/null \
 	  || echo "could not install g++: CPU training will use TensorFlow ops (slower)"; }
 
-test: $(STAMP) java cxx
+# The linter first (settings in pyproject.toml): a finding fails the run before the tests start.
+lint: $(STAMP)
+	$(PY) -m ruff check .
+
+test: lint java cxx
 	$(PY) -m pytest -q -rs
 
 demo: $(STAMP) java cxx

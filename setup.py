@@ -25,7 +25,8 @@ EXTRAS = {
     # trainer.launch submits Vertex AI custom jobs (apache-beam[gcp] pulls it in too).
     "cloud": ["google-cloud-aiplatform>=1.60"],
     # The GCS tests serve a bucket from a loopback emulator.
-    "test": ["pytest>=8", "pycocoevalcap>=1.2", "google-cloud-aiplatform>=1.60", "gcp-storage-emulator>=2024.1"],
+    "test": ["pytest>=8", "pycocoevalcap>=1.2", "google-cloud-aiplatform>=1.60", "gcp-storage-emulator>=2024.1",
+             "ruff>=0.17,<0.18"],
 }
 
 setup(
@@ -33,7 +34,8 @@ setup(
     version="0.1.0",
     description="Attention-based image captioning (Show, Attend and Tell) at scale: "
     "Beam preprocessing, tf.distribute training, SavedModel serving.",
-    packages=find_packages(include=["caption_io*", "model*", "caption_serving*", "pipelines*", "caption_eval*", "trainer*"]),
+    packages=find_packages(
+        include=["caption_io*", "model*", "caption_serving*", "pipelines*", "caption_eval*", "trainer*"]),
     # The fused attention kernels' C++ source, built on first use (model/fused_attention.py).
     package_data={"model": ["kernels/*.cc"]},
     python_requires=">=3.10",

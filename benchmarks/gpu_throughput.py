@@ -148,7 +148,8 @@ def main(argv=None):
             rate = encoder_rate(batch, mixed, 1 if smoke else 20)
             key = f"batch{batch}_{'bfloat16' if mixed else 'float32'}"
             result["encoder_images_per_s"][key] = rate
-            print(f"encoder (InceptionV3 299x299 -> 8x8x2048) batch {batch} {'mixed bfloat16' if mixed else 'float32'}: "
+            print(f"encoder (InceptionV3 299x299 -> 8x8x2048) batch {batch} "
+                  f"{'mixed bfloat16' if mixed else 'float32'}: "
                   f"{rate:,.0f} images/s (target >= 2,000 in bfloat16)", flush=True)
 
     from trainer import data

@@ -36,8 +36,8 @@ def rss_mb() -> float:
 
 def write_split(data_dir: str, images: int, n_shards: int, seed: int = 0) -> dict:
     from caption_io import records
-    from pipelines import shards
     from caption_io import vocab as vocab_lib
+    from pipelines import shards
 
     rng = np.random.default_rng(seed)
     words = [f"w{i}" for i in range(VOCAB_WORDS)]
@@ -66,7 +66,7 @@ def write_split(data_dir: str, images: int, n_shards: int, seed: int = 0) -> dic
 
 def stream_epoch(files: list[str], batch: int) -> dict:
     from trainer import data
-    from trainer.loop import Settings
+    from trainer.settings import Settings
 
     ds = data.caption_dataset(files, batch, shuffle=True, seed=0, shuffle_buffer=Settings.shuffle_buffer,
                               bucket_boundaries=Settings.bucket_boundaries)
@@ -89,7 +89,8 @@ def step_rate(files: list[str], vocab: int, batch: int, steps: int = 8, warmup: 
     from trainer.steps import CaptionSteps
 
     config = CaptionerConfig(vocab_size=vocab)
-    s = CaptionSteps(config, np.zeros(2048, np.float32), np.ones(2048, np.float32), tf.distribute.get_strategy(), 1e-3, 5.0)
+    s = CaptionSteps(config, np.zeros(2048, np.float32), np.ones(2048, np.float32), tf.distribute.get_strategy(),
+                     1e-3, 5.0)
     s.build((tf.TensorSpec([None, 64, 2048], tf.float16), tf.TensorSpec([None, None], tf.int32)))
     batches = list(data.caption_dataset(files[:1], batch, shuffle=False).take(steps + warmup))
     for b in batches[:warmup]:
@@ -115,7 +116,8 @@ def main():
     os.makedirs(data_dir)
     try:
         w = write_split(data_dir, args.images, args.shards)
-        print(f"wrote {args.images:,} images in {args.shards} shards: {w['bytes'] / 1e9:.2f} GB in {w['seconds']:.0f} s "
+        print(f"wrote {args.images:,} images in {args.shards} shards: "
+              f"{w['bytes'] / 1e9:.2f} GB in {w['seconds']:.0f} s "
               f"({args.images / w['seconds']:,.0f} records/s)", flush=True)
         rss_before = rss_mb()
         e = stream_epoch(w["files"], args.batch_size)

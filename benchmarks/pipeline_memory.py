@@ -36,6 +36,7 @@ def one_run(coco: str, data: str, batch_size: int) -> dict:
     """Run the command in this process; its peak RSS and times."""
     import logging
 
+    from caption_io import metadata
     from pipelines import preprocess
 
     argv = ["--coco-dir", coco, "--output", data, "--overwrite", "--encoder-weights", "random",
@@ -52,10 +53,9 @@ def one_run(coco: str, data: str, batch_size: int) -> dict:
     with beam.Pipeline(options=PipelineOptions(beam_args)) as p:
         preprocess.build(p, opts)
     t2 = time.perf_counter()
-    meta = json.load(open(os.path.join(data, "metadata.json")))
+    train = metadata.read(data).splits["train"]
     return {"peak_mb": _peak_mb(), "launcher_s": t1 - t0, "pipeline_s": t2 - t1,
-            "images_written": meta["splits"]["train"]["images"]["written"],
-            "shards": [f["records"] for f in meta["splits"]["train"]["files"]]}
+            "images_written": train.images.written, "shards": [f.records for f in train.files]}
 
 
 def _measure(n: int, work: str, batch_size: int) -> dict:
@@ -93,7 +93,8 @@ def main():
     from benchmarks.pipeline_throughput import bare_encoder_rate
 
     paths = sorted(glob.glob(os.path.join(b["coco"], "train2014", "*.jpg")))[:400]
-    encoder_rate = bare_encoder_rate(os.path.join(b["data"], "encoder", "inception_v3.weights.h5"), paths, args.batch_size)
+    encoder_rate = bare_encoder_rate(os.path.join(b["data"], "encoder", "inception_v3.weights.h5"), paths,
+                                     args.batch_size)
     projected = {n: b["peak_mb"] + max(per_image, 0.0) * (n - b["images"]) for n in PROJECTED}
 
     for r in runs:

@@ -22,8 +22,8 @@ import numpy as np
 def bare_encoder_rate(weights_path: str, image_paths: list[str], batch_size: int) -> float:
     import tensorflow as tf
 
-    from model import inception
     from caption_io import images
+    from model import inception
 
     model = inception.load(weights_path)
     call = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
@@ -43,8 +43,8 @@ def main():
     ap.add_argument("--workdir", default=None)
     args = ap.parse_args()
 
-    from pipelines import preprocess, synthetic
     from caption_io import records
+    from pipelines import preprocess, synthetic
 
     work = args.workdir or tempfile.mkdtemp(prefix="bench-pipeline-")
     import apache_beam as beam
@@ -104,7 +104,8 @@ def main():
           f"-> ratio {marginal_rate / encoder_rate:.3f} (target >= 0.8)")
     print(f"pipeline, 1 run   {pipeline_rate:7.2f} images/s incl. Beam start-up and the worker loading the encoder "
           f"-> ratio {pipeline_rate / encoder_rate:.3f}")
-    print(f"whole command     {command_rate:7.2f} images/s  (incl. {launch:.1f}s building/saving the encoder and manifest)")
+    print(f"whole command     {command_rate:7.2f} images/s  "
+          f"(incl. {launch:.1f}s building/saving the encoder and manifest)")
     print(f"storage           {per_image:,.0f} bytes/image vs {floor:,.0f} features+captions "
           f"-> {100 * (per_image / floor - 1):+.2f}% (target within 5%)")
     print("RESULT " + json.dumps(result))

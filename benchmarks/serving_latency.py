@@ -39,10 +39,10 @@ def main():
     ap.add_argument("--max-length", type=int, default=30)
     args = ap.parse_args()
 
+    from caption_io import images, jobdir
+    from caption_io.savedmodel import EXPORT_INFO
+    from caption_serving.client import ModelError, load_model
     from model import inception
-    from caption_io import images
-    from caption_io import jobdir
-    from caption_serving.caption import EXPORT_INFO, ModelError, load_model
 
     try:
         loaded, info = load_model(args.model)

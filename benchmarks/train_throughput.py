@@ -120,6 +120,7 @@ def ours(length: int, steps: int, warmup: int, mixed: bool, jit: bool, attention
 
 def input_rate(data_dir: str | None, batch: int) -> dict:
     """Captions/s that tf.data delivers from real shards (no model)."""
+    from caption_io import metadata
     from trainer import data
 
     if data_dir is None:
@@ -130,10 +131,10 @@ def input_rate(data_dir: str | None, batch: int) -> dict:
         data_dir = os.path.join(work, "data")
         preprocess.run(["--coco-dir", os.path.join(work, "coco"), "--output", data_dir,
                         "--encoder-weights", "random", "--num-shards", "4"])
-    files = data.shard_files(data_dir, "train")
+    files = metadata.shard_files(data_dir, "train")
     n, t = 0, time.perf_counter()
     for _ in range(3):  # a few epochs, so start-up does not dominate
-        for f, tok in data.caption_dataset(files, batch, seed=0):
+        for _features, tok in data.caption_dataset(files, batch, seed=0):
             n += int(tok.shape[0])
     return {"captions_per_s": n / (time.perf_counter() - t), "data": data_dir}
 
@@ -156,7 +157,7 @@ def main():
         # Alternate ours and the tutorial's over a few rounds and keep the medians:
         # the machine is shared and noisy, ratios from neighbouring runs hold.
         rounds = {"ours": [], "real": [], "flops": [], "ops": [], "eager": [], "compiled": []}
-        for r in range(args.rounds):
+        for _ in range(args.rounds):
             o = ours(length, args.steps, args.warmup, mixed=False, jit=False)
             if o["fused_attention"]:  # what the kernels add: the same step with TensorFlow ops
                 rounds["ops"].append(ours(length, args.steps, args.warmup, mixed=False, jit=False,
@@ -179,10 +180,12 @@ def main():
         # counted on what it computes: the batch's images and real tokens (counting
         # padded positions would pass 100%).
         row["mfu"] = med["flops"] / peak
-        line = f"length {length}: ours {row['ours']:,.0f} tokens/s ({med['real']:,.0f} real; attention: {row['attention']})"
+        line = (f"length {length}: ours {row['ours']:,.0f} tokens/s "
+                f"({med['real']:,.0f} real; attention: {row['attention']})")
         if "ops" in med:
             row["ours_tensorflow_ops"] = med["ops"]
-            line += f" | with TensorFlow ops instead {med['ops']:,.0f} ({med['ours'] / med['ops']:.2f}x from the kernels)"
+            line += (f" | with TensorFlow ops instead {med['ops']:,.0f} "
+                     f"({med['ours'] / med['ops']:.2f}x from the kernels)")
         if "eager" in med:
             row["tutorial_eager"], row["tutorial_compiled"] = med["eager"], med["compiled"]
             row["x_eager"] = statistics.median([o / e for o, e in zip(rounds["ours"], rounds["eager"])])

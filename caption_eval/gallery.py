@@ -14,9 +14,9 @@ import io
 
 import numpy as np
 
-from caption_io import fileio, images
+from caption_io import fileio, geometry, images
 
-BLANK_SIZE = (299, 299)  # the encoder's input, when the image's own size is unknown
+BLANK_SIZE = (geometry.INPUT_SIZE, geometry.INPUT_SIZE)  # the encoder's input, when the image's size is unknown
 
 
 def find_image(file_name: str, dirs: list[str]) -> str | None:

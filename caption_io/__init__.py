@@ -1,9 +1,13 @@
 """The contracts between the stages, and the I/O they share (layer 0: imports no other
 package of the project). Each contract lives in one module: records (the TFRecord format),
 metadata (metadata.json), vocab, geometry (the feature maps), jobdir (a job's layout),
-savedmodel (the export's signatures), errors (a command's error line and exit code)."""
+savedmodel (the export's signatures), cli (what every command shares at its edge: flags,
+the error line and exit code, logging) and quiet (a command's start without TensorFlow's
+start-up lines)."""
 import os
 
-# TensorFlow's C++ start-up chatter (CUDA probing, CPU flags) hides the lines
-# users need; real warnings and errors still show. A user's setting wins.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# TensorFlow's C++ logs below errors hide the lines users need, in commands, notebooks and on
+# Dataflow workers alike (every package imports this one first). A user's setting wins; so
+# does CAPTIONER_VERBOSE=1 (caption_io.quiet).
+if os.environ.get("CAPTIONER_VERBOSE") != "1":
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

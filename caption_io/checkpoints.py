@@ -59,7 +59,7 @@ def restore_newest_intact(directory: str, restore) -> tuple[str | None, list[str
     for path in reversed(listed(directory)):
         try:
             restore(path)
-        except Exception as e:  # noqa: BLE001 - a damaged file raises IndexError, DataLossError, ValueError...
+        except Exception as e:
             why = str(e).strip().splitlines()[0][:120] if str(e).strip() else ""
             damaged.append(f"{os.path.basename(path)} ({type(e).__name__}: {why})")
             continue

@@ -20,11 +20,12 @@ import re
 import shutil
 import tempfile
 
+from caption_io import cli
 
 TMP_MARK = ".tmp-"  # write_bytes's file before its rename: a killed process may leave one
 
 
-class WriteError(OSError):
+class WriteError(OSError, cli.UserError):
     """A write that failed for want of space or rights; str() is one line naming the path.
     Made from that one line (Beam re-raises a DoFn's error as its type, made from its first
     argument and the step's name), with .path and .errno when known."""
@@ -73,7 +74,7 @@ def writing(path: str | None):
     (None: the file the error names)."""
     try:
         yield
-    except Exception as e:  # noqa: BLE001 - anything that is not a refused write goes on as it was
+    except Exception as e:
         err = write_error(e, path)
         if err is None:
             raise

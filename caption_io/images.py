@@ -12,11 +12,13 @@ import io
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from caption_io import cli
+
 # A decompression bomb is refused rather than decoded: 100 MP is ~8x COCO's largest.
 MAX_PIXELS = 100_000_000
 
 
-class ImageError(ValueError):
+class ImageError(ValueError, cli.UserError):
     """An image that cannot be used; str() is the reason."""
 
 

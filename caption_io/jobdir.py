@@ -10,6 +10,7 @@
       logs/train  logs/val TensorBoard
       final/               the last weights as .weights.h5, and their config.json
       export/              the SavedModel (caption_serving.export)
+      eval-SPLIT/          its evaluation on SPLIT: results.json, metrics.json, gallery/
 
 A job directory is used from other folders and machines (evaluation, export, a copy
 in a bucket), so what it records is resolved when written, and a recorded path that
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 import os
 
-from caption_io import fileio
+from caption_io import cli, fileio
 
 CONFIG_FILE = "config.json"
 JOB_FILE = "job.json"
@@ -34,7 +35,12 @@ EXPORT = "export"
 LOGS = "logs"
 
 
-class RecordedPathError(ValueError):
+def eval_dir(split: str) -> str:
+    """The folder, beside the export, that an evaluation of `split` writes."""
+    return f"eval-{split}"
+
+
+class RecordedPathError(ValueError, cli.UserError):
     """A path a job or export records that is not there; str() says where it came from."""
 
 

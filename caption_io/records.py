@@ -1,6 +1,6 @@
 """The TFRecord format of a data directory: the one place that names its keys.
 
-One tf.train.Example per image (ARCHITECTURE.md): the image's feature map once,
+One tf.train.Example per image (docs/ARCHITECTURE.md): the image's feature map once,
 and every caption of the image. Features are raw float16 bytes rather than a
 float_list, because a float_list stores 4 bytes a value and would double the
 shards; token ids are a flat int64 list plus one length per caption (a ragged
@@ -18,7 +18,9 @@ import google_crc32c
 import numpy as np
 import tensorflow as tf
 
-FEATURE_SHAPE = (64, 2048)  # InceptionV3's 8x8x2048 mixed10 map, flattened
+from caption_io import geometry
+
+FEATURE_SHAPE = geometry.FEATURE_SHAPE
 FEATURE_DTYPE = np.float16
 
 IMAGE_ID = "image/id"

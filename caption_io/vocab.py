@@ -6,15 +6,16 @@ order the pipeline saw the captions in).
 """
 from __future__ import annotations
 
-from caption_io import fileio
+from caption_io import cli, fileio
 
 PAD, UNK, START, END = "<pad>", "<unk>", "<start>", "<end>"
 SPECIALS = (PAD, UNK, START, END)
 PAD_ID, UNK_ID, START_ID, END_ID = range(4)
+FIRST_WORD_ID = len(SPECIALS)  # ids below it are the specials: never a word of a caption shown or scored
 FILE_NAME = "vocab.txt"
 
 
-class VocabError(ValueError):
+class VocabError(ValueError, cli.UserError):
     """A file that is not a vocabulary."""
 
 
@@ -47,14 +48,24 @@ def encode(words: list[str], index: dict[str, int]) -> list[int]:
     return [START_ID] + [index.get(w, UNK_ID) for w in words] + [END_ID]
 
 
-def decode(ids, tokens: list[str]) -> str:
-    """Words of a token id sequence, stopping at <end>, without specials."""
+def is_word(ids):
+    """Which of `ids` (a list, numpy or TensorFlow array) are a caption's words: every id that
+    is not a special (<unk> is left out like the others: it tells a reader nothing). The
+    export's text, the attention rows of its words and `words_of` all use this one rule."""
+    return ids >= FIRST_WORD_ID if hasattr(ids, "dtype") else [int(i) >= FIRST_WORD_ID for i in ids]
+
+
+def words_of(ids, tokens: list[str]) -> list[str]:
+    """The words of a token id sequence, stopping at <end>."""
     out = []
     for i in ids:
         i = int(i)
         if i == END_ID:
             break
-        if i in (PAD_ID, START_ID):
-            continue
-        out.append(tokens[i])
-    return " ".join(out)
+        if i >= FIRST_WORD_ID:
+            out.append(tokens[i])
+    return out
+
+
+def decode(ids, tokens: list[str]) -> str:
+    return " ".join(words_of(ids, tokens))

@@ -15,6 +15,11 @@ flags, or a --model that cannot be loaded).
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # the quiet start goes in before anything imports TensorFlow
+    from caption_io import quiet
+
+    quiet.install()
+
 import io
 import json
 import os
@@ -28,20 +33,20 @@ import warnings
 import numpy as np
 from PIL import Image
 
-from caption_io import cli, fileio, images, vocab
+from caption_io import cli, fileio, images
+from caption_serving.client import ModelError, caption_batch, load_model
 
-# Beside the SavedModel: what caption_serving.export wrote down about it (defaults, data, encoder).
-EXPORT_INFO = os.path.join("assets.extra", "export.json")
 # Formats TensorFlow's decode_image reads the same way PIL does: these bytes go to the
 # model untouched, so a caption here equals the SavedModel's for the same file. BMP is
 # left out on purpose: TF misreads palette BMPs without an error.
 TF_FORMATS = {"JPEG", "PNG", "GIF", "WEBP"}
-# Specials (<pad> <unk> <start> <end>) come first in the vocabulary; export leaves them out of the text.
-FIRST_WORD_ID = len(vocab.SPECIALS)
 
 
-class InputError(ValueError):
-    """An input that cannot be captioned; str() is the reason."""
+class InputError(ValueError, cli.UserError):
+    """An input that cannot be captioned; str() is the reason. Reported per input (the others
+    are still captioned), and the command then exits 1."""
+
+    exit_code = 1
 
 
 # ------------------------------------------------------------------------------ reading inputs
@@ -121,53 +126,6 @@ def load_input(source: str, timeout: float, max_bytes: int) -> tuple[bytes, np.n
     return model_bytes(data, pixels), pixels
 
 
-# ------------------------------------------------------------------------------------ the model
-class ModelError(ValueError):
-    """A --model that cannot be used; str() is the reason."""
-
-
-def load_model(path: str):
-    """-> (the loaded SavedModel, export.json's {default_beam_size, default_max_length, ...})."""
-    import tensorflow as tf
-
-    if not tf.io.gfile.isdir(path):
-        raise ModelError("no such directory")
-    if not any(tf.io.gfile.exists(os.path.join(path, f)) for f in ("saved_model.pb", "saved_model.pbtxt")):
-        raise ModelError("not a SavedModel (no saved_model.pb; pass the export directory, e.g. JOB_DIR/export)")
-    try:
-        loaded = tf.saved_model.load(path)
-    except Exception as e:  # noqa: BLE001 - TF raises many types; the user needs one line
-        raise ModelError(f"cannot load the SavedModel ({str(e).strip().splitlines()[0]})") from None
-    if "caption_images" not in loaded.signatures:
-        raise ModelError("not a captioner export (no caption_images signature)")
-    info_path = os.path.join(path, EXPORT_INFO)
-    info = json.loads(tf.io.gfile.GFile(info_path).read()) if tf.io.gfile.exists(info_path) else {}
-    return loaded, info
-
-
-def caption_batch(loaded, blobs: list[bytes], beam_size: int, max_length: int) -> list[dict]:
-    """Per image: {"caption", "score", "words", "attention" [len(words), 64]}."""
-    import tensorflow as tf
-
-    # `loaded` is passed, not just its signature: a signature outliving its object loses the variables.
-    out = loaded.signatures["caption_images"](images=tf.constant(blobs),
-                                              beam_size=tf.constant(beam_size, tf.int32),
-                                              max_length=tf.constant(max_length, tf.int32))
-    out = {k: v.numpy() for k, v in out.items()}
-    results = []
-    for i, text in enumerate(out["captions"]):
-        caption = text.decode("utf-8")
-        # The caption's words are exactly the tokens that are not specials, in order, so the
-        # attention rows of those tokens line up with caption.split().
-        keep = out["tokens"][i] >= FIRST_WORD_ID
-        words = caption.split()
-        attention = out["attention"][i][keep]
-        assert len(words) == len(attention), (caption, out["tokens"][i])
-        results.append({"caption": caption, "score": float(out["scores"][i]), "words": words,
-                        "attention": attention})
-    return results
-
-
 # ------------------------------------------------------------------------------------- output
 def plot_name(source: str, taken: set[str]) -> str:
     """<basename>.attention.png, made unique within one run (two dirs may hold a.jpg)."""
@@ -182,7 +140,11 @@ def plot_name(source: str, taken: set[str]) -> str:
     return name
 
 
+@cli.command
 def main(argv=None) -> int:
+    """The `caption` console script: called with no argv it is the process's entry, and
+    cli.command puts the quiet start in before TensorFlow is imported (this module imports
+    it only when a model is loaded)."""
     ap = cli.Parser(prog="caption", description=__doc__.split("\n\n")[0])
     ap.add_argument("inputs", nargs="+", metavar="IMAGE_OR_URL")
     ap.add_argument("--model", required=True, help="the SavedModel directory (JOB_DIR/export)")
@@ -204,9 +166,8 @@ def main(argv=None) -> int:
     warnings.simplefilter("ignore", Image.DecompressionBombWarning)
     try:
         model, info = load_model(a.model)
-    except ModelError as e:
-        print(f"error: --model {a.model}: {e}", file=sys.stderr)
-        return 2
+    except ModelError as e:  # the line names the flag; exit 2 (ModelError's)
+        raise ModelError(f"--model {a.model}: {e}") from None
     max_length = a.max_length or int(info.get("default_max_length", 20))
     if a.plot:
         from caption_serving import plot

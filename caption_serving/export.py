@@ -7,15 +7,16 @@ weights that made the training features, the image decoding and scaling, the
 caption decoder and the vocabulary. It needs TensorFlow and nothing else (no
 tensorflow-text op: captions are detokenised with a gather over the vocabulary).
 
-Signatures (SavedModel signatures cannot give inputs default values, so the
-one with options is a second signature):
-  serving_default   images string[B] (JPEG/PNG/GIF/BMP bytes) -> captions, tokens, scores,
-                    attention, lengths  (beam search, the export's default beam size)
-  caption_images    images, beam_size int32[], max_length int32[] -> the same
-  caption_features  features float32[B, 64, 2048], beam_size, max_length -> the same
-                    (for evaluation from the stored features)
+Its signatures, inputs and outputs are the contract in caption_io/savedmodel.py
+(SavedModel signatures cannot give inputs default values, so the one with options is a
+second signature; the input names are the traced functions' argument names).
 """
 from __future__ import annotations
+
+if __name__ == "__main__":  # the quiet start goes in before TensorFlow is imported, below
+    from caption_io import quiet
+
+    quiet.install()
 
 import os
 import shutil
@@ -23,19 +24,16 @@ import sys
 
 import tensorflow as tf
 
-from model import Captioner, CaptionerConfig, decoding, inception
-from caption_io import cli, fileio
+from caption_io import checkpoints, cli, fileio, jobdir, metadata, savedmodel
 from caption_io import vocab as vocab_lib
-
-from caption_io import checkpoints, jobdir
-from trainer import data
-from caption_serving.caption import EXPORT_INFO
 from caption_io.jobdir import CONFIG_FILE
+from caption_io.savedmodel import EXPORT_INFO
+from model import Captioner, CaptionerConfig, decoding, inception
 
 CHECKPOINT_CHOICES = ("last", "best")  # or a checkpoint's path
 
 
-class ExportError(ValueError):
+class ExportError(ValueError, cli.UserError):
     """A job that cannot be exported (one readable line)."""
 
 
@@ -55,11 +53,10 @@ class CaptionModule(tf.Module):
     def _decode(self, features, beam_size, max_length):
         out = decoding.decode(self.captioner, features, max_length, beam_size=beam_size)
         words = tf.gather(self.vocab, out.tokens)
-        # Specials (<pad> <unk> <start> <end>, the first ids) are left out of the text.
-        keep = out.tokens >= len(vocab_lib.SPECIALS)
+        keep = vocab_lib.is_word(out.tokens)  # specials are left out of the text
         captions = tf.strings.reduce_join(tf.ragged.boolean_mask(words, keep), axis=1, separator=" ")
-        return {"captions": captions, "tokens": out.tokens, "scores": out.scores,
-                "attention": out.attention, "lengths": out.lengths}
+        return {savedmodel.CAPTIONS: captions, savedmodel.TOKENS: out.tokens, savedmodel.SCORES: out.scores,
+                savedmodel.ATTENTION: out.attention, savedmodel.LENGTHS: out.lengths}
 
     def _pixels(self, images):
         def one(data):
@@ -91,7 +88,7 @@ def _restore(captioner: Captioner, job_dir: str, which: str) -> str:
     if which not in CHECKPOINT_CHOICES:
         try:
             restore(which)
-        except Exception as e:  # noqa: BLE001 - a missing or damaged checkpoint raises many types
+        except Exception as e:
             raise ExportError(f"--checkpoint {which}: cannot restore it ({str(e).strip().splitlines()[0][:160]})") \
                 from None
         return which
@@ -118,23 +115,23 @@ def build_module(job_dir: str, data_dir: str | None = None, beam_size: int = 3,
         data_dir = jobdir.data_dir(job_dir, data_dir)
     except jobdir.RecordedPathError as e:
         raise ExportError(str(e)) from None
-    meta = data.load_metadata(data_dir)
-    tokens = data.load_vocab(data_dir, meta)
+    meta = metadata.read(data_dir)
+    tokens = metadata.load_vocab(data_dir, meta)
     if len(tokens) != config.vocab_size:
         raise ExportError(f"--data {data_dir}: vocabulary of {len(tokens)} tokens, the model has {config.vocab_size}")
     # Serving computes in float32 whatever the training precision.
     config = CaptionerConfig.from_dict(dict(config.to_dict(), compute_dtype="float32", dropout=0.0))
     captioner = Captioner(config)
     ckpt = _restore(captioner, job_dir, checkpoint)
-    enc_path = fileio.join(data_dir, meta["encoder"]["file"])
-    if fileio.sha256(enc_path) != meta["encoder"]["sha256"]:
+    enc_path = fileio.join(data_dir, meta.encoder.file)
+    if fileio.sha256(enc_path) != meta.encoder.sha256:
         raise ExportError(f"{enc_path}: not the encoder that made the features (sha256 differs from metadata.json)")
     encoder = inception.load(enc_path)
-    longest = max(int(info.get("max_tokens", 0)) for info in meta["splits"].values())
+    longest = meta.max_tokens
     max_length = max_length or max(longest + 4, 20)  # generated tokens (<end> included)
-    info = {"checkpoint": fileio.absolute(ckpt), "encoder": meta["encoder"], "config": config.to_dict(),
+    info = {"checkpoint": fileio.absolute(ckpt), "encoder": meta.encoder.to_dict(), "config": config.to_dict(),
             "vocab_size": len(tokens), "default_beam_size": beam_size, "default_max_length": max_length,
-            "signatures": ["serving_default", "caption_images", "caption_features"], "data": data_dir}
+            "signatures": list(savedmodel.SIGNATURES), "data": data_dir}
     return CaptionModule(captioner, encoder, tokens, beam_size, max_length), info
 
 
@@ -147,9 +144,9 @@ def export(job_dir: str, output: str | None = None, data_dir: str | None = None,
     output = (output or fileio.join(job_dir, jobdir.EXPORT)).rstrip("/")
     info = jobdir.record_data(info, info["data"], output)
     signatures = {
-        "serving_default": module.serving_default.get_concrete_function(),
-        "caption_images": module.caption_images.get_concrete_function(),
-        "caption_features": module.caption_features.get_concrete_function(),
+        savedmodel.SERVING_DEFAULT: module.serving_default.get_concrete_function(),
+        savedmodel.CAPTION_IMAGES: module.caption_images.get_concrete_function(),
+        savedmodel.CAPTION_FEATURES: module.caption_features.get_concrete_function(),
     }
     if fileio.is_gcs(output):
         with fileio.writing(output):
@@ -178,6 +175,7 @@ def _replace_dir(new: str, dest: str) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+@cli.command
 def main(argv=None) -> int:
     ap = cli.Parser(prog="python -m caption_serving.export", description=__doc__.split("\n\n")[0])
     ap.add_argument("--job-dir", required=True)
@@ -190,15 +188,10 @@ def main(argv=None) -> int:
     a = ap.parse_args(sys.argv[1:] if argv is None else argv)
     if a.beam_size < 1 or a.max_length < 0:
         ap.error("--beam-size must be >= 1 and --max-length >= 0")
-    try:
-        out = export(a.job_dir, a.output, a.data, a.beam_size, a.max_length or None, a.checkpoint)
-    except (ExportError, data.DataError, fileio.WriteError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    out = export(a.job_dir, a.output, a.data, a.beam_size, a.max_length or None, a.checkpoint)
     print(f"exported {out}")
     return 0
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     sys.exit(main())

@@ -7,8 +7,10 @@ import math
 
 import numpy as np
 
+from caption_io import geometry
 
-def attention_png(image: np.ndarray, words: list[str], attention: np.ndarray, grid: int = 8,
+
+def attention_png(image: np.ndarray, words: list[str], attention: np.ndarray, grid: int = geometry.GRID,
                   panel_inches: float = 2.2) -> bytes:
     """image uint8 [H, W, 3]; attention [len(words), grid*grid] (row t: the
     weights when word t was generated). Returns the PNG's bytes."""

@@ -20,8 +20,11 @@ RUN apt-get update && apt-get install -y --no-install-recommends default-jre-hea
 
 WORKDIR /opt/captioner
 COPY setup.py README.md ./
-COPY pipelines ./pipelines
+COPY caption_io ./caption_io
 COPY model ./model
+COPY caption_serving ./caption_serving
+COPY pipelines ./pipelines
+COPY caption_eval ./caption_eval
 COPY trainer ./trainer
 # tensorflow>=2.21,<2.22 is already satisfied by the base image, so pip keeps its CUDA build.
 RUN pip install --no-cache-dir ".[eval]"

@@ -6,6 +6,8 @@ that `Captioner(CaptionerConfig.from_json(...))` always rebuilds the model the w
 import dataclasses
 import json
 
+from caption_io import geometry
+
 _DTYPES = ("float32", "bfloat16")
 
 
@@ -14,8 +16,8 @@ class CaptionerConfig:
     vocab_size: int                 # from the data dir's vocab.txt (id 0 = <pad>)
     embedding_dim: int = 256        # word embedding and encoded-feature width
     units: int = 512                # GRU state and attention width
-    num_positions: int = 64         # 8x8 InceptionV3 grid
-    feature_dim: int = 2048         # channels of the stored features
+    num_positions: int = geometry.POSITIONS  # the encoder's grid, flattened
+    feature_dim: int = geometry.CHANNELS     # channels of the stored features
     dropout: float = 0.1            # on word embeddings and on the GRU output
     attention_reg: float = 1.0      # lambda of the doubly stochastic regulariser; 0 = off
     gate: bool = False              # the paper's beta_t = sigmoid(f_beta(h_{t-1})) context gate

@@ -117,7 +117,7 @@ class AttentionGRUDecoder(keras.layers.Layer):
         hidden, attention = recurrence.recurrence(
             state.features, state.keys, state.hidden, self.word_gates(words, training),
             self.loop_weights(), self.config.gate, fused=fused)
-        unpack = lambda x: tf.transpose(tf.reshape(x, [steps, batch, -1]), [1, 0, 2])  # noqa
+        unpack = lambda x: tf.transpose(tf.reshape(x, [steps, batch, -1]), [1, 0, 2])
         return unpack(hidden), unpack(attention)
 
     def teacher_forced(self, state, inputs, training=False):

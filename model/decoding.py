@@ -215,7 +215,7 @@ def beam_search(model, features, beam_size, max_length, length_penalty_alpha=DEF
         finishing = (ended | last) & real & tf.logical_not(done)[:, None]
         cand_norm = tf.where(finishing, cand_scores / length_penalty(length, alpha), neg_inf)
         fin_norm, chosen = tf.math.top_k(tf.concat([fin_norm, cand_norm], 1), k)
-        pool = lambda old, new: tf.gather(tf.concat([old, new], 1), chosen, batch_dims=1)  # noqa
+        pool = lambda old, new: tf.gather(tf.concat([old, new], 1), chosen, batch_dims=1)
         fin_tokens = pool(tf.pad(fin_tokens, [[0, 0], [0, 0], [0, 1]]), cand_tokens)
         fin_att = pool(tf.pad(fin_att, [[0, 0], [0, 0], [0, 1], [0, 0]]), cand_att)
         fin_scores = pool(fin_scores, cand_scores)

@@ -15,7 +15,7 @@ class FeatureEncoder(keras.layers.Layer):
     The per-channel mean and std come from the training split (the pipeline computes them) and
     are non-trainable weights of this layer, so checkpoints and the SavedModel carry them.
     Seeded-random encoder features have std ~8e-4: unstandardised, the model does not learn
-    the image in minutes (see ARCHITECTURE.md).
+    the image in minutes (docs/ARCHITECTURE.md).
     """
 
     def __init__(self, embedding_dim, feature_dim, feature_mean=None, feature_std=None, **kw):

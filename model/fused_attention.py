@@ -28,6 +28,8 @@ import threading
 
 import tensorflow as tf
 
+from caption_io import cli
+
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels", "additive_attention.cc")
 CHOICES = ("auto", "fused", "ops")
 log = logging.getLogger(__name__)
@@ -37,7 +39,7 @@ _module = None
 _error: str | None = None
 
 
-class KernelError(RuntimeError):
+class KernelError(RuntimeError, cli.UserError):
     """The fused kernels were asked for and cannot be used here (one readable line)."""
 
 
@@ -53,7 +55,7 @@ def _cpu() -> str:
     """The CPU's model and instruction-set flags: -march=native code is only for this CPU."""
     try:
         with open("/proc/cpuinfo") as f:
-            lines = [l for l in f if l.startswith(("model name", "flags"))]
+            lines = [line for line in f if line.startswith(("model name", "flags"))]
         return "".join(sorted(set(lines)))
     except OSError:
         return platform.processor() or platform.machine()
@@ -84,7 +86,7 @@ def library_path() -> str:
     try:
         done = subprocess.run(_command(tmp), capture_output=True, text=True, timeout=600)
         if done.returncode:
-            lines = [l for l in done.stderr.splitlines() if "error" in l] or done.stderr.splitlines()[-1:]
+            lines = [line for line in done.stderr.splitlines() if "error" in line] or done.stderr.splitlines()[-1:]
             raise KernelError(f"compiling {os.path.basename(SOURCE)} failed: {lines[0].strip() if lines else '?'}")
         os.replace(tmp, path)
     finally:

@@ -1,7 +1,7 @@
 """The image encoder: InceptionV3 without its top, 299x299 in, an 8x8x2048 map out.
 
 The same network, with the same weights, makes the features in the pipeline and
-runs inside the exported SavedModel (ARCHITECTURE.md), so building it, scaling
+runs inside the exported SavedModel (docs/ARCHITECTURE.md), so building it, scaling
 its input and saving/loading its weights all live here.
 """
 from __future__ import annotations
@@ -12,16 +12,16 @@ import socket
 import keras
 import tensorflow as tf
 
-INPUT_SIZE = 299
-GRID = 8
-CHANNELS = 2048
+from caption_io import cli
+from caption_io.geometry import CHANNELS, GRID, INPUT_SIZE
+
 ARCHITECTURE = "InceptionV3/mixed10"
 WEIGHT_CHOICES = ("imagenet", "random", "PATH")
 _IMAGENET_HOST = "storage.googleapis.com"
 _IMAGENET_FILE = "inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5"
 
 
-class EncoderWeightsError(ValueError):
+class EncoderWeightsError(ValueError, cli.UserError):
     """The requested encoder weights cannot be had."""
 
 

@@ -236,8 +236,8 @@ def _backward(layout, features, keys, h0, w, gate, outputs, saved, d_hidden, d_a
             da = tf.matmul(layout.first(features, t), d_ctx[:, :, None])[:, :, 0]  # [n, P]
             da = tf.cast(da, tf.float32) + d_a
             ds = tf.cast(a * (da - tf.reduce_sum(a * da, -1, keepdims=True)), dt)
-            # ds (x) v as a K=1 matmul and the sum over positions as a matmul with ones:
-            # ~25% / ~10% faster than Eigen's broadcast multiply and middle-axis reduction.
+            # ds (x) v as a K=1 matmul and the sum over positions as a matmul with ones: both
+            # faster than Eigen's broadcast multiply and middle-axis reduction (docs/ARCHITECTURE.md).
             rows = tf.shape(ds)[0]
             ds_v = tf.reshape(tf.matmul(tf.reshape(ds, [-1, 1]), v[None, :]), tf.shape(att))
             d_score_in = tf.raw_ops.TanhGrad(y=att, dy=ds_v)                  # [n, P, U]

@@ -33,6 +33,11 @@ disk, then copy the extracted folders with `gsutil -m cp -r` if the pipeline rea
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # the quiet start, as every command has it (see caption_io/quiet.py)
+    from caption_io import quiet
+
+    quiet.install()
+
 import argparse
 import http.client
 import json
@@ -64,8 +69,11 @@ USER_AGENT = "show-attend-tell-downloader/0.1 (+urllib)"
 log = logging.getLogger(__name__)
 
 
-class DownloadError(Exception):
-    """A failure to report to the user in one line (the message names the URL or file)."""
+class DownloadError(cli.UserError):
+    """A failure to report to the user in one line (the message names the URL or file).
+    Exit 1: the flags were fine, the server, the network or the disk was not."""
+
+    exit_code = 1
 
 
 class _Incomplete(Exception):
@@ -409,6 +417,7 @@ def _parse_splits(value: str) -> list[str]:
     return splits
 
 
+@cli.command(interrupted="interrupted; rerun the same command to resume")
 def main(argv: list[str] | None = None) -> int:
     parser = cli.Parser(
         prog="python -m pipelines.download",
@@ -436,29 +445,25 @@ def main(argv: list[str] | None = None) -> int:
     if args.timeout <= 0:
         parser.error(f"argument --timeout: must be positive, not {args.timeout:g}")
 
-    handler = logging.StreamHandler(sys.stdout)  # stderr is kept for the error line
-    handler.setFormatter(logging.Formatter("%(message)s"))
+    # What it fetches, resumes and skips goes to stdout with the paths: stderr is kept for the
+    # one error line (and the progress bar, on a terminal). Same format as every command's log.
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter(cli.VERBOSE_LOG_FORMAT if cli.is_verbose() else cli.LOG_FORMAT))
     log.addHandler(handler)
-    log.setLevel(logging.INFO)
+    log.propagate = False  # not a second time on stderr through the root logger
     try:
         return _run(args)
     finally:
         log.removeHandler(handler)
+        log.propagate = True
 
 
 def _run(args: argparse.Namespace) -> int:
     try:
         paths = download(args.output, year=args.year, splits=args.splits, base_url=args.base_url,
                          images=args.images, timeout=args.timeout, delete_zips=args.delete_zips)
-    except DownloadError as e:
-        print(f"error: {_one_line(e)}", file=sys.stderr)
-        return 1
-    except OSError as e:  # disk full, permission denied, ...
-        print(f"error: {_one_line(e)}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("error: interrupted; rerun the same command to resume", file=sys.stderr)
-        return 130
+    except OSError as e:  # disk full, permission denied, ...: one line, exit 1 (DownloadError's)
+        raise DownloadError(_one_line(e)) from None
     for path in paths:
         print(path)
     return 0

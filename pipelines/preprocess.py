@@ -6,7 +6,7 @@ Runs on Beam's DirectRunner by default and on Dataflow with
 `--runner DataflowRunner --project P --region R --temp_location gs://... --setup_file ./setup.py`.
 
 What it writes: {split}-SSSSS-of-NNNNN.tfrecord shards (one example per image:
-float16 InceptionV3 features and all its captions; pipelines/records.py),
+float16 InceptionV3 features and all its captions; caption_io/records.py),
 shards/ (what each finished shard holds), vocab.txt (built from the training
 split), feature_stats.npz (per-channel mean and std over the training split),
 encoder/ (the weights that made the features), inputs/ (the manifest of what
@@ -19,6 +19,11 @@ launcher's work before the pipeline (`prepare`) and the wiring (`build`).
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # the quiet start goes in before TensorFlow is imported, below
+    from caption_io import quiet
+
+    quiet.install()
+
 import fnmatch
 import json
 import logging
@@ -30,19 +35,19 @@ import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions, TestOptions
 
 from caption_io import cli, fileio, records
-from pipelines import shards, sources
+from caption_io import metadata as metadata_lib
 from caption_io import vocab as vocab_lib
+from pipelines import shards, sources
 from pipelines.transforms import check, encode, metadata, stats, vocabulary
 
 log = logging.getLogger("pipelines.preprocess")
 
-FORMAT_VERSION = 1
 ENCODER_FILE = "encoder/inception_v3.weights.h5"
 STATS_FILE = metadata.STATS_FILE
 METADATA_FILE = records.METADATA_FILE
 
 
-class UsageError(ValueError):
+class UsageError(ValueError, cli.UserError):
     """A bad flag: reported as one line, exit code 2."""
 
 
@@ -59,7 +64,7 @@ def build(p: beam.Pipeline, opts: dict) -> None:
 
     opts: output, splits {split: manifest path}, annotation_rejects (path), num_shards
     {split: n}, batch_size, total_images, vocab_size, min_count, encoder_path,
-    encoder_sha256, static (metadata).
+    encoder_sha256, static (the planned caption_io.metadata.Metadata, which WriteMetadata completes).
     """
     out = opts["output"]
     annotation_rejects = (p | "ReadAnnotationRejects" >> beam.io.ReadFromText(opts["annotation_rejects"])
@@ -77,7 +82,8 @@ def build(p: beam.Pipeline, opts: dict) -> None:
     summaries = written["shards"]
 
     rejects = (annotation_rejects, checked["rejected"], written["rejected"]) | "AllRejects" >> beam.Flatten()
-    rejects_written = (rejects | "RejectsToJson" >> beam.Map(lambda r: json.dumps(r, sort_keys=True, ensure_ascii=False))
+    rejects_written = (rejects
+                       | "RejectsToJson" >> beam.Map(lambda r: json.dumps(r, sort_keys=True, ensure_ascii=False))
                        | "WriteRejects" >> beam.io.WriteToText(fileio.join(out, "rejected", "rejected"),
                                                                file_name_suffix=".jsonl", num_shards=1))
     events = [annotation_rejects | "SeenAnnotations" >> beam.FlatMap(metadata.annotation_seen_events),
@@ -104,18 +110,25 @@ def parse_args(argv):
                "--temp_location gs://B/tmp --setup_file ./setup.py, or --direct_num_workers 2 "
                "--direct_running_mode multi_processing).")
     src = ap.add_argument_group("input")
-    src.add_argument("--coco-dir", help="COCO layout: annotations/captions_{train,val}{2014|2017}.json and image folders")
+    src.add_argument("--coco-dir",
+                     help="COCO layout: annotations/captions_{train,val}{2014|2017}.json and image folders")
     src.add_argument("--year", choices=["2014", "2017"], help="COCO release (default: whichever --coco-dir holds)")
-    src.add_argument("--karpathy-json", help="Karpathy split file (train+restval -> train, val, test); images under --coco-dir")
+    src.add_argument("--karpathy-json",
+                     help="Karpathy split file (train+restval -> train, val, test); images under --coco-dir")
     src.add_argument("--captions-jsonl", help='your own data: lines of {"image": path, "caption": text[, "split": s]}')
-    src.add_argument("--val-fraction", type=float, default=0.05, help="--captions-jsonl lines without a split: share put in val")
-    src.add_argument("--max-captions", type=int, help="keep a seeded random subset of N training captions, with their images")
+    src.add_argument("--val-fraction", type=float, default=0.05,
+                     help="--captions-jsonl lines without a split: share put in val")
+    src.add_argument("--max-captions", type=int,
+                     help="keep a seeded random subset of N training captions, with their images")
     ap.add_argument("--output", required=True, help="the data directory to write (local or gs://)")
-    ap.add_argument("--vocab-size", type=int, default=5000, help="most frequent training words kept (plus 4 special tokens)")
+    ap.add_argument("--vocab-size", type=int, default=5000,
+                    help="most frequent training words kept (plus 4 special tokens)")
     ap.add_argument("--min-count", type=int, default=1, help="words seen fewer times become <unk>")
-    ap.add_argument("--encoder-weights", default="imagenet", help="imagenet | random | PATH to InceptionV3 (no top) weights")
+    ap.add_argument("--encoder-weights", default="imagenet",
+                    help="imagenet | random | PATH to InceptionV3 (no top) weights")
     ap.add_argument("--seed", type=int, default=0, help="seed for random encoder weights and --max-captions")
-    ap.add_argument("--num-shards", default="8", help="shards per split: N, or split=N,... (e.g. train=64,val=4,test=4)")
+    ap.add_argument("--num-shards", default="8",
+                    help="shards per split: N, or split=N,... (e.g. train=64,val=4,test=4)")
     ap.add_argument("--batch-size", type=int, default=16, help="images per encoder batch")
     ap.add_argument("--overwrite", action="store_true", help="replace a data set already in --output")
     args, beam_args = ap.parse_known_args(argv)
@@ -215,10 +228,11 @@ def prepare(args) -> dict:
         entries, rejects, source = sources.coco(args.coco_dir, args.year)
     if not entries.get("train"):
         raise sources.SourceError("the input has no training image with a caption")
+    max_captions = None
     if args.max_captions:
         available = sum(len(e["captions"]) for e in entries["train"])
         entries["train"] = sources.subsample_captions(entries["train"], args.max_captions, args.seed)
-        source["max_captions"] = {"kept": args.max_captions, "available": available, "seed": args.seed}
+        max_captions = metadata_lib.MaxCaptions(kept=args.max_captions, available=available, seed=args.seed)
     splits = {s: e for s, e in entries.items() if e or s == "train"}
     missing = [s for s in splits if s not in args.num_shards]
     if missing:
@@ -245,24 +259,28 @@ def prepare(args) -> dict:
     rejects_path = fileio.join(out, "inputs", "rejected-annotations.jsonl")
     fileio.write_text(rejects_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rejects))
 
-    static = {
-        "format_version": FORMAT_VERSION,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "command": " ".join(["python -m pipelines.preprocess"] + list(args.argv)),
-        "source": source,
-        "features": {"shape": list(records.FEATURE_SHAPE), "dtype": "float16", "stats_file": STATS_FILE,
-                     "standardise": "per channel, (x - mean) / std, statistics over the training split"},
-        "encoder": {"architecture": inception.ARCHITECTURE, "weights": args.encoder_weights,
-                    "seed": args.seed if args.encoder_weights == "random" else None,
-                    "file": ENCODER_FILE, "sha256": fileio.sha256(encoder_path), "input_size": inception.INPUT_SIZE,
-                    "input_scaling": "bilinear resize to 299x299, then x / 127.5 - 1"},
-        "vocab": {"file": vocab_lib.FILE_NAME, "max_words": args.vocab_size, "min_count": args.min_count,
-                  "specials": list(vocab_lib.SPECIALS), "built_from": "train"},
-        "splits": {s: {"shards": args.num_shards[s], "pattern": f"{s}{records.SHARD_TEMPLATE}{records.SHARD_SUFFIX}"}
-                   for s in splits},
-        "rejected": "rejected/",
-        "inputs": "inputs/",
-    }
+    # metadata.json but what the pipeline counts (vocab.size, features.stats_count, the splits'
+    # counts and shard lists: zero here), which WriteMetadata fills in.
+    static = metadata_lib.Metadata(
+        format_version=metadata_lib.FORMAT_VERSION,
+        created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        command=" ".join(["python -m pipelines.preprocess"] + list(args.argv)),
+        source=metadata_lib.Source(**source, max_captions=max_captions),
+        features=metadata_lib.Features(
+            shape=tuple(records.FEATURE_SHAPE), dtype="float16", stats_file=STATS_FILE, stats_count=0,
+            standardise="per channel, (x - mean) / std, statistics over the training split"),
+        encoder=metadata_lib.Encoder(
+            architecture=inception.ARCHITECTURE, weights=args.encoder_weights,
+            seed=args.seed if args.encoder_weights == "random" else None,
+            file=ENCODER_FILE, sha256=fileio.sha256(encoder_path), input_size=inception.INPUT_SIZE,
+            input_scaling="bilinear resize to 299x299, then x / 127.5 - 1"),
+        vocab=metadata_lib.Vocab(file=vocab_lib.FILE_NAME, size=0, max_words=args.vocab_size,
+                                 min_count=args.min_count, specials=tuple(vocab_lib.SPECIALS), built_from="train"),
+        splits={s: metadata.planned_split(args.num_shards[s], f"{s}{records.SHARD_TEMPLATE}{records.SHARD_SUFFIX}")
+                for s in splits},
+        rejected="rejected/",
+        inputs="inputs/",
+    )
     return {"output": out, "splits": manifests, "annotation_rejects": rejects_path,
             "num_shards": {s: args.num_shards[s] for s in splits}, "batch_size": args.batch_size,
             "total_images": sum(len(e) for e in splits.values()),
@@ -314,41 +332,40 @@ def run(argv=None) -> dict:
     job = getattr(p.runner, "job", None) if options.view_as(TestOptions).dry_run else None
     if job is not None:
         return {"dry_run": True, "runner": runner, "pipeline": job.proto_pipeline}
-    return fileio.read_json(fileio.join(opts["output"], METADATA_FILE))
+    return metadata_lib.read(opts["output"]).to_dict()
 
 
-def summary(meta: dict, seconds: float) -> str:
+def summary(meta: dict | metadata_lib.Metadata, seconds: float) -> str:
+    """The run's last line, from metadata.json's content (what `run` returns) or its Metadata."""
+    if not isinstance(meta, metadata_lib.Metadata):
+        meta = metadata_lib.Metadata.from_dict(meta)
     parts = []
-    for split, info in meta["splits"].items():
-        parts.append(f"{split} {info['images']['written']} images/{info['captions']['written']} captions")
-    rej_i = sum(i["images"]["rejected"] for i in meta["splits"].values())
-    rej_c = sum(i["captions"]["rejected"] for i in meta["splits"].values())
-    return (f"wrote {', '.join(parts)}; vocabulary {meta['vocab']['size']} tokens; "
+    for split, info in meta.splits.items():
+        parts.append(f"{split} {info.images.written} images/{info.captions.written} captions")
+    rej_i = sum(i.images.rejected for i in meta.splits.values())
+    rej_c = sum(i.captions.rejected for i in meta.splits.values())
+    return (f"wrote {', '.join(parts)}; vocabulary {meta.vocab.size} tokens; "
             f"rejected {rej_i} images and {rej_c} captions (see rejected/); {seconds:.0f}s")
 
 
+@cli.command(interrupted="interrupted; run the same command again: it keeps the shards already written "
+                          "and does the rest")
 def main(argv=None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    logging.getLogger("apache_beam").setLevel(logging.WARNING)
-    # A DoFn's error is logged with its traceback as it is re-raised; main reports it in one line.
-    logging.getLogger("apache_beam.runners.common").setLevel(logging.CRITICAL)
+    # Logging itself is set up by cli.command, as for every command; these are Beam's loggers.
+    if not cli.is_verbose():
+        logging.getLogger("apache_beam").setLevel(logging.WARNING)
+        # A DoFn's error is logged with its traceback as it is re-raised; main reports it in one line.
+        logging.getLogger("apache_beam.runners.common").setLevel(logging.CRITICAL)
     # On Dataflow: the job id, its console link and its state changes, as they come.
     for name in ("apache_beam.runners.dataflow.internal.apiclient", "apache_beam.runners.dataflow.dataflow_runner"):
-        logging.getLogger(name).setLevel(logging.INFO)
+        logging.getLogger(name).setLevel(logging.DEBUG if cli.is_verbose() else logging.INFO)
     t = time.time()
     try:
         meta = run(argv)
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except sources.SourceError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except fileio.WriteError as e:
+    except fileio.WriteError as e:  # the line says what to do next; exit 2 (WriteError's)
         where = str(e).split(" [while running")[0]  # Beam adds the step's name
-        print(f"error: {where}; free some space and run the same command again: it keeps the shards "
-              "already written and does the rest", file=sys.stderr)
-        return 2
+        raise fileio.WriteError(f"{where}; free some space and run the same command again: it keeps the shards "
+                                "already written and does the rest", e.path, e.errno) from None
     if meta.get("dry_run"):
         print(f"dry run: the pipeline was translated for {meta['runner']}; nothing was submitted")
         return 0

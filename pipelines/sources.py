@@ -18,11 +18,14 @@ import random
 import zlib
 from collections import OrderedDict
 
-from caption_io import fileio
+from caption_io import cli, fileio
 
 
-class SourceError(ValueError):
-    """Annotations that cannot be read at all (one readable line)."""
+class SourceError(ValueError, cli.UserError):
+    """Annotations that cannot be read at all (one readable line). Exit 1: the flags were
+    well formed, the input data is not (as for a download that fails)."""
+
+    exit_code = 1
 
 
 def reject(split, kind, input_, reason, images=0, captions=0) -> dict:
@@ -56,7 +59,8 @@ class _Collector:
     def add_caption(self, ann_id, image_id, text) -> None:
         ann = {"id": ann_id, "image_id": image_id, "caption": text}
         if image_id not in self.images:
-            self.rejects.append(reject(self.split, "caption", ann, f"annotation names no image (image_id {image_id})", captions=1))
+            self.rejects.append(reject(self.split, "caption", ann, f"annotation names no image (image_id {image_id})",
+                                       captions=1))
         elif not isinstance(text, str):
             self.rejects.append(reject(self.split, "caption", ann, "caption is not a string", captions=1))
         elif ann_id is not None and ann_id in self._ann_ids:
@@ -75,7 +79,8 @@ class _Collector:
             if entry["captions"]:
                 entries.append(entry)
             else:
-                self.rejects.append(reject(self.split, "image", {k: entry[k] for k in ("image_id", "file_name", "path")},
+                self.rejects.append(reject(self.split, "image",
+                                           {k: entry[k] for k in ("image_id", "file_name", "path")},
                                            "image has no captions", images=1))
         return entries, self.rejects
 

@@ -21,6 +21,11 @@ invisible after text normalisation or never mentioned.
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # the quiet start, as every command has it (see caption_io/quiet.py)
+    from caption_io import quiet
+
+    quiet.install()
+
 import argparse
 import json
 import os
@@ -266,7 +271,8 @@ def _count(text: str) -> int:
     return n
 
 
-def main(argv: list[str] | None = None) -> dict:
+@cli.command
+def main(argv: list[str] | None = None) -> int:
     parser = cli.Parser(prog="pipelines.synthetic", description=__doc__.split("\n")[0])
     parser.add_argument("--output", required=True, help="directory to write the scene set into")
     parser.add_argument("--train", type=_count, default=1500, help="number of train2014 images")
@@ -280,8 +286,8 @@ def main(argv: list[str] | None = None) -> dict:
     except OSError as e:
         parser.error(f"cannot write the scene set to {args.output!r}: {e.strerror or e}")
     print(json.dumps(summary))
-    return summary
+    return 0
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(main())

@@ -43,7 +43,7 @@ def faulty_scene(scene_dir, tmp_path_factory):
     ann_path = os.path.join(out, "annotations", "captions_train2014.json")
     ann = _load(ann_path)
     images = ann["images"]
-    path = lambda img: os.path.join(out, "train2014", img["file_name"])  # noqa: E731
+    path = lambda img: os.path.join(out, "train2014", img["file_name"])
 
     expect_images = {}
     # 0: truncated JPEG

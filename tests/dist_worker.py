@@ -28,7 +28,8 @@ def main():
     t.run()
     exported = task.finish(t, s) or ""
     np.savez(out, replicas=t.strategy.num_replicas_in_sync, steps=t.global_step(), exported=exported,
-             **{v.path.replace("/", "__"): np.asarray(tf.convert_to_tensor(v.value)) for v in t.model.trainable_variables})
+             **{v.path.replace("/", "__"): np.asarray(tf.convert_to_tensor(v.value))
+                for v in t.model.trainable_variables})
 
 
 if __name__ == "__main__":

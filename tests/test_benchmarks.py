@@ -38,10 +38,42 @@ def test_gpu_benchmark_runs_every_path_at_toy_sizes():
 
 def test_input_scale_writes_shards_the_trainer_streams(tmp_path):
     from benchmarks import input_scale
-    from trainer import data
+    from caption_io import metadata
 
     w = input_scale.write_split(str(tmp_path), images=30, n_shards=3)
     assert sorted(os.listdir(tmp_path)) == [f"train-0000{i}-of-00003.tfrecord" for i in range(3)]
     e = input_scale.stream_epoch(w["files"], batch=8)
     assert e["captions"] == 30 * input_scale.CAPTIONS_PER_IMAGE
-    assert len(data.shard_files(str(tmp_path), "train")) == 3
+    assert len(metadata.shard_files(str(tmp_path), "train")) == 3
+
+
+def test_step_flops_counts_the_steps_matmuls_by_hand():
+    from benchmarks.train_throughput import step_flops
+
+    # A tiny step whose sizes are distinct primes (a factor swapped would change the count):
+    U, E, V, P, F = 2, 3, 5, 7, 11          # units, embedding, vocabulary, positions, feature channels
+    images, tokens = 2, 3
+    # One multiply-add (MAC) is 2 FLOPs. Forward MACs of one target token's step:
+    token_macs = (2 * (4 * 2)               # h [U] @ [U, 4U]: attention query | GRU recurrent gates = 16
+                  + 7 * 2                   # scores: v . tanh(keys + query), [P, U] @ [U]          = 14
+                  + 7 * 3                   # context: alpha [P] @ features [P, E]                   = 21
+                  + 3 * (3 * 2)             # context [E] @ [E, 3U]: GRU input gates                 = 18
+                  + 3 * (3 * 2)             # word embedding [E] @ [E, 3U]: GRU input gates          = 18
+                  + 2 * 2                   # fc1: [U] @ [U, U]                                       =  4
+                  + 2 * 5)                  # fc2: [U] @ [U, V]                                       = 10
+    assert token_macs == 101
+    # Forward MACs once per image:
+    encoder_macs = 7 * 11 * 3               # stored features [P, F] @ [F, E]                       = 231
+    image_macs = (7 * 3 * 2                 # attention keys W1 f: [P, E] @ [E, U]                  =  42
+                  + 3 * 2)                  # h0: mean feature [E] @ [E, U]                          =   6
+    # Backward = 2x forward (input and weight gradients), so forward + backward = 3x; the encoder's
+    # input is data, so it has a weight gradient only: forward + backward = 2x.
+    per_token = 3 * token_macs                              # 303
+    per_image = 2 * encoder_macs + 3 * image_macs           # 462 + 144 = 606
+    want = 2 * (images * per_image + tokens * per_token)    # 2 * (1212 + 909) = 4242 FLOPs
+    assert want == 4242
+    got = step_flops(images, tokens, units=U, embed=E, vocab=V, pos=P, feat=F)
+    assert got == want
+    # Images and tokens add: padding costs nothing, one more token is one token's share.
+    assert step_flops(images, 0, units=U, embed=E, vocab=V, pos=P, feat=F) == 2 * images * per_image
+    assert step_flops(0, tokens + 1, units=U, embed=E, vocab=V, pos=P, feat=F) == 2 * (tokens + 1) * per_token

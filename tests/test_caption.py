@@ -250,6 +250,19 @@ def test_invalid_model_dirs_and_flags(val_images, tmp_path, capsys):
         assert len(capsys.readouterr().err.strip().splitlines()) == 1
 
 
-def test_console_script_is_declared():
-    with open(os.path.join(ROOT, "setup.py")) as f:
-        assert '"caption = caption_serving.caption:main"' in f.read()
+def test_console_script_is_installed_and_runs():
+    import importlib.metadata
+
+    # The installed package's entry point, not setup.py's text: what `pip install` made.
+    [entry] = [e for e in importlib.metadata.entry_points(group="console_scripts") if e.name == "caption"]
+    assert entry.value == "caption_serving.caption:main"
+    assert entry.dist is not None and entry.dist.name == "show-attend-tell"
+    assert entry.load() is caption.main
+    # The executable pip wrote for it, beside this interpreter (the virtualenv's bin/).
+    exe = os.path.join(os.path.dirname(sys.executable), "caption")
+    assert os.path.isfile(exe) and os.access(exe, os.X_OK), f"{exe}: no caption executable installed"
+    # Run from elsewhere, so it finds the package through the install, not the working directory.
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([exe, "--help"], cwd="/", env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.startswith("usage: caption ") and "--model" in proc.stdout

@@ -11,7 +11,7 @@ import shutil
 import pytest
 import tensorflow as tf
 
-from caption_io import checkpoints
+from caption_io import checkpoints, metadata
 from caption_serving import export
 from trainer import task
 
@@ -81,7 +81,7 @@ def test_summaries_refused_by_a_full_disk_name_the_event_file(small_data, refere
 
 
 def test_an_export_refused_by_a_full_disk_keeps_the_previous_export(trained_job, small_disk, capsys):
-    from caption_serving.caption import load_model
+    from caption_serving.client import load_model
 
     out = os.path.join(small_disk.path, "export")
     assert export.main(["--job-dir", trained_job, "--output", out]) == 0
@@ -121,8 +121,8 @@ def test_shards_refused_by_a_full_disk_then_a_rerun_finishes_the_same_data(scene
     small_disk.make_room()
     assert preprocess.main(args) == 0
     assert validate.main([out, "--full"]) == 0
-    made, want = (json.load(open(os.path.join(d, "metadata.json")))["splits"] for d in (out, small_data))
-    assert {s: v["files"] for s, v in made.items()} == {s: v["files"] for s, v in want.items()}
+    made, want = (metadata.read(d).splits for d in (out, small_data))
+    assert {s: v.files for s, v in made.items()} == {s: v.files for s, v in want.items()}
     shutil.rmtree(out)
 
 

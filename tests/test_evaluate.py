@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from caption_eval import evaluate, gallery
+from caption_eval.evaluators import attention, coco_metrics, exact_objects
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 W, H = 320, 240  # the scene set's image size: grid cells are 40 x 30 pixels
@@ -25,7 +26,7 @@ def test_identical_caption_scores_one():
     # Two images, so CIDEr's document frequencies are not all equal (one image: idf 0).
     results = [{"image_id": 11, "caption": "a red circle in the top left"},
                {"image_id": 22, "caption": "Two shapes, a blue square and a green triangle."}]
-    m = evaluate.score(results, REFS)
+    m = coco_metrics.score(results, REFS)
     assert m["BLEU-4"] == pytest.approx(1.0, abs=1e-6)
     assert m["BLEU-1"] == pytest.approx(1.0, abs=1e-6)
     assert m["ROUGE-L"] == pytest.approx(1.0)
@@ -43,7 +44,7 @@ def test_identical_caption_scores_one():
 ])
 def test_mismatched_results_are_refused(results, words):
     with pytest.raises(ValueError) as e:
-        evaluate.score(results, REFS)
+        coco_metrics.score(results, REFS)
     message = str(e.value)
     assert "\n" not in message
     for w in words:
@@ -53,17 +54,17 @@ def test_mismatched_results_are_refused(results, words):
 def test_many_bad_ids_are_named_a_few_at_a_time():
     refs = {i: ["a caption"] for i in range(100)}
     with pytest.raises(ValueError, match=r"missing 97 image id\(s\).*: 3, 4, 5, 6, 7, \.\.\. \(97 in all\)"):
-        evaluate.check_results([{"image_id": i, "caption": "a caption"} for i in range(3)], refs)
+        coco_metrics.check_results([{"image_id": i, "caption": "a caption"} for i in range(3)], refs)
 
 
 def test_malformed_result_entry_is_refused():
     with pytest.raises(ValueError, match=r"results\[1\]"):
-        evaluate.check_results([{"image_id": 11, "caption": "a"}, {"image_id": 22}], REFS)
+        coco_metrics.check_results([{"image_id": 11, "caption": "a"}, {"image_id": 22}], REFS)
 
 
 # ----------------------------------------------------------------------- attention correctness
 def test_box_covering_four_cells():
-    cover = evaluate.cell_coverage([40, 30, 80, 60], W, H)  # columns 1-2, rows 1-2
+    cover = attention.cell_coverage([40, 30, 80, 60], W, H)  # columns 1-2, rows 1-2
     assert cover.sum() == pytest.approx(4.0)
     assert sorted(np.flatnonzero(cover)) == [9, 10, 17, 18]  # row-major: row * 8 + column
     assert cover.sum() / 64 == pytest.approx(4 / 64)
@@ -71,7 +72,7 @@ def test_box_covering_four_cells():
 
 def test_grid_is_row_major_rows_down_the_image():
     # Two cells side by side on row 1: x picks the column, y the row.
-    assert list(np.flatnonzero(evaluate.cell_coverage([40, 30, 80, 30], W, H))) == [9, 10]
+    assert list(np.flatnonzero(attention.cell_coverage([40, 30, 80, 30], W, H))) == [9, 10]
 
 
 def test_cells_match_the_encoders_feature_map():
@@ -87,16 +88,16 @@ def test_cells_match_the_encoders_feature_map():
     feats = inception.build("random", 0)(inception.prepare(tf.constant(np.stack([plain, patched]))),
                                          training=False).numpy()
     change = np.linalg.norm(feats[1] - feats[0], axis=1)
-    cover = evaluate.cell_coverage([240, 0, 80, 60], W, H)
+    cover = attention.cell_coverage([240, 0, 80, 60], W, H)
     assert set(np.argsort(change)[-4:]) == set(np.flatnonzero(cover))
 
 
 def test_partial_cells_count_by_area():
     # Half a cell wide, one cell high: half of one cell; the aspect is not kept (320x240).
-    cover = evaluate.cell_coverage([0, 0, 20, 30], W, H)
+    cover = attention.cell_coverage([0, 0, 20, 30], W, H)
     assert cover[0] == pytest.approx(0.5) and cover.sum() == pytest.approx(0.5)
     # A box past the image's edge counts only inside it.
-    assert evaluate.cell_coverage([300, 210, 100, 100], W, H).sum() == pytest.approx(0.5)  # 20 x 30 px
+    assert attention.cell_coverage([300, 210, 100, 100], W, H).sum() == pytest.approx(0.5)  # 20 x 30 px
 
 
 def _instances(tmp_path, objects, elsewhere=()):
@@ -110,19 +111,24 @@ def _instances(tmp_path, objects, elsewhere=()):
                             for k, (image, colour, shape, box) in enumerate(placed)]}
     path = tmp_path / "instances_val2014.json"
     path.write_text(json.dumps(data))
-    return evaluate.load_instances(str(path))
+    return attention.load_instances(str(path))
+
+
+def _item(image_id, words, maps):
+    """An item as caption_split yields it, cut to the keys AttentionCorrectness reads."""
+    return {"image_id": image_id, "words": words, "attention": maps}
 
 
 def test_attention_share_on_constructed_maps(tmp_path):
     inst = _instances(tmp_path, [("red", "circle", [40, 30, 80, 60]), ("blue", "square", [200, 120, 80, 90])])
-    circle = evaluate.cell_coverage([40, 30, 80, 60], W, H)
+    circle = attention.cell_coverage([40, 30, 80, 60], W, H)
     on_circle = circle / circle.sum()       # all weight on the circle's four cells
     uniform = np.full(64, 1 / 64)
     words = ["a", "red", "circle", "and", "a", "blue", "square"]
-    attention = np.stack([uniform, on_circle, on_circle, uniform, uniform, uniform, uniform])
-    ac = evaluate.AttentionCorrectness(inst)
-    ac.add(5, words, attention)
-    square_chance = evaluate.cell_coverage([200, 120, 80, 90], W, H).sum() / 64
+    maps = np.stack([uniform, on_circle, on_circle, uniform, uniform, uniform, uniform])
+    ac = attention.AttentionCorrectness(inst)
+    ac.add(_item(5, words, maps))
+    square_chance = attention.cell_coverage([200, 120, 80, 90], W, H).sum() / 64
     assert ac.shares == pytest.approx([1.0, 1.0, square_chance, square_chance])
     assert ac.chances == pytest.approx([4 / 64, 4 / 64, square_chance, square_chance])
     s = ac.summary()
@@ -132,8 +138,8 @@ def test_attention_share_on_constructed_maps(tmp_path):
 
 def test_uniform_attention_scores_chance(tmp_path):
     inst = _instances(tmp_path, [("green", "triangle", [13, 17, 91, 77])])
-    ac = evaluate.AttentionCorrectness(inst)
-    ac.add(5, ["green", "triangle"], np.full((2, 64), 1 / 64))
+    ac = attention.AttentionCorrectness(inst)
+    ac.add(_item(5, ["green", "triangle"], np.full((2, 64), 1 / 64)))
     s = ac.summary()
     assert s["share"] == pytest.approx(s["chance"]) and s["ratio"] == pytest.approx(1.0)
 
@@ -143,24 +149,24 @@ def test_which_objects_a_word_names(tmp_path):
                       elsewhere=[("blue", "triangle", [0, 0, 50, 50])])
     objects, vocab = inst["images"][5]["objects"], inst["vocabulary"]
     # The phrase decides: the "red" of "red square" is the square, not the circle.
-    assert evaluate.named_objects("a red circle and a red square".split(), objects, vocab) == \
+    assert attention.named_objects("a red circle and a red square".split(), objects, vocab) == \
         [None, [0], [0], None, None, [1], [1]]
     # "red" alone names both: ambiguous. A colour the image lacks names nothing; then
     # the shape word, not fitting the phrase either, names its own objects.
-    assert evaluate.named_objects("two red shapes".split(), objects, vocab) == [None, [0, 1], None]
-    assert evaluate.named_objects("a blue circle".split(), objects, vocab)[1:] == [[], [0]]
-    ac = evaluate.AttentionCorrectness(inst)
-    ac.add(5, "two red shapes a blue circle".split(), np.full((6, 64), 1 / 64))
-    ac.add(6, ["a", "red", "square"], np.full((3, 64), 1 / 64))  # image 6 has neither: 2 more skipped
+    assert attention.named_objects("two red shapes".split(), objects, vocab) == [None, [0, 1], None]
+    assert attention.named_objects("a blue circle".split(), objects, vocab)[1:] == [[], [0]]
+    ac = attention.AttentionCorrectness(inst)
+    ac.add(_item(5, "two red shapes a blue circle".split(), np.full((6, 64), 1 / 64)))
+    ac.add(_item(6, ["a", "red", "square"], np.full((3, 64), 1 / 64)))  # image 6 has neither: 2 more skipped
     assert ac.summary()["skipped"] == {"words_naming_several_objects": 1, "words_naming_no_object": 3}
     assert ac.summary()["words"] == 1  # "circle": the only circle
 
 
 def test_exact_objects_by_scene_size(tmp_path):
     inst = _instances(tmp_path, [("red", "circle", [0, 0, 50, 50]), ("blue", "square", [200, 0, 50, 50])])
-    ex = evaluate.ExactObjects(inst)
-    ex.add(5, "a red circle and a blue square")
-    ex.add(5, "a red circle and a blue circle")
+    ex = exact_objects.ExactObjects(inst)
+    ex.add({"image_id": 5, "caption": "a red circle and a blue square"})
+    ex.add({"image_id": 5, "caption": "a red circle and a blue circle"})
     assert ex.summary()["2"] == {"images": 2, "exact": 1, "share": 0.5}
     assert ex.summary()["all"]["share"] == 0.5
 
@@ -191,11 +197,10 @@ def evaluated(trained_job, small_data, tmp_path_factory):
 
 
 def test_cli_writes_results_metrics_and_gallery(evaluated, small_data):
-    from caption_io import records
-    from trainer import data
+    from caption_io import metadata, records
 
     out, proc = evaluated
-    val_ids = sorted(r["image_id"] for r in records.read_records(data.shard_files(small_data, "val")))
+    val_ids = sorted(r["image_id"] for r in records.read_records(metadata.shard_files(small_data, "val")))
     with open(os.path.join(out, "results.json")) as f:
         results = json.load(f)
     assert sorted(r["image_id"] for r in results) == val_ids  # every val image, once
@@ -203,7 +208,7 @@ def test_cli_writes_results_metrics_and_gallery(evaluated, small_data):
 
     with open(os.path.join(out, "metrics.json")) as f:
         metrics = json.load(f)
-    for key in evaluate.METRIC_KEYS:
+    for key in coco_metrics.METRIC_KEYS:
         assert 0.0 <= metrics[key] <= 10.0, key
     assert metrics["n_images"] == len(val_ids) and metrics["beam_size"] == 2
     # The scene set writes boxes, so both object figures are there.

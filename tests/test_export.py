@@ -12,9 +12,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from caption_io import images, metadata, records, vocab
 from model import Captioner, CaptionerConfig, decoding, inception
-from caption_io import images, records, vocab
-from trainer import data
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -40,13 +39,14 @@ def _val_images(scene_dir, n=4):
 def _in_process_greedy(job, paths, max_length=20):
     """Greedy captions from the checkpoint and the data's encoder, without the SavedModel."""
     meta_job = json.load(open(os.path.join(job, "job.json")))
-    meta = data.load_metadata(meta_job["data"])
-    tokens = data.load_vocab(meta_job["data"], meta)
+    meta = metadata.read(meta_job["data"])
+    tokens = metadata.load_vocab(meta_job["data"], meta)
     config = CaptionerConfig.from_json(open(os.path.join(job, "config.json")).read())
     config = CaptionerConfig.from_dict(dict(config.to_dict(), dropout=0.0))
     model = Captioner(config)
-    tf.train.Checkpoint(model=model).restore(tf.train.latest_checkpoint(os.path.join(job, "checkpoints"))).expect_partial()
-    encoder = inception.load(os.path.join(meta_job["data"], meta["encoder"]["file"]))
+    tf.train.Checkpoint(model=model).restore(
+        tf.train.latest_checkpoint(os.path.join(job, "checkpoints"))).expect_partial()
+    encoder = inception.load(os.path.join(meta_job["data"], meta.encoder.file))
     pixels = np.stack([inception.prepare(images.decode(open(p, "rb").read())[None]).numpy()[0] for p in paths])
     out = decoding.greedy(model, encoder(pixels, training=False), max_length)
     return [vocab.decode(t, tokens) for t in out.tokens.numpy()], out
@@ -90,7 +90,7 @@ def loaded(trained_job):
 
 def test_features_signature_matches_images_signature(loaded, trained_job, scene_dir):
     job = json.load(open(os.path.join(trained_job, "job.json")))
-    recs = records.read_records(data.shard_files(job["data"], "val"))[:3]
+    recs = records.read_records(metadata.shard_files(job["data"], "val"))[:3]
     feats = tf.constant(np.stack([r["features"] for r in recs]).astype(np.float32))
     by_features = loaded.signatures["caption_features"](features=feats, beam_size=tf.constant(3),
                                                         max_length=tf.constant(20))

@@ -1,5 +1,7 @@
 """The fused CPU attention kernels (model/fused_attention.py) against TensorFlow's ops and
 autodiff, and their fallback where they cannot be built."""
+import os
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -11,7 +13,7 @@ from tests.test_model import PAD, make_model, random_inputs, step_by_step
 
 def _inputs(seed, batch=5, n=3, positions=7, embed=6, units=24):
     rng = np.random.default_rng(seed)
-    x = lambda *shape: tf.constant(rng.standard_normal(shape).astype(np.float32))  # noqa
+    x = lambda *shape: tf.constant(rng.standard_normal(shape).astype(np.float32))
     return x(batch, positions, embed), x(batch, positions, units), x(n, units), x(units)
 
 
@@ -81,10 +83,16 @@ def test_training_loss_and_gradients_with_the_kernels_equal_autodiff(fused_kerne
         np.testing.assert_allclose(a / scale, b / scale, atol=1e-5, err_msg=var.path)
 
 
-def test_resolve_choices(fused_kernels):
+def _kernels_apply_here():
+    """Skip unless the fused kernels apply on this machine (CPU training in float32)."""
+    reason = fused_attention.unsupported_reason("float32")
+    if reason is not None:
+        pytest.skip(f"the fused attention kernels do not apply here: {reason}")
+
+
+def test_resolve_choices_that_hold_on_any_machine():
+    # Neither the device nor the compiler matters for these.
     assert fused_attention.resolve("ops", "float32") is False
-    assert fused_attention.resolve("auto", "float32") is True        # this machine: CPU, g++
-    assert fused_attention.resolve("fused", "float32") is True
     assert fused_attention.resolve("auto", "bfloat16") is False
     with pytest.raises(fused_attention.KernelError, match="computes in bfloat16"):
         fused_attention.resolve("fused", "bfloat16")
@@ -92,7 +100,28 @@ def test_resolve_choices(fused_kernels):
         fused_attention.resolve("fast", "float32")
 
 
+def test_resolve_choices_where_the_kernels_apply(fused_kernels):
+    _kernels_apply_here()                                             # CPU, float32, built
+    assert fused_attention.resolve("auto", "float32") is True
+    assert fused_attention.resolve("fused", "float32") is True
+
+
+def test_resolve_choices_on_a_gpu_machine(monkeypatch, caplog):
+    # A machine with a GPU trains there: auto takes the ops and says why, fused is refused.
+    # Shown here with the device list of such a machine (the real one, where there is a GPU).
+    real = tf.config.list_physical_devices
+    if not real("GPU"):
+        monkeypatch.setattr(tf.config, "list_physical_devices",
+                            lambda kind=None: [tf.config.PhysicalDevice("/physical_device:GPU:0", "GPU")]
+                            if kind == "GPU" else real(kind))
+    assert fused_attention.resolve("auto", "float32") is False
+    assert "attention: TensorFlow ops (they are CPU kernels and this machine trains on its GPUs)" in caplog.text
+    with pytest.raises(fused_attention.KernelError, match="fused: not available: they are CPU kernels"):
+        fused_attention.resolve("fused", "float32")
+
+
 def test_without_a_compiler_auto_falls_back_and_fused_says_why(tmp_path, monkeypatch, caplog):
+    _kernels_apply_here()       # elsewhere (a GPU) resolve never gets as far as the compiler
     monkeypatch.setenv("SAT_KERNEL_CACHE", str(tmp_path))       # nothing built here yet
     monkeypatch.setenv("CXX", "/bin/false")                      # a compiler that fails
     monkeypatch.setattr(fused_attention, "_module", None)
@@ -104,9 +133,12 @@ def test_without_a_compiler_auto_falls_back_and_fused_says_why(tmp_path, monkeyp
     assert list(tmp_path.iterdir()) == []                        # no half-built file left
 
 
-def test_build_is_cached_per_source(tmp_path, monkeypatch):
+def test_build_is_cached_per_source(fused_kernels, tmp_path, monkeypatch):
+    # fused_kernels: skipped, saying why, where they cannot be built (no C++ compiler).
     monkeypatch.setenv("SAT_KERNEL_CACHE", str(tmp_path))
-    first = fused_attention.library_path()
-    mtime = tmp_path.joinpath(first).stat().st_mtime_ns
+    first = fused_attention.library_path()                        # built into the empty cache
+    assert os.path.dirname(first) == str(tmp_path) and os.listdir(tmp_path) == [os.path.basename(first)]
+    mtime = os.stat(first).st_mtime_ns
     assert fused_attention.library_path() == first                # second call: no rebuild
-    assert tmp_path.joinpath(first).stat().st_mtime_ns == mtime
+    assert os.stat(first).st_mtime_ns == mtime
+    assert os.listdir(tmp_path) == [os.path.basename(first)]

@@ -21,7 +21,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from caption_io import fileio, records
+from caption_io import fileio, metadata, records
+
 
 def test_small_files_round_trip(gcs):
     base = fileio.join(gcs, "run1")
@@ -116,7 +117,8 @@ def test_pipeline_writes_its_data_set_to_gcs(gcs, scene_dir):
     shards = fileio.list_files(out, records.SHARD_SUFFIX)
     assert [s.rsplit("/", 1)[1] for s in shards] == [
         "train-00000-of-00002.tfrecord", "train-00001-of-00002.tfrecord", "val-00000-of-00001.tfrecord"]
-    for f in ("vocab.txt", meta["features"]["stats_file"], meta["encoder"]["file"]):
+    meta = metadata.Metadata.from_dict(meta)
+    for f in ("vocab.txt", meta.features.stats_file, meta.encoder.file):
         assert fileio.exists(fileio.join(out, f)), f
     locals_ = [fileio.local_copy(s) for s in shards]
     try:
@@ -125,8 +127,8 @@ def test_pipeline_writes_its_data_set_to_gcs(gcs, scene_dir):
     finally:
         for p in locals_:
             os.remove(p)
-    assert len(train) == N_TRAIN == meta["splits"]["train"]["images"]["written"]
-    assert len(val) == N_VAL == meta["splits"]["val"]["images"]["written"]
+    assert len(train) == N_TRAIN == meta.splits["train"].images.written
+    assert len(val) == N_VAL == meta.splits["val"].images.written
     assert train[0]["features"].shape == records.FEATURE_SHAPE
     # The shards were renamed into place whole, and they are what metadata.json says they are.
     from pipelines import shards as shards_lib

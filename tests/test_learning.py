@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from pipelines import preprocess, synthetic
-from caption_io import records
-from trainer import data, loop, task
+from caption_io import metadata, records
 from caption_serving import export
+from pipelines import preprocess, synthetic
+from trainer import loop, task
 
 # The bars (see the closing note of the trainer issue for the figures reached).
 VAL_XENT_SHARE = 0.25     # val cross-entropy ends below this share of where it started
@@ -34,7 +34,7 @@ def test_captioner_learns_the_scene_set(tmp_path_factory):
     assert metrics["history"][-1]["val_xent"] < VAL_XENT_SHARE * metrics["initial_val_xent"], metrics["history"]
 
     loaded = tf.saved_model.load(export.export(job))
-    recs = records.read_records(data.shard_files(data_dir, "val"))
+    recs = records.read_records(metadata.shard_files(data_dir, "val"))
     feats = tf.constant(np.stack([r["features"] for r in recs]).astype(np.float32))
     out = loaded.signatures["caption_features"](features=feats, beam_size=tf.constant(1), max_length=tf.constant(30))
     objects = synthetic.scene_objects(os.path.join(coco, "annotations", "instances_val2014.json"))

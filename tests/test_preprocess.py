@@ -10,8 +10,8 @@ import sys
 import numpy as np
 import pytest
 
+from caption_io import images, metadata, records, text, vocab
 from model import inception
-from caption_io import images, records, text, vocab
 from pipelines import preprocess
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -37,7 +37,7 @@ def _records(data_dir, split):
 def faulty_run(faulty_scene, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("data"))
     meta = _run(["--coco-dir", faulty_scene["dir"], "--output", out, "--num-shards", "train=3,val=2"])
-    return out, meta
+    return out, metadata.Metadata.from_dict(meta)
 
 
 def test_shards_are_named_and_counted(faulty_run):
@@ -45,8 +45,8 @@ def test_shards_are_named_and_counted(faulty_run):
     names = sorted(os.path.basename(p) for p in glob.glob(os.path.join(out, "*.tfrecord")))
     assert names == [f"train-0000{i}-of-00003.tfrecord" for i in range(3)] + \
                     [f"val-0000{i}-of-00002.tfrecord" for i in range(2)]
-    assert meta == json.load(open(os.path.join(out, "metadata.json")))
-    assert meta["splits"]["train"]["shards"] == 3
+    assert meta.to_dict() == json.load(open(os.path.join(out, "metadata.json")))
+    assert meta.splits["train"].shards == 3
 
 
 def test_good_images_all_written_bad_ones_rejected_with_reason(faulty_run, faulty_scene):
@@ -79,24 +79,23 @@ def test_counts_add_up(faulty_run, faulty_scene):
     out, meta = faulty_run
     from tests.conftest import N_TRAIN, N_VAL
 
-    train, val = meta["splits"]["train"], meta["splits"]["val"]
+    train, val = meta.splits["train"], meta.splits["val"]
     for info in (train, val):
-        for what in ("images", "captions"):
-            c = info[what]
-            assert c["seen"] == c["written"] + c["rejected"]
-    assert train["images"] == {"seen": N_TRAIN, "written": N_TRAIN - 4, "rejected": 4}
+        for c in (info.images, info.captions):
+            assert c.seen == c.written + c.rejected
+    assert train.images == metadata.Counts(seen=N_TRAIN, written=N_TRAIN - 4, rejected=4)
     # 5 a scene image, + 2 blank + 1 non-ASCII + 1 orphan + 1 duplicate added
-    assert train["captions"]["seen"] == 5 * N_TRAIN + 5
-    assert train["captions"]["rejected"] == 4 * 5 + 4
-    assert train["captions"]["written"] == sum(len(r["captions"]) for r in _records(out, "train"))
-    assert val["captions"] == {"seen": 5 * N_VAL + 1, "written": 5 * N_VAL + 1, "rejected": 0}
+    assert train.captions.seen == 5 * N_TRAIN + 5
+    assert train.captions.rejected == 4 * 5 + 4
+    assert train.captions.written == sum(len(r["captions"]) for r in _records(out, "train"))
+    assert val.captions == metadata.Counts(seen=5 * N_VAL + 1, written=5 * N_VAL + 1, rejected=0)
     rejects = _rejects(out)
-    assert sum(r["captions"] for r in rejects) == train["captions"]["rejected"] + val["captions"]["rejected"]
+    assert sum(r["captions"] for r in rejects) == train.captions.rejected + val.captions.rejected
 
 
 def test_features_equal_the_saved_encoder_output(faulty_run, faulty_scene):
     out, meta = faulty_run
-    encoder = inception.load(os.path.join(out, meta["encoder"]["file"]))
+    encoder = inception.load(os.path.join(out, meta.encoder.file))
     recs = {r["file_name"]: r for r in _records(out, "train")}
     names = faulty_scene["odd_but_good"] + sorted(set(recs) - set(faulty_scene["odd_but_good"]))[:2]
     for name in names:
@@ -112,7 +111,7 @@ def test_features_equal_the_saved_encoder_output(faulty_run, faulty_scene):
 def test_caption_ids_map_back_to_normalised_text(faulty_run, faulty_scene):
     out, meta = faulty_run
     tokens = vocab.read(os.path.join(out, "vocab.txt"))
-    assert len(tokens) == meta["vocab"]["size"]
+    assert len(tokens) == meta.vocab.size
     seen_non_ascii = False
     for rec in _records(out, "train") + _records(out, "val"):
         for ids, raw in zip(rec["captions"], rec["caption_text"]):
@@ -138,13 +137,98 @@ def test_vocabulary_from_train_only_sorted_by_count(faulty_run, faulty_scene):
     assert tokens[4:] == sorted(counts, key=lambda w: (-counts[w], w))
 
 
+def _train_word_counts(coco_dir):
+    """Each word's count over the training captions of a COCO-layout set, as the captions'
+    words (text.words: lower case, no punctuation)."""
+    with open(os.path.join(coco_dir, "annotations", "captions_train2014.json")) as f:
+        captions = [a["caption"] for a in json.load(f)["annotations"]]
+    counts = {}
+    for words in text.words(captions):
+        for w in words:
+            counts[w] = counts.get(w, 0) + 1
+    return counts
+
+
+def _vocab_run(scene_dir, out, *flags):
+    _run(["--coco-dir", scene_dir, "--output", out, "--num-shards", "train=1,val=1", *flags])
+    with open(os.path.join(out, "vocab.txt")) as f:
+        content = f.read()
+    with open(os.path.join(out, "metadata.json")) as f:
+        info = json.load(f)["vocab"]
+    return content, info
+
+
+def test_min_count_keeps_words_seen_that_often_and_the_rest_become_unk(scene_dir, tmp_path):
+    counts = _train_word_counts(scene_dir)
+    min_count = 7
+    # The scene set has words at exactly 7 (kept: "at least") and words below it (dropped).
+    assert any(c == min_count for c in counts.values()) and any(c < min_count for c in counts.values())
+    out = str(tmp_path / "data")
+    content, info = _vocab_run(scene_dir, out, "--min-count", str(min_count))
+    kept = sorted((w for w, c in counts.items() if c >= min_count), key=lambda w: (-counts[w], w))
+    assert content == "\n".join([*vocab.SPECIALS, *kept]) + "\n"      # specials, then by count, ties a-z
+    assert info["size"] == 4 + len(kept) and info["min_count"] == min_count
+    # Every word seen fewer times is <unk> in the records, and each word kept is its line.
+    rare = {w for w, c in counts.items() if c < min_count}
+    line = {w: i for i, w in enumerate(content.splitlines())}
+    unks = 0
+    for rec in _records(out, "train"):
+        for ids, raw in zip(rec["captions"], rec["caption_text"]):
+            words = text.words([raw])[0]
+            assert ids[1:-1] == [vocab.UNK_ID if w in rare else line[w] for w in words], raw
+            unks += sum(w in rare for w in words)
+    assert unks == sum(counts[w] for w in rare) > 0
+
+
+def test_vocab_size_keeps_the_most_frequent_words_ties_alphabetically(scene_dir, tmp_path):
+    counts = _train_word_counts(scene_dir)
+    ranked = sorted(counts, key=lambda w: (-counts[w], w))
+    size = 15
+    # Two words with one count either side of the cut: the alphabetically first is kept.
+    assert counts[ranked[size - 1]] == counts[ranked[size]] and len(ranked) > size + 5
+    out = str(tmp_path / "data")
+    content, info = _vocab_run(scene_dir, out, "--vocab-size", str(size))
+    assert content == "\n".join([*vocab.SPECIALS, *ranked[:size]]) + "\n"
+    tokens = content.splitlines()
+    assert ranked[size - 1] in tokens and ranked[size] not in tokens
+    assert info["size"] == len(tokens) == 4 + size and info["max_words"] == size
+
+
+def _raw_features(data_dir, split):
+    """[images, 64, 2048] float16: every record's feature bytes as the shards hold them,
+    read with TensorFlow's record reader and the Example proto, none of the pipeline's code."""
+    import tensorflow as tf
+
+    out = []
+    for path in sorted(glob.glob(os.path.join(data_dir, f"{split}-*-of-*.tfrecord"))):
+        for raw in tf.data.TFRecordDataset(path).as_numpy_iterator():
+            example = tf.train.Example.FromString(raw)
+            [data] = example.features.feature[records.FEATURES].bytes_list.value
+            out.append(np.frombuffer(data, np.float16).reshape(64, 2048))
+    return np.stack(out)
+
+
 def test_feature_statistics_over_train(faulty_run):
     out, meta = faulty_run
-    stats = np.load(os.path.join(out, "feature_stats.npz"))
-    feats = np.stack([r["features"] for r in _records(out, "train")]).astype(np.float64).reshape(-1, 2048)
-    np.testing.assert_allclose(stats["mean"], feats.mean(0), rtol=1e-4, atol=1e-9)
-    np.testing.assert_allclose(stats["std"], feats.std(0), rtol=1e-3, atol=1e-9)
-    assert int(stats["count"]) == feats.shape[0] == meta["features"]["stats_count"]
+    from tests.conftest import N_TRAIN
+
+    with np.load(os.path.join(out, "feature_stats.npz")) as z:
+        stats = {k: z[k] for k in z.files}
+    train = _raw_features(out, "train").astype(np.float64)
+    assert train.shape[0] == N_TRAIN - 4                       # the written images (4 rejected)
+    rows = train.reshape(-1, 2048)                             # one row per position of each image
+    mean, std = rows.mean(0), rows.std(0)                      # per channel; the population std (ddof 0)
+    assert stats["mean"].shape == stats["std"].shape == (2048,)
+    assert stats["mean"].dtype == stats["std"].dtype == np.float32
+    # Both sides add the same float16 values in float64; the file keeps float32.
+    np.testing.assert_allclose(stats["mean"], mean, rtol=1e-5, atol=1e-10)
+    np.testing.assert_allclose(stats["std"], std, rtol=1e-5, atol=1e-10)
+    assert int(stats["count"]) == rows.shape[0] == 64 * (N_TRAIN - 4) == meta.features.stats_count
+    # Those tolerances tell the training split's statistics from ones over every split, and
+    # the population std from the sample one (ddof 1 is 1 + 1/(2n) larger, n = 640 here).
+    both = np.concatenate([rows, _raw_features(out, "val").astype(np.float64).reshape(-1, 2048)])
+    assert not np.allclose(stats["mean"], both.mean(0), rtol=1e-5, atol=1e-10)
+    assert not np.allclose(stats["std"], rows.std(0, ddof=1), rtol=1e-5, atol=1e-10)
 
 
 def test_channel_stats_combiner_merges_exactly():
@@ -187,7 +271,7 @@ def _cli(*args, env=None):
 
 
 def _one_error_line(proc):
-    lines = [l for l in proc.stderr.strip().splitlines() if l.strip()]
+    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
     assert lines and "error" in lines[-1], proc.stderr
     assert "Traceback" not in proc.stderr, proc.stderr
     return lines[-1]
@@ -242,7 +326,6 @@ def test_a_killed_run_is_refused_by_the_trainer_and_finished_by_the_same_command
     import time
 
     from pipelines import shards
-    from trainer import data as trainer_data
 
     out = str(tmp_path / "killed")
     args = ["--coco-dir", scene_dir, "--output", out, "--encoder-weights", "random", "--seed", "5",
@@ -252,7 +335,8 @@ def test_a_killed_run_is_refused_by_the_trainer_and_finished_by_the_same_command
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
         # A shard finished and another one under way: the moment to pull the plug.
-        if glob.glob(os.path.join(out, shards.DONE_DIR, "*.json")) and glob.glob(os.path.join(out, "*" + shards.PARTIAL + "*")):
+        if (glob.glob(os.path.join(out, shards.DONE_DIR, "*.json"))
+                and glob.glob(os.path.join(out, "*" + shards.PARTIAL + "*"))):
             break
         time.sleep(0.02)
     assert proc.poll() is None, "the run ended before it could be killed mid-shard"
@@ -260,8 +344,8 @@ def test_a_killed_run_is_refused_by_the_trainer_and_finished_by_the_same_command
     proc.wait()
     finished_before = {os.path.basename(p) for p in glob.glob(os.path.join(out, shards.DONE_DIR, "*.json"))}
     assert finished_before and shards.leftovers(out)
-    with pytest.raises(trainer_data.DataError, match="no metadata.json"):
-        trainer_data.load_metadata(out)
+    with pytest.raises(metadata.MetadataError, match="no metadata.json"):
+        metadata.read(out)
 
     again = _cli(*args)
     assert again.returncode == 0, again.stderr
@@ -272,11 +356,10 @@ def test_a_killed_run_is_refused_by_the_trainer_and_finished_by_the_same_command
 
     clean = str(tmp_path / "clean")
     assert _cli(*[clean if a == out else a for a in args]).returncode == 0
-    a_meta, b_meta = (json.load(open(os.path.join(d, "metadata.json"))) for d in (out, clean))
+    a_meta, b_meta = (metadata.read(d) for d in (out, clean))
     for split in ("train", "val"):
-        assert a_meta["splits"][split]["images"] == b_meta["splits"][split]["images"]
-        assert [f["records"] for f in a_meta["splits"][split]["files"]] == \
-               [f["records"] for f in b_meta["splits"][split]["files"]]
+        assert a_meta.splits[split].images == b_meta.splits[split].images
+        assert [f.records for f in a_meta.splits[split].files] == [f.records for f in b_meta.splits[split].files]
         a, b = ({r["image_id"]: r for r in _records(d, split)} for d in (out, clean))
         assert a.keys() == b.keys()
         for k in a:
@@ -284,4 +367,4 @@ def test_a_killed_run_is_refused_by_the_trainer_and_finished_by_the_same_command
             np.testing.assert_allclose(a[k]["features"].astype(np.float32), b[k]["features"].astype(np.float32),
                                        rtol=2e-3, atol=1e-6)
     assert open(os.path.join(out, "vocab.txt")).read() == open(os.path.join(clean, "vocab.txt")).read()
-    trainer_data.load_metadata(out)  # the trainer takes it now
+    metadata.read(out)  # the trainer takes it now

@@ -8,8 +8,8 @@ import os
 
 import pytest
 
+from caption_io import metadata, records
 from pipelines import preprocess, sources
-from caption_io import records
 
 
 def _coco(scene_dir, split):
@@ -41,7 +41,8 @@ def test_karpathy_split_maps_restval_into_train(scene_dir, tmp_path):
     images = _karpathy_file(scene_dir, tmp_path / "dataset_coco.json")
     entries, rejects, source = sources.karpathy(scene_dir, str(tmp_path / "dataset_coco.json"))
     assert not rejects and source["kind"] == "karpathy"
-    want = {s: {i["cocoid"] for i in images if sources.KARPATHY_SPLITS[i["split"]] == s} for s in ("train", "val", "test")}
+    want = {s: {i["cocoid"] for i in images if sources.KARPATHY_SPLITS[i["split"]] == s}
+            for s in ("train", "val", "test")}
     got = {s: {e["image_id"] for e in entries[s]} for s in entries}
     assert got == want
     assert all(os.path.exists(e["path"]) for s in entries for e in entries[s])
@@ -52,10 +53,11 @@ def test_karpathy_pipeline_writes_three_splits(scene_dir, tmp_path):
     out = str(tmp_path / "data")
     meta = preprocess.run(["--coco-dir", scene_dir, "--karpathy-json", str(tmp_path / "k.json"), "--output", out,
                            "--encoder-weights", "random", "--num-shards", "1"])
-    assert set(meta["splits"]) == {"train", "val", "test"}
-    for split, info in meta["splits"].items():
+    meta = metadata.Metadata.from_dict(meta)
+    assert set(meta.splits) == {"train", "val", "test"}
+    for split, info in meta.splits.items():
         recs = records.read_records(glob.glob(records.shard_glob(out, split)))
-        assert len(recs) == info["images"]["written"] == info["images"]["seen"] > 0
+        assert len(recs) == info.images.written == info.images.seen > 0
 
 
 def test_jsonl_input_for_your_own_images(scene_dir, tmp_path):
@@ -71,10 +73,11 @@ def test_jsonl_input_for_your_own_images(scene_dir, tmp_path):
     out = str(tmp_path / "data")
     meta = preprocess.run(["--captions-jsonl", str(tmp_path / "mine.jsonl"), "--output", out,
                            "--encoder-weights", "random", "--num-shards", "1", "--val-fraction", "0"])
-    assert meta["source"]["kind"] == "jsonl"
-    assert meta["splits"]["val"]["images"]["written"] == 1  # the line's own split wins
-    assert meta["splits"]["train"]["images"] == {"seen": len(names), "written": len(names) - 1, "rejected": 1}
-    rejects = [json.loads(l) for p in glob.glob(os.path.join(out, "rejected", "*")) for l in open(p)]
+    meta = metadata.Metadata.from_dict(meta)
+    assert meta.source.kind == "jsonl"
+    assert meta.splits["val"].images.written == 1  # the line's own split wins
+    assert meta.splits["train"].images == metadata.Counts(seen=len(names), written=len(names) - 1, rejected=1)
+    rejects = [json.loads(line) for p in glob.glob(os.path.join(out, "rejected", "*")) for line in open(p)]
     reasons = sorted(r["reason"] for r in rejects)
     assert any("not a JSON object" in r for r in reasons) and any("missing" in r for r in reasons)
     recs = records.read_records(glob.glob(records.shard_glob(out, "train")))
@@ -82,7 +85,8 @@ def test_jsonl_input_for_your_own_images(scene_dir, tmp_path):
 
 
 def test_max_captions_keeps_a_seeded_subset_with_their_images():
-    entries = [{"image_id": i, "captions": [{"id": i * 10 + j, "text": f"c{i}{j}"} for j in range(5)]} for i in range(40)]
+    entries = [{"image_id": i, "captions": [{"id": i * 10 + j, "text": f"c{i}{j}"} for j in range(5)]}
+               for i in range(40)]
     a = sources.subsample_captions(entries, 30, seed=1)
     b = sources.subsample_captions(entries, 30, seed=1)
     c = sources.subsample_captions(entries, 30, seed=2)
@@ -97,7 +101,8 @@ def test_max_captions_keeps_a_seeded_subset_with_their_images():
 def test_coco_2017_names_are_found(tmp_path):
     (tmp_path / "annotations").mkdir()
     (tmp_path / "annotations" / "captions_train2017.json").write_text(json.dumps(
-        {"images": [{"id": 1, "file_name": "000000000001.jpg"}], "annotations": [{"id": 5, "image_id": 1, "caption": "x"}]}))
+        {"images": [{"id": 1, "file_name": "000000000001.jpg"}],
+         "annotations": [{"id": 5, "image_id": 1, "caption": "x"}]}))
     entries, _, source = sources.coco(str(tmp_path))
     assert source["year"] == "2017"
     assert entries["train"][0]["path"] == os.path.join(str(tmp_path), "train2017", "000000000001.jpg")

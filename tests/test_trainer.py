@@ -147,7 +147,7 @@ def test_bad_inputs_one_line_before_training(args, words, small_data, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "trainer.task", *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 2
-    lines = [l for l in proc.stderr.strip().splitlines() if "error" in l]
+    lines = [line for line in proc.stderr.strip().splitlines() if "error" in line]
     assert lines and words in lines[-1] and "Traceback" not in proc.stderr
     assert not os.path.exists(tmp_path / "job" / "checkpoints")
 
@@ -267,7 +267,7 @@ def test_a_damaged_newest_checkpoint_is_reported_and_the_newest_intact_one_resto
     capsys.readouterr()
     m = loop.train(_settings(small_data, job, "--epochs", "3", *args[2:]))
     err = capsys.readouterr().err
-    line = next(l for l in err.splitlines() if l.startswith("checkpoint damaged"))
+    line = next(err_line for err_line in err.splitlines() if err_line.startswith("checkpoint damaged"))
     assert os.path.basename(newest) in line and f"restored {os.path.basename(older)}" in line
     step = int(older.rsplit("-", 1)[1])
     assert f"resuming from {older}: " in err and f"step {step}" in err
@@ -293,20 +293,25 @@ def test_no_intact_checkpoint_is_one_line_naming_the_folder(small_data, tmp_path
 def _poison_one_record(data_dir):
     """Rewrite train shard 0 with one image's features set to infinity, as a damaged
     batch would be, and record the new shard in metadata.json as the pipeline would."""
-    from caption_io import records
+    import dataclasses
+
+    from caption_io import metadata, records
     from pipelines import shards
 
-    meta_path = os.path.join(data_dir, "metadata.json")
-    meta = json.load(open(meta_path))
-    entry = meta["splits"]["train"]["files"][0]
-    path = os.path.join(data_dir, entry["name"])
+    meta = metadata.read(data_dir)
+    train = meta.splits["train"]
+    entry = train.files[0]
+    path = entry.path(data_dir)
     recs = records.read_records([path])
     recs[0]["features"] = np.full_like(recs[0]["features"], np.inf)
     writer = shards.ShardWriter(path)
     for r in recs:
-        writer.write(records.make_example(r["image_id"], r["file_name"], r["features"], r["captions"], r["caption_text"]))
-    entry.update(writer.commit())
-    json.dump(meta, open(meta_path, "w"))
+        writer.write(records.make_example(r["image_id"], r["file_name"], r["features"], r["captions"],
+                                          r["caption_text"]))
+    written = writer.commit()
+    entry = dataclasses.replace(entry, **{k: written[k] for k in ("records", "bytes", "sha256")})
+    train = dataclasses.replace(train, files=(entry, *train.files[1:]))
+    metadata.write(data_dir, dataclasses.replace(meta, splits={**meta.splits, "train": train}))
 
 
 def test_a_non_finite_loss_stops_at_once_and_keeps_the_last_good_checkpoint(small_data, tmp_path):

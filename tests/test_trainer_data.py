@@ -2,13 +2,15 @@
 from __future__ import annotations
 
 import collections
+import glob
 import os
+import time
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from caption_io import records
+from caption_io import metadata, records
 from trainer import data
 
 
@@ -17,7 +19,7 @@ def _all(ds):
 
 
 def test_one_epoch_visits_every_caption_once_with_its_image(small_data):
-    files = data.shard_files(small_data, "train")
+    files = metadata.shard_files(small_data, "train")
     recs = records.read_records(files)
     want = collections.Counter(tuple(c) for r in recs for c in r["captions"])
     # Scenes repeat, so one caption text may belong to several images.
@@ -38,22 +40,47 @@ def test_one_epoch_visits_every_caption_once_with_its_image(small_data):
 
 
 def test_seeded_order_repeats_and_seeds_differ(small_data):
-    files = data.shard_files(small_data, "train")
-    first = lambda seed: [t.tolist() for _, t in _all(data.caption_dataset(files, 4, seed=seed))]  # noqa: E731
+    files = metadata.shard_files(small_data, "train")
+    first = lambda seed: [t.tolist() for _, t in _all(data.caption_dataset(files, 4, seed=seed))]
     assert first(1) == first(1)
     assert first(1) != first(2)
 
 
-def test_epoch_datasets_are_not_autotuned(small_data):
-    # An autotuned iterator's deletion waited for the autotuner's next wake-up, up to as long
-    # again as the epoch (see caption_dataset): the trainer makes one iterator per epoch.
+def test_epoch_iterators_are_let_go_at_once_however_long_they_lived(small_data):
+    # The trainer makes one iterator per epoch (through its strategy, as Trainer._dataset does)
+    # and drops it when the epoch's batches end. Autotuned (the interleave's parallelism and the
+    # prefetch depth), dropping one blocked until the autotuner's next wake-up, whose interval
+    # doubles as the iterator ages (at ~2.6 s, the next is at ~5.1 s): epochs waited up to as long
+    # again as they had run (see caption_dataset). Not every iterator hit it, so here are several,
+    # each an epoch at a trainer's pace (~3 s); fixed knobs with autotuning off drop each at once.
+    files = sorted(glob.glob(os.path.join(small_data, "train-*.tfrecord")))
+    strategy = tf.distribute.get_strategy()
     for shuffle in (True, False):
-        ds = data.caption_dataset(data.shard_files(small_data, "train"), 8, shuffle=shuffle)
-        assert ds.options().autotune.enabled is False
+        iterators = [iter(strategy.distribute_datasets_from_function(
+            lambda ctx, k=k, shuffle=shuffle: data.caption_dataset(files, 2, shuffle=shuffle, seed=k,
+                                                                   shuffle_buffer=16, input_context=ctx)))
+                     for k in range(16)]
+        start, live, batches = time.perf_counter(), list(iterators), 0
+        while live:                                  # ~35 batches each, one from each in turn
+            for it in list(live):
+                try:
+                    next(it)
+                    batches += 1
+                except StopIteration:
+                    live.remove(it)
+            time.sleep(0.07)
+        lived = time.perf_counter() - start
+        assert batches == 16 * 35 and lived > 2.5, (batches, lived)
+        for i in range(len(iterators)):
+            t = time.perf_counter()
+            iterators.pop()
+            let_go = time.perf_counter() - t
+            assert let_go < 0.75, (f"shuffle={shuffle}: dropping an epoch's iterator that lived {lived:.1f} s took "
+                                   f"{let_go:.2f} s (iterator {i + 1} of 16)")
 
 
 def test_length_buckets(small_data):
-    files = data.shard_files(small_data, "train")
+    files = metadata.shard_files(small_data, "train")
     for _, t in _all(data.caption_dataset(files, 4, seed=0, bucket_boundaries=(14, 18))):
         lengths = (t != 0).sum(1)
         # Every caption in a batch falls in one bucket: [..14), [14..18), [18..)
@@ -61,7 +88,7 @@ def test_length_buckets(small_data):
 
 
 def test_input_context_splits_the_data(small_data):
-    files = data.shard_files(small_data, "train")
+    files = metadata.shard_files(small_data, "train")
     parts = []
     for pid in range(2):
         ctx = tf.distribute.InputContext(num_input_pipelines=2, input_pipeline_id=pid, num_replicas_in_sync=2)
@@ -73,8 +100,8 @@ def test_input_context_splits_the_data(small_data):
 
 
 def test_metadata_missing_is_a_clear_error(tmp_path):
-    with pytest.raises(data.DataError, match="no metadata.json"):
-        data.load_metadata(str(tmp_path))
+    with pytest.raises(metadata.MetadataError, match="no metadata.json"):
+        metadata.read(str(tmp_path))
 
 
 def test_shards_that_do_not_parse_are_refused(tmp_path):
@@ -90,12 +117,12 @@ def test_shards_that_do_not_parse_are_refused(tmp_path):
 
 
 def test_padding_to_buckets_gives_a_few_fixed_lengths(small_data):
-    meta = data.load_metadata(small_data)
-    longest = max(info["max_tokens"] for info in meta["splits"].values())
+    meta = metadata.read(small_data)
+    longest = max(info.max_tokens for info in meta.splits.values())
     buckets = data.jit_buckets((), longest)
     assert buckets[-1] == longest + 1 and list(buckets) == sorted(set(buckets))
     assert data.jit_buckets((8, 12, 99), 20) == (8, 12, 21)
-    files = data.shard_files(small_data, "train")
+    files = metadata.shard_files(small_data, "train")
     seen, captions = set(), 0
     for _, t in _all(data.caption_dataset(files, 4, seed=0, bucket_boundaries=buckets, pad_to_bucket=True)):
         width = t.shape[1]
@@ -105,4 +132,4 @@ def test_padding_to_buckets_gives_a_few_fixed_lengths(small_data):
         assert ((lengths >= (buckets[i - 1] if i else 0)) & (lengths < width + 1)).all()  # in it, not cut
         seen.add(width)
         captions += len(t)
-    assert len(seen) > 1 and captions == data.count_captions(meta, "train")
+    assert len(seen) > 1 and captions == meta.splits["train"].captions.written

@@ -146,8 +146,10 @@ def test_encode_shards_writes_every_shard_streaming_and_rejects_what_it_cannot_r
     from model import inception
 
     tokens = list(vocab.SPECIALS) + ["a", "red", "square"]
-    entries = [_entry("train", i, pictures[f"good{i}"], "a red square", words=[["a", "red", "square"]]) for i in range(3)]
-    entries.append(_entry("train", 9, pictures["missing"], "a square", words=[["a", "square"]]))  # vanished since checked
+    entries = [_entry("train", i, pictures[f"good{i}"], "a red square", words=[["a", "red", "square"]])
+               for i in range(3)]
+    # vanished since checked
+    entries.append(_entry("train", 9, pictures["missing"], "a square", words=[["a", "square"]]))
     # 4 images over 5 shards: shard 3 holds only the vanished image, shard 4 nothing; both are written, empty.
     shards.assign(entries, 5)
     out = str(tmp_path / "out")
@@ -166,7 +168,8 @@ def test_encode_shards_writes_every_shard_streaming_and_rejects_what_it_cannot_r
     for r in got:
         pixels = np.asarray(Image.open(pictures[f"good{r['image_id']}"]).convert("RGB"))
         expected = model(inception.prepare(pixels[None]), training=False).numpy()[0]
-        np.testing.assert_allclose(r["features"].astype(np.float32), expected, rtol=2e-3, atol=2e-3 * np.abs(expected).max())
+        np.testing.assert_allclose(r["features"].astype(np.float32), expected, rtol=2e-3,
+                                   atol=2e-3 * np.abs(expected).max())
         assert r["captions"] == [[vocab.START_ID, 4, 5, 6, vocab.END_ID]]
     assert sorted(os.listdir(os.path.join(out, shards.DONE_DIR))) == [f"train-0000{i}-of-00005.json" for i in range(5)]
     assert os.path.getsize(os.path.join(out, "train-00004-of-00005.tfrecord")) == 0
@@ -175,7 +178,8 @@ def test_encode_shards_writes_every_shard_streaming_and_rejects_what_it_cannot_r
 
 def test_encode_shards_keeps_finished_shards_and_redoes_changed_ones(pictures, encoder_file, tmp_path):
     tokens = list(vocab.SPECIALS) + ["a", "red", "square"]
-    entries = [_entry("train", i, pictures[f"good{i}"], "a red square", words=[["a", "red", "square"]]) for i in range(3)]
+    entries = [_entry("train", i, pictures[f"good{i}"], "a red square", words=[["a", "red", "square"]])
+               for i in range(3)]
     shards.assign(entries, 3)
     out = str(tmp_path / "out")
 
@@ -206,10 +210,20 @@ def _summary(name, records_, captions):
 
 
 def test_write_metadata_checks_the_counts_and_lists_every_shard(tmp_path):
+    from caption_io import metadata as metadata_lib
     from pipelines.transforms import metadata
 
-    static = {"format_version": 1, "vocab": {"file": "vocab.txt"}, "features": {},
-              "splits": {"train": {"shards": 2}}}
+    static = metadata_lib.Metadata(
+        format_version=metadata_lib.FORMAT_VERSION, created="2026-01-01T00:00:00Z", command="a test",
+        source=metadata_lib.Source(kind="coco", path="coco", year="2014"),
+        encoder=metadata_lib.Encoder(architecture="InceptionV3/mixed10", weights="random", seed=0, file="enc.h5",
+                                     sha256="0" * 64, input_size=299, input_scaling="x / 127.5 - 1"),
+        features=metadata_lib.Features(shape=records.FEATURE_SHAPE, dtype="float16", standardise="per channel",
+                                       stats_file=metadata.STATS_FILE, stats_count=0),
+        vocab=metadata_lib.Vocab(file="vocab.txt", size=0, max_words=10, min_count=1, specials=vocab.SPECIALS,
+                                 built_from="train"),
+        splits={"train": metadata.planned_split(2, "train-SSSSS-of-NNNNN.tfrecord")},
+        rejected="rejected/", inputs="inputs/")
     fn = metadata.WriteMetadata(str(tmp_path), static)
     tokens = list(vocab.SPECIALS) + ["a"]
     stats_ = {"count": 128, "mean": np.zeros(4, np.float32), "std": np.ones(4, np.float32)}
@@ -218,10 +232,12 @@ def test_write_metadata_checks_the_counts_and_lists_every_shard(tmp_path):
               ("train", "captions", "seen"): 15, ("train", "captions", "written"): 14,
               ("train", "captions", "rejected"): 1}
     (meta,) = fn.process(None, tokens, stats_, counts, summaries)
-    assert meta["splits"]["train"]["images"] == {"seen": 4, "written": 3, "rejected": 1}
-    assert [f["name"] for f in meta["splits"]["train"]["files"]] == [s["name"] for s in reversed(summaries)]
-    assert meta["splits"]["train"]["max_tokens"] == 7 and meta["vocab"]["size"] == 5
-    assert json.load(open(tmp_path / "metadata.json")) == meta
+    train = meta.splits["train"]
+    assert train.images == metadata_lib.Counts(seen=4, written=3, rejected=1)
+    assert [f.name for f in train.files] == [s["name"] for s in reversed(summaries)]
+    assert train.max_tokens == 7 and meta.vocab.size == 5 and meta.features.stats_count == 128
+    assert json.load(open(tmp_path / "metadata.json")) == meta.to_dict()
+    assert metadata_lib.read(str(tmp_path)) == meta
 
     lost = {**counts, ("train", "captions", "written"): 13}  # a caption neither written nor rejected
     with pytest.raises(RuntimeError, match="train captions: seen 15 != written 13 \\+ rejected 1"):

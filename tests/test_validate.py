@@ -2,6 +2,7 @@
 damaged shard before its first step, and `pipelines.validate` says what is wrong."""
 from __future__ import annotations
 
+import dataclasses
 import glob
 import os
 import shutil
@@ -10,8 +11,9 @@ import sys
 
 import pytest
 
+from caption_io import metadata
 from pipelines import validate
-from trainer import data, loop, task
+from trainer import loop, task
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -51,7 +53,7 @@ def test_a_truncated_shard_is_named_by_validate_and_refused_by_the_trainer(copy,
     assert f"{shard}: {size // 2:,} bytes where metadata.json says {size:,}: cut short" in proc.stderr
     assert "re-run `python -m pipelines.preprocess`" in proc.stderr
     # The trainer: one line before the first step, exit 2, no traceback.
-    with pytest.raises(data.DataError, match=os.path.basename(shard)):
+    with pytest.raises(metadata.MetadataError, match=os.path.basename(shard)):
         loop.Trainer(task.parse_args(["--data", copy, "--job-dir", str(tmp_path / "job")]))
     run = subprocess.run([sys.executable, "-m", "trainer.task", "--data", copy, "--job-dir", str(tmp_path / "job2"),
                           "--epochs", "1", "--no-progress"], cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -66,8 +68,8 @@ def test_a_missing_shard_is_named(copy):
     os.remove(shard)
     proc = _cli(copy)
     assert proc.returncode == 1 and f"{shard}: missing" in proc.stderr
-    with pytest.raises(data.DataError, match="missing"):
-        data.shard_files(copy, "train", data.load_metadata(copy))
+    with pytest.raises(metadata.MetadataError, match="missing"):
+        metadata.shard_files(copy, "train", metadata.read(copy))
 
 
 def test_a_flipped_byte_passes_the_size_check_and_fails_the_full_one(copy):
@@ -84,14 +86,13 @@ def test_a_flipped_byte_passes_the_size_check_and_fails_the_full_one(copy):
 
 
 def test_counts_that_differ_from_metadata_fail_the_full_check(copy):
-    meta = data.load_metadata(copy)
-    meta["splits"]["val"]["captions"]["written"] += 1
-    import json
-
-    with open(os.path.join(copy, "metadata.json"), "w") as f:
-        json.dump(meta, f)
+    meta = metadata.read(copy)
+    val = meta.splits["val"]
+    more = dataclasses.replace(val, captions=dataclasses.replace(val.captions, written=val.captions.written + 1))
+    metadata.write(copy, dataclasses.replace(meta, splits={**meta.splits, "val": more}))
     problems = validate.validate(copy, full=True)[1]
-    assert problems and problems[0].startswith("val: ") and "captions in the shards where metadata.json says" in problems[0]
+    assert problems and problems[0].startswith("val: ")
+    assert "captions in the shards where metadata.json says" in problems[0]
 
 
 def test_not_a_data_directory_exits_2(tmp_path):

@@ -1,5 +1,6 @@
-"""The trainer's view of a data directory: its metadata, and tf.data pipelines
-that stream the shards (local or gs://) as caption batches.
+"""The trainer's tf.data side of a data directory: pipelines that stream the shards
+(local or gs://) as caption batches. Its metadata, vocabulary, feature statistics
+and shard list come through caption_io.metadata.
 
 One record holds an image and all its captions, so parsing decodes each
 feature map once; the batch is then expanded to one row per caption, so an
@@ -7,63 +8,14 @@ epoch visits every caption once.
 """
 from __future__ import annotations
 
-import io
-
-import numpy as np
 import tensorflow as tf
 
-from caption_io import fileio, records
-from caption_io import vocab as vocab_lib
-
-METADATA_FILE = records.METADATA_FILE
+from caption_io import cli, records
 
 
-class DataError(ValueError):
-    """A data directory the trainer cannot use (one readable line)."""
-
-
-def load_metadata(data_dir: str) -> dict:
-    path = fileio.join(data_dir, METADATA_FILE)
-    if not fileio.exists(path):
-        raise DataError(f"--data {data_dir}: no metadata.json (make a data directory with "
-                        "`python -m pipelines.preprocess`)")
-    try:
-        meta = fileio.read_json(path)
-        meta["features"]["shape"], meta["vocab"]["size"], meta["splits"]["train"]  # noqa: B018
-    except (ValueError, KeyError, TypeError) as e:
-        raise DataError(f"--data {data_dir}: metadata.json is unreadable or incomplete ({e})") from None
-    return meta
-
-
-def load_vocab(data_dir: str, meta: dict) -> list[str]:
-    tokens = vocab_lib.read(fileio.join(data_dir, meta["vocab"]["file"]))
-    if len(tokens) != meta["vocab"]["size"]:
-        raise DataError(f"--data {data_dir}: vocab.txt has {len(tokens)} tokens, metadata.json says {meta['vocab']['size']}")
-    return tokens
-
-
-def load_feature_stats(data_dir: str, meta: dict) -> tuple[np.ndarray, np.ndarray]:
-    with np.load(io.BytesIO(fileio.read_bytes(fileio.join(data_dir, meta["features"]["stats_file"])))) as z:
-        return z["mean"].astype(np.float32), z["std"].astype(np.float32)
-
-
-def shard_files(data_dir: str, split: str, meta: dict | None = None) -> list[str]:
-    """A split's shard files. Given the metadata, exactly the shards it lists, each
-    checked to be there at the size it was written at (a truncated copy or a cut-short
-    write fails here, naming the file, rather than mid-epoch); else those the glob finds."""
-    from pipelines import validate
-
-    listed = validate.listed_shards(data_dir, meta, split) if meta is not None else None
-    if listed is not None:
-        problems = validate.check_sizes(data_dir, meta, split)
-        if problems:
-            more = f" (and {len(problems) - 1} more: `python -m pipelines.validate {data_dir}`)" if len(problems) > 1 else ""
-            raise DataError(problems[0] + more)
-        return [f["path"] for f in listed]
-    files = sorted(tf.io.gfile.glob(records.shard_glob(data_dir, split)))
-    if not files:
-        raise DataError(f"--data {data_dir}: no {split} shards ({records.shard_glob(data_dir, split)})")
-    return files
+class DataError(ValueError, cli.UserError):
+    """Shards the trainer cannot read (one readable line); what is wrong with the data
+    directory as metadata.json describes it is a caption_io.metadata.MetadataError."""
 
 
 def check_shards(files: list[str], feature_shape) -> None:
@@ -141,13 +93,9 @@ def caption_dataset(files: list[str], batch_size: int, *, feature_shape=records.
         ds = ds.padded_batch(batch_size, padded_shapes=([*feature_shape], [None]))  # pads to the batch's longest
     # Fixed parallelism and prefetch depth, with tf.data's autotuning off. With it on, deleting
     # an epoch's iterator blocked until the autotuner thread's next wake-up, whose interval
-    # doubles as the iterator ages: on `make demo`, epochs that ended just after 41 s waited
-    # until 82 s (2,195 instead of ~4,300 tokens/s for the epoch). The knobs it tuned here
+    # doubles as the iterator ages, so an epoch could take up to twice its time (figures in
+    # docs/ARCHITECTURE.md). The knobs it tuned here
     # are the interleave's parallelism and the prefetch depth: a few batches ahead suffice.
     options = tf.data.Options()
     options.autotune.enabled = False
     return ds.prefetch(prefetch).with_options(options)
-
-
-def count_captions(meta: dict, split: str) -> int:
-    return int(meta["splits"][split]["captions"]["written"])

@@ -19,11 +19,13 @@ nothing. Otherwise the job is submitted and its resource name and console URL ar
 """
 from __future__ import annotations
 
-import contextlib
+if __name__ == "__main__":  # the quiet start goes in before the trainer's flags import TensorFlow
+    from caption_io import quiet
+
+    quiet.install()
+
 import json
-import os
 import sys
-import tempfile
 import time
 
 from caption_io import cli, fileio
@@ -82,8 +84,7 @@ def parse_args(argv):
         ap.error("--package-uri and --executor-image go together (use --image for a container)")
 
     # A trainer flag that is wrong should fail here, in seconds, not after the cluster starts.
-    with _quiet_stderr():  # importing TensorFlow prints start-up lines we cannot switch off
-        from trainer import task
+    from trainer import task  # imports TensorFlow: its start-up lines are filtered (caption_io.quiet)
     settings = task.parse_args(["--data", _UNSET, "--job-dir", _UNSET, *trainer_args])
     if settings.data != _UNSET or settings.job_dir != _UNSET:
         ap.error("give --data and --job-dir to the launcher, not after --")
@@ -98,26 +99,6 @@ def parse_args(argv):
 
 def _has_flag(args, flag):
     return any(x == flag or x.startswith(flag + "=") for x in args)
-
-
-@contextlib.contextmanager
-def _quiet_stderr():
-    """Send file descriptor 2 to a temporary file for the block; show it only if the block fails."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as tmp:
-        os.dup2(tmp.fileno(), 2)
-        ok = False
-        try:
-            yield
-            ok = True
-        finally:
-            sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
-            if not ok:
-                tmp.seek(0)
-                sys.stderr.write(tmp.read().decode("utf-8", "replace"))
 
 
 def _pool(a, replicas: int) -> dict:
@@ -176,14 +157,20 @@ def submit(spec: dict, wait: bool = False):
     return job
 
 
+class SubmitError(cli.UserError):
+    """Vertex AI refused the job, or it failed (--wait): exit 1, the flags were fine."""
+
+    exit_code = 1
+
+
+@cli.command
 def main(argv=None) -> int:
     a = parse_args(sys.argv[1:] if argv is None else argv)
     spec = job_spec(a)
     try:
         check_spec(spec)
-    except (ValueError, KeyError) as e:
-        print(f"error: the job spec is not a valid Vertex AI CustomJob: {e}", file=sys.stderr)
-        return 2
+    except (ValueError, KeyError) as e:  # exit 2: the flags made it
+        raise cli.UserError(f"the job spec is not a valid Vertex AI CustomJob: {e}") from None
     if a.dry_run:
         print(json.dumps(spec, indent=2))
         return 0
@@ -194,8 +181,7 @@ def main(argv=None) -> int:
         submit(spec, wait=a.wait)
     except (auth_errors.GoogleAuthError, api_errors.GoogleAPIError, RuntimeError, ValueError) as e:
         why = " ".join(str(e).split()) or type(e).__name__  # API errors span lines: keep one
-        print(f"error: Vertex AI job {spec['display_name']}: {why}", file=sys.stderr)
-        return 1
+        raise SubmitError(f"Vertex AI job {spec['display_name']}: {why}") from None
     return 0
 
 

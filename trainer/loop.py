@@ -1,4 +1,9 @@
-"""The training loop: strategy, compiled step, checkpoints, summaries, resume.
+"""The training loop: strategy, compiled step, checkpoints, resume.
+
+`Trainer.run` is a short outer loop: `train_epoch` steps and accumulates, `end_epoch`
+validates, records and saves, and everything else (summaries, the progress bar, periodic
+checkpoints, SIGTERM, --max-steps, early stopping) is an action (trainer/actions.py)
+called at fixed points.
 
 The model, loss and inputs are single-replica code (model/, trainer/data.py);
 this module runs them on whatever tf.distribute strategy the machine calls for.
@@ -11,11 +16,8 @@ uninterrupted run would have seen.
 """
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
 import os
-import signal
 import sys
 import time
 
@@ -23,84 +25,24 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from model import CaptionerConfig, fused_attention
-from caption_io import fileio
-
-from caption_io import checkpoints, jobdir
-from trainer import data, distribute
+from caption_io import checkpoints, cli, fileio, jobdir, metadata
 from caption_io.jobdir import CONFIG_FILE
+from model import CaptionerConfig, fused_attention
+from trainer import actions as actions_lib
+from trainer import data, distribute
+from trainer.actions import Interrupted  # noqa: F401 - callers catch loop.Interrupted
+from trainer.settings import JIT_CHOICES, Settings
 from trainer.steps import CaptionSteps
 
 
-class TrainError(ValueError):
+class TrainError(ValueError, cli.UserError):
     """A job that cannot start (one readable line, before any training)."""
-
-
-@dataclasses.dataclass
-class Settings:
-    data: str
-    job_dir: str
-    epochs: int = 10
-    batch_size: int = 64                   # global, over all replicas
-    learning_rate: float = 1e-3
-    lr_schedule: str = "constant"          # constant | cosine
-    warmup_steps: int = 0
-    clip_norm: float = 5.0
-    embedding_dim: int = 256
-    units: int = 512
-    dropout: float = 0.1
-    attention_reg: float = 1.0
-    gate: bool = False
-    mixed_precision: bool = False          # bfloat16 compute, float32 variables and logits
-    attention_kernel: str = "auto"         # auto | fused | ops (model/fused_attention.py)
-    jit_compile: str = "auto"              # auto | on | off: XLA for the train step (auto: on one GPU)
-    strategy: str = "auto"
-    seed: int = 0
-    shuffle_buffer: int = 1024
-    bucket_boundaries: tuple = ()
-    checkpoint_every: int = 500            # steps; and at every epoch end
-    keep_checkpoints: int = 3
-    early_stopping: int = 0                # epochs without val improvement; 0 = off
-    max_steps: int = 0                     # stop after this many steps in all; 0 = no limit
-    validate: bool = True
-    export: bool = True                    # write the SavedModel at the end (trainer.task)
-    evaluate: bool = True                  # and score it on val with the COCO metrics
-    progress: bool | None = None           # None: a bar when stderr is a terminal
-
-
-class _Sigterm:
-    """Turns SIGTERM (preemptible machines send it) into a flag the loop checks."""
-
-    def __init__(self):
-        self.received = False
-        self._old = None
-
-    def __enter__(self):
-        try:
-            self._old = signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # not the main thread: leave signals alone
-            self._old = None
-        return self
-
-    def _handle(self, *_):
-        self.received = True
-
-    def __exit__(self, *exc):
-        if self._old is not None:
-            signal.signal(signal.SIGTERM, self._old)
-
-
-class Interrupted(Exception):
-    """Training stopped by SIGTERM after saving a checkpoint."""
 
 
 def model_config(s: Settings, vocab_size: int) -> CaptionerConfig:
     return CaptionerConfig(vocab_size=vocab_size, embedding_dim=s.embedding_dim, units=s.units,
                            dropout=s.dropout, attention_reg=s.attention_reg, gate=s.gate,
                            compute_dtype="bfloat16" if s.mixed_precision else "float32")
-
-
-JIT_CHOICES = ("auto", "on", "off")
 
 
 def _resolve_jit(choice: str, replicas: int) -> bool:
@@ -114,10 +56,6 @@ def _resolve_jit(choice: str, replicas: int) -> bool:
     if choice == "auto":
         return replicas == 1 and bool(tf.config.list_logical_devices("GPU"))
     return choice == "on"
-
-
-def _max_tokens(meta: dict) -> int:
-    return max(int(info.get("max_tokens", 0)) for info in meta["splits"].values())
 
 
 def _resolve_config(s: Settings, vocab_size: int) -> CaptionerConfig:
@@ -183,17 +121,17 @@ class Trainer:
         self.s = s
         # First: MultiWorkerMirroredStrategy must exist before any TensorFlow op runs.
         self.strategy = distribute.get_strategy(s.strategy)
-        meta = data.load_metadata(s.data)
+        meta = metadata.read(s.data)
         self.meta = meta
-        self.vocab = data.load_vocab(s.data, meta)
-        self.feature_shape = tuple(meta["features"]["shape"])
-        self.train_files = data.shard_files(s.data, "train", meta)
+        self.vocab = metadata.load_vocab(s.data, meta)
+        self.feature_shape = meta.features.shape
+        self.train_files = metadata.shard_files(s.data, "train", meta)
         data.check_shards(self.train_files, self.feature_shape)
         self.val_files = []
-        if s.validate and "val" in meta["splits"] and meta["splits"]["val"]["images"]["written"]:
-            self.val_files = data.shard_files(s.data, "val", meta)
+        if s.validate and "val" in meta.splits and meta.splits["val"].images.written:
+            self.val_files = metadata.shard_files(s.data, "val", meta)
             data.check_shards(self.val_files, self.feature_shape)
-        mean, std = data.load_feature_stats(s.data, meta)
+        mean, std = metadata.load_feature_stats(s.data, meta)
         self.config = _resolve_config(s, len(self.vocab))
 
         keras.utils.set_random_seed(s.seed)
@@ -201,13 +139,13 @@ class Trainer:
         replicas = self.strategy.num_replicas_in_sync
         if s.batch_size % replicas:
             raise TrainError(f"--batch-size {s.batch_size} does not split over {replicas} replicas")
-        self.steps_per_epoch = math.ceil(data.count_captions(meta, "train") / s.batch_size)
+        self.steps_per_epoch = math.ceil(meta.splits["train"].captions.written / s.batch_size)
         total = self.steps_per_epoch * s.epochs
         self.jit_compile = _resolve_jit(s.jit_compile, replicas)
         # XLA compiles once per batch shape: lengths padded up to fixed buckets keep that to a few.
         self.buckets = s.bucket_boundaries
         if self.jit_compile:
-            self.buckets = data.jit_buckets(s.bucket_boundaries, _max_tokens(meta))
+            self.buckets = data.jit_buckets(s.bucket_boundaries, meta.max_tokens)
         try:
             self.steps = CaptionSteps(self.config, mean, std, self.strategy, _learning_rate(s, total), s.clip_norm,
                                       jit_compile=self.jit_compile, attention_kernel=s.attention_kernel)
@@ -295,7 +233,7 @@ class Trainer:
                   "intact one, and training goes on from there", file=sys.stderr)
         return path
 
-    def _save(self, step: int, best: bool = False) -> str:
+    def save(self, step: int, best: bool = False) -> str:
         return checkpoints.save(self.best_manager if best else self.manager, step)
 
     def run(self) -> dict:
@@ -312,136 +250,137 @@ class Trainer:
             raise TrainError(f"{e}; {after}") from None
 
     def _run(self) -> dict:
+        self._start()
+        actions = self._actions()
+        start_time, reason = time.time(), None
+        self.trained_tokens = 0
+        try:
+            while reason is None and int(self.epoch) < self.s.epochs:
+                reason = self.train_epoch(actions)
+                if reason is None or int(self.step_in_epoch) >= self.steps_per_epoch:  # its batches are all trained
+                    record, val = self.end_epoch()
+                    for a in actions:
+                        reason = a.end_epoch(self, record, val) or reason
+                elif reason:  # stopped mid-epoch (--max-steps): keep the position for a later run
+                    self.save(self.global_step())
+        finally:
+            for a in actions:
+                a.close()
+        return self._finish(reason or "epochs done", time.time() - start_time)
+
+    def _start(self) -> str | None:
+        """Restore (every worker, from the chief's checkpoints: the only real ones), record the
+        job, and measure where the val loss starts. -> the restored checkpoint or None."""
         s = self.s
-        # Every worker restores from the chief's checkpoints (the only real ones).
         restored = self._restore_newest_intact()
         if self.chief:
             fileio.write_text(fileio.join(s.job_dir, CONFIG_FILE), self.config.to_json())
             fileio.write_json(fileio.join(s.job_dir, jobdir.JOB_FILE),
-                              jobdir.record_data(dict(settings_dict(s), job_dir=fileio.absolute(s.job_dir)),
+                              jobdir.record_data(dict(s.to_dict(), job_dir=fileio.absolute(s.job_dir)),
                                                  s.data, s.job_dir))
         history_path = fileio.join(s.job_dir, jobdir.HISTORY_FILE)
-        history = fileio.read_json(history_path) if restored and fileio.exists(history_path) else []
-        writers = {}
-        if self.chief:
-            writers = {k: tf.summary.create_file_writer(fileio.join(s.job_dir, jobdir.LOGS, k)) for k in ("train", "val")}
-        progress = sys.stderr.isatty() if s.progress is None else s.progress
-        start_time = time.time()
-        trained_tokens, stop_reason = 0, "epochs done"
+        self.history = fileio.read_json(history_path) if restored and fileio.exists(history_path) else []
         if restored:
             print(f"resuming from {restored}: epoch {int(self.epoch) + 1}, step {self.global_step()}",
                   file=sys.stderr)
-
-        initial_val = None
+        initial_path = fileio.join(s.job_dir, jobdir.INITIAL_VAL_FILE)
+        self.initial_val = None
         if not restored and self.val_files:
             # Where the loss starts: the yardstick for "learned" in metrics.json.
             self.steps.build(self._dataset(self.val_files, 0, shuffle=False).element_spec)
-            initial_val = self.validate(0)
+            self.initial_val = self.validate(0)
             if self.chief:
-                fileio.write_json(fileio.join(s.job_dir, jobdir.INITIAL_VAL_FILE), initial_val)
-        elif restored and fileio.exists(fileio.join(s.job_dir, jobdir.INITIAL_VAL_FILE)):
-            initial_val = fileio.read_json(fileio.join(s.job_dir, jobdir.INITIAL_VAL_FILE))
-        self.initial_val = initial_val
+                fileio.write_json(initial_path, self.initial_val)
+        elif restored and fileio.exists(initial_path):
+            self.initial_val = fileio.read_json(initial_path)
+        return restored
 
-        with _Sigterm() as sigterm:
-            while int(self.epoch) < s.epochs:
-                epoch = int(self.epoch)
-                skip = int(self.step_in_epoch)
-                ds = self._dataset(self.train_files, epoch, shuffle=True, skip=skip)
-                if self.steps.train_step is None:
-                    self.steps.build(ds.element_spec)
-                bar = None
-                if progress:
-                    from tqdm import tqdm
-
-                    bar = tqdm(total=self.steps_per_epoch, initial=skip, desc=f"epoch {epoch + 1}/{s.epochs}",
-                               unit="step", file=sys.stderr, dynamic_ncols=True)
-                t_epoch, tokens_this_run = time.time(), 0
-                for batch in ds:
-                    out = self.steps.train_step(batch)
-                    step = self.global_step()
-                    self._stop_if_not_finite(out, step)
-                    self.step_in_epoch.assign_add(1)
-                    n = int(out["tokens"])
-                    self.epoch_loss_sum.assign_add(float(out["loss"]) * n)
-                    self.epoch_xent_sum.assign_add(float(out["xent"]) * n)
-                    self.epoch_tokens.assign_add(n)
-                    tokens_this_run += n
-                    trained_tokens += n
-                    rate = tokens_this_run / max(time.time() - t_epoch, 1e-9)
-                    if writers and step % 10 == 0:
-                        with writers["train"].as_default(step=step):
-                            for k in ("loss", "xent", "reg", "grad_norm"):
-                                tf.summary.scalar(k, out[k])
-                            tf.summary.scalar("learning_rate", self._current_lr())
-                            tf.summary.scalar("tokens_per_s", rate)
-                    if bar:
-                        bar.update(1)
-                        bar.set_postfix(loss=f"{float(out['loss']):.3f}", tok_s=f"{rate:,.0f}")
-                    if s.checkpoint_every and step % s.checkpoint_every == 0:
-                        self._save(step)
-                    if sigterm.received:
-                        path = self._save(step)
-                        if bar:
-                            bar.close()
-                        raise Interrupted(f"stopped by SIGTERM at step {step}; saved {path}; "
-                                          "run the same command to continue")
-                    if s.max_steps and step >= s.max_steps:
-                        break
-                if bar:
-                    bar.close()
-                if s.max_steps and self.global_step() >= s.max_steps and \
-                        int(self.step_in_epoch) < self.steps_per_epoch:
-                    # Stopped mid-epoch by --max-steps: keep the position for a later run.
-                    self._save(self.global_step())
-                    stop_reason = "max steps"
-                    break
-                record = {"epoch": epoch + 1, "step": self.global_step(),
-                          "train_loss": float(self.epoch_loss_sum) / max(int(self.epoch_tokens), 1),
-                          "train_xent": float(self.epoch_xent_sum) / max(int(self.epoch_tokens), 1),
-                          "tokens_per_s": tokens_this_run / max(time.time() - t_epoch, 1e-9)}
-                val = self.validate(epoch)
-                if val:
-                    record.update(val_loss=val["loss"], val_xent=val["xent"])
-                    if writers:
-                        with writers["val"].as_default(step=self.global_step()):
-                            for k, v in val.items():
-                                tf.summary.scalar(k, v)
-                history.append(record)
-                line = (f"epoch {epoch + 1}/{s.epochs}: train loss {record['train_loss']:.4f} "
-                        f"(cross-entropy {record['train_xent']:.4f})")
-                if val:
-                    line += f", val loss {val['loss']:.4f} (cross-entropy {val['xent']:.4f})"
-                print(line + f", {record['tokens_per_s']:,.0f} tokens/s", file=sys.stderr)
-                self.epoch.assign_add(1)
-                self.step_in_epoch.assign(0)
-                self.epoch_loss_sum.assign(0.0)
-                self.epoch_xent_sum.assign(0.0)
-                self.epoch_tokens.assign(0)
-                stop = improved = False
-                if val:
-                    improved = val["loss"] < float(self.best_val)
-                    if improved:
-                        self.best_val.assign(val["loss"])
-                        self.bad_epochs.assign(0)
-                    else:
-                        self.bad_epochs.assign_add(1)
-                        stop = bool(s.early_stopping) and int(self.bad_epochs) >= s.early_stopping
-                self._save(self.global_step())
-                if improved:
-                    self._save(self.global_step(), best=True)
-                if self.chief:
-                    fileio.write_json(history_path, history)
-                if stop:
-                    stop_reason = f"early stopping: no val improvement in {s.early_stopping} epochs"
-                    break
-        for w in writers.values():
-            w.flush()
-        metrics = self._final_metrics(history, trained_tokens, time.time() - start_time, stop_reason)
+    def _actions(self) -> list[actions_lib.Action]:
+        s, found = self.s, []
         if self.chief:
-            fileio.write_json(fileio.join(s.job_dir, jobdir.METRICS_FILE), metrics)
-            if history:
-                _write_loss_plot(history, fileio.join(s.job_dir, jobdir.LOSS_PLOT))
+            found.append(actions_lib.Summaries(fileio.join(s.job_dir, jobdir.LOGS)))
+        if sys.stderr.isatty() if s.progress is None else s.progress:
+            found.append(actions_lib.ProgressBar(s.epochs, self.steps_per_epoch))
+        if s.checkpoint_every:
+            found.append(actions_lib.PeriodicCheckpoint(s.checkpoint_every))
+        found.append(actions_lib.StopOnSigterm())
+        if s.max_steps:
+            found.append(actions_lib.MaxSteps(s.max_steps))
+        if s.early_stopping:
+            found.append(actions_lib.EarlyStopping(s.early_stopping))
+        return found
+
+    def train_epoch(self, actions) -> str | None:
+        """Step through the rest of the current epoch, accumulating its loss. -> the reason
+        an action stopped it early, or None when its batches ran out."""
+        epoch, skip = int(self.epoch), int(self.step_in_epoch)
+        ds = self._dataset(self.train_files, epoch, shuffle=True, skip=skip)
+        if self.steps.train_step is None:
+            self.steps.build(ds.element_spec)
+        for a in actions:
+            a.start_epoch(self, epoch, skip)
+        self._epoch_start, self._epoch_tokens_this_run = time.time(), 0
+        reason = None
+        for batch in ds:
+            out = self.steps.train_step(batch)
+            step = self.global_step()
+            self._stop_if_not_finite(out, step)
+            self.step_in_epoch.assign_add(1)
+            n = int(out["tokens"])
+            self.epoch_loss_sum.assign_add(float(out["loss"]) * n)
+            self.epoch_xent_sum.assign_add(float(out["xent"]) * n)
+            self.epoch_tokens.assign_add(n)
+            self._epoch_tokens_this_run += n
+            self.trained_tokens += n
+            self.tokens_per_s = self._epoch_tokens_this_run / max(time.time() - self._epoch_start, 1e-9)
+            for a in actions:
+                reason = a.after_step(self, step, out) or reason
+            if reason:
+                break
+        for a in actions:
+            a.stop_epoch(self)
+        return reason
+
+    def end_epoch(self) -> tuple[dict, dict | None]:
+        """Validate, record the epoch in history.json, move the position to the next epoch and
+        save it (and the best checkpoint when val improved). -> (the history record, val)."""
+        s, epoch, tokens = self.s, int(self.epoch), max(int(self.epoch_tokens), 1)
+        record = {"epoch": epoch + 1, "step": self.global_step(),
+                  "train_loss": float(self.epoch_loss_sum) / tokens, "train_xent": float(self.epoch_xent_sum) / tokens,
+                  "tokens_per_s": self._epoch_tokens_this_run / max(time.time() - self._epoch_start, 1e-9)}
+        val = self.validate(epoch)
+        if val:
+            record.update(val_loss=val["loss"], val_xent=val["xent"])
+        self.history.append(record)
+        line = (f"epoch {epoch + 1}/{s.epochs}: train loss {record['train_loss']:.4f} "
+                f"(cross-entropy {record['train_xent']:.4f})")
+        if val:
+            line += f", val loss {val['loss']:.4f} (cross-entropy {val['xent']:.4f})"
+        print(line + f", {record['tokens_per_s']:,.0f} tokens/s", file=sys.stderr)
+        self.epoch.assign_add(1)
+        self.step_in_epoch.assign(0)
+        self.epoch_loss_sum.assign(0.0)
+        self.epoch_xent_sum.assign(0.0)
+        self.epoch_tokens.assign(0)
+        improved = bool(val) and val["loss"] < float(self.best_val)
+        if improved:
+            self.best_val.assign(val["loss"])
+            self.bad_epochs.assign(0)
+        elif val:
+            self.bad_epochs.assign_add(1)
+        self.save(self.global_step())
+        if improved:
+            self.save(self.global_step(), best=True)
+        if self.chief:
+            fileio.write_json(fileio.join(s.job_dir, jobdir.HISTORY_FILE), self.history)
+        return record, val
+
+    def _finish(self, reason: str, seconds: float) -> dict:
+        metrics = self._final_metrics(self.history, self.trained_tokens, seconds, reason)
+        if self.chief:
+            fileio.write_json(fileio.join(self.s.job_dir, jobdir.METRICS_FILE), metrics)
+            if self.history:
+                _write_loss_plot(self.history, fileio.join(self.s.job_dir, jobdir.LOSS_PLOT))
             self.save_weights()
         return metrics
 
@@ -449,7 +388,7 @@ class Trainer:
         # iterations is a mirrored variable under a strategy: read it as a tensor.
         return int(tf.convert_to_tensor(self.optimizer.iterations.value))
 
-    def _current_lr(self):
+    def current_lr(self):
         lr = self.optimizer.learning_rate
         return lr(self.optimizer.iterations) if callable(lr) else lr
 
@@ -476,7 +415,3 @@ class Trainer:
 
 def train(s: Settings) -> dict:
     return Trainer(s).run()
-
-
-def settings_dict(s: Settings) -> dict:
-    return json.loads(json.dumps(dataclasses.asdict(s)))

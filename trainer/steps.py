@@ -19,8 +19,8 @@ class StepAdam(keras.optimizers.Adam):
       differently from 1 device). The second all-reduce is skipped.
     - Each variable is updated by TensorFlow's fused Adam kernel (ResourceApplyAdam: one
       pass over var, m, v and the gradient) instead of Keras's eight separate elementwise
-      ops, each a pass over memory: on the 6.7M parameters of the default model that is
-      4.5 ms instead of 11.6 ms a step on the 2-core CPU. Same formula (alpha = lr *
+      ops, each a pass over memory (less than half the optimizer's time a step on a CPU:
+      docs/ARCHITECTURE.md). Same formula (alpha = lr *
       sqrt(1 - b2^t) / (1 - b1^t); m, v moving averages; var -= alpha m / (sqrt v + eps));
       tests/test_trainer.py checks it against keras.optimizers.Adam.
     """

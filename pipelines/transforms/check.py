@@ -33,7 +33,8 @@ def image_reject(entry, reason) -> dict:
     """A reject for an image (and with it all its captions), counted."""
     Metrics.counter(NAMESPACE, "images_rejected").inc()
     Metrics.counter(NAMESPACE, "captions_rejected").inc(len(entry["captions"]))
-    return sources.reject(entry["split"], "image", dict(describe(entry), captions=[c["text"] for c in entry["captions"]]),
+    return sources.reject(entry["split"], "image",
+                          dict(describe(entry), captions=[c["text"] for c in entry["captions"]]),
                           reason, images=1, captions=len(entry["captions"]))
 
 
@@ -61,7 +62,8 @@ class TokenizeCaptions(beam.DoFn):
                 else:
                     Metrics.counter(NAMESPACE, "captions_rejected").inc()
                     yield beam.pvalue.TaggedOutput("rejected", sources.reject(
-                        entry["split"], "caption", {"id": cap["id"], "image_id": entry["image_id"], "caption": cap["text"]},
+                        entry["split"], "caption",
+                        {"id": cap["id"], "image_id": entry["image_id"], "caption": cap["text"]},
                         "blank caption (no words after normalisation)", captions=1))
             if kept:
                 yield dict(entry, captions=kept)

@@ -20,8 +20,8 @@ import numpy as np
 from apache_beam.metrics import Metrics
 
 from caption_io import fileio, records
-from pipelines import shards
 from caption_io import vocab as vocab_lib
+from pipelines import shards
 from pipelines.transforms import NAMESPACE, check, stats
 
 log = logging.getLogger("pipelines.preprocess")
@@ -38,7 +38,8 @@ class _LoadedEncoder:
         self.model = inception.load(weights_path)
         # One trace for every batch size: the input signature leaves it open.
         self.call = tf.function(lambda x: self.model(x, training=False), reduce_retracing=True,
-                                input_signature=[tf.TensorSpec([None, inception.INPUT_SIZE, inception.INPUT_SIZE, 3], tf.float32)])
+                                input_signature=[tf.TensorSpec([None, inception.INPUT_SIZE, inception.INPUT_SIZE, 3],
+                                                               tf.float32)])
 
 
 def _load(entry, prepare):

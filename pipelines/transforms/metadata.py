@@ -1,20 +1,32 @@
 """The last step: what the data directory holds, written once everything else is.
 
 metadata.json is written last, so a data directory without it is an unfinished
-run: the trainer refuses it, and the same preprocess command resumes it.
+run: the trainer refuses it, and the same preprocess command resumes it. Its
+schema is caption_io.metadata's: the launcher plans a Metadata (`planned_split`
+for each split), and WriteMetadata fills in what only the pipeline can count.
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 
 import apache_beam as beam
 import numpy as np
 
-from caption_io import fileio, records
-from pipelines import shards
+from caption_io import fileio
+from caption_io import metadata as metadata_lib
 from caption_io import vocab as vocab_lib
+from pipelines import shards
 
 STATS_FILE = "feature_stats.npz"
+
+
+def planned_split(shards_: int, pattern: str) -> metadata_lib.Split:
+    """A split as the launcher plans it: its shards. Its counts, longest caption and
+    shard list are placeholders, each replaced by WriteMetadata."""
+    nothing = metadata_lib.Counts(seen=0, written=0, rejected=0)
+    return metadata_lib.Split(shards=shards_, pattern=pattern, images=nothing, captions=nothing, max_tokens=0,
+                              files=())
 
 
 def seen_events(entry):
@@ -45,7 +57,7 @@ class WriteMetadata(beam.DoFn):
     """Once every side input is ready: vocab.txt, feature_stats.npz, metadata.json
     (after checking that every input was either written or rejected)."""
 
-    def __init__(self, output: str, static: dict):
+    def __init__(self, output: str, static: metadata_lib.Metadata):
         self._output = output
         self._static = static
 
@@ -58,27 +70,28 @@ class WriteMetadata(beam.DoFn):
         buf = io.BytesIO()
         np.savez(buf, mean=channel_stats["mean"], std=channel_stats["std"], count=np.int64(channel_stats["count"]))
         fileio.write_bytes(fileio.join(self._output, STATS_FILE), buf.getvalue())
-        meta = dict(self._static)
-        meta["vocab"] = dict(meta["vocab"], size=len(tokens))
-        meta["features"] = dict(meta["features"], stats_count=int(channel_stats["count"]))
+        static = self._static
         splits = {}
-        for split, info in meta["splits"].items():
-            info = dict(info)
+        for split, planned in static.splits.items():
+            got = {}
             for what in ("images", "captions"):
-                got = {k: int(counts.get((split, what, k), 0)) for k in ("seen", "written", "rejected")}
-                if got["seen"] != got["written"] + got["rejected"]:
-                    raise RuntimeError(f"{split} {what}: seen {got['seen']} != written {got['written']} "
-                                       f"+ rejected {got['rejected']}: an input was lost")
-                info[what] = got
+                c = got[what] = metadata_lib.Counts(**{k.name: int(counts.get((split, what, k.name), 0))
+                                                       for k in dataclasses.fields(metadata_lib.Counts)})
+                if c.seen != c.written + c.rejected:
+                    raise RuntimeError(f"{split} {what}: seen {c.seen} != written {c.written} "
+                                       f"+ rejected {c.rejected}: an input was lost")
             mine = sorted((s for s in summaries if s["split"] == split), key=lambda s: s["name"])
-            if len(mine) != info["shards"]:
-                raise RuntimeError(f"{split}: {len(mine)} shards written, {info['shards']} planned")
-            info["max_tokens"] = max((s["max_tokens"] for s in mine), default=0)
+            if len(mine) != planned.shards:
+                raise RuntimeError(f"{split}: {len(mine)} shards written, {planned.shards} planned")
             # What each shard must hold: a later reader can check a copy against it.
-            info["files"] = [{k: s[k] for k in ("name", "records", "bytes", "sha256")} for s in mine]
-            splits[split] = info
-        meta["splits"] = splits
+            files = tuple(metadata_lib.ShardFile(name=s["name"], records=s["records"], bytes=s["bytes"],
+                                                 sha256=s["sha256"]) for s in mine)
+            splits[split] = dataclasses.replace(planned, **got, files=files,
+                                                max_tokens=max((s["max_tokens"] for s in mine), default=0))
+        meta = dataclasses.replace(
+            static, splits=splits, vocab=dataclasses.replace(static.vocab, size=len(tokens)),
+            features=dataclasses.replace(static.features, stats_count=int(channel_stats["count"])))
         # Whatever a failed attempt (a retried bundle) left behind goes before the run is declared done.
         shards.remove_leftovers(self._output)
-        fileio.write_json(fileio.join(self._output, records.METADATA_FILE), meta)
+        metadata_lib.write(self._output, meta)
         yield meta

@@ -1,0 +1,133 @@
+"""The training settings, declared once: each field carries its flag's help, choices and
+bounds, `add_flags` makes the command line from them and `Settings` checks them however
+it was made (flags, a test, a benchmark), so a new setting is one line here.
+
+Flags are the field names with dashes (`batch_size` -> `--batch-size`); a boolean that is
+on by default gets `--no-NAME`; `progress` is three-way (`--progress`, `--no-progress`,
+neither: a bar when stderr is a terminal).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+
+from model import fused_attention
+from trainer import distribute
+
+JIT_CHOICES = ("auto", "on", "off")
+
+
+class SettingsError(ValueError):
+    """A setting out of its bounds; str() names the flag."""
+
+
+def _setting(default, help: str, *, low=None, positive=False, below=None, choices=None, flag=None, alias=None):
+    return field(default=default, metadata={"help": help, "low": low, "positive": positive, "below": below,
+                                            "choices": choices, "flag": flag, "alias": alias})
+
+
+def _buckets(text: str) -> tuple:
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers like 12,16,20, got {text!r}") from None
+
+
+@dataclass(frozen=True)
+class Settings:
+    data: str = _setting(None, "data directory from pipelines.preprocess (local or gs://)")
+    job_dir: str = _setting(None, "where checkpoints, logs, metrics and the export go")
+    epochs: int = _setting(10, "epochs of cross-entropy training", low=1)
+    batch_size: int = _setting(64, "global batch, over all replicas", low=1)
+    learning_rate: float = _setting(1e-3, "Adam's learning rate (the peak, with a schedule)", positive=True)
+    lr_schedule: str = _setting("constant", "constant, or cosine decay to 1% over the run",
+                                choices=("constant", "cosine"))
+    warmup_steps: int = _setting(0, "linear warmup from 0 over this many steps", low=0)
+    clip_norm: float = _setting(5.0, "global gradient-norm clip", positive=True)
+    embedding_dim: int = _setting(256, "word embedding size", low=1)
+    units: int = _setting(512, "GRU and attention units", low=1)
+    dropout: float = _setting(0.1, "dropout on the decoder's inputs and outputs", low=0.0, below=1.0)
+    attention_reg: float = _setting(1.0, "lambda of the doubly stochastic attention regulariser (0: off)", low=0.0)
+    gate: bool = _setting(False, "the paper's gating scalar beta on the context")
+    mixed_precision: bool = _setting(False, "bfloat16 compute (GPU/AMX), float32 variables and logits")
+    attention_kernel: str = _setting(
+        "auto", "the time loop's attention on CPU: fused kernels built on first use, or TensorFlow ops (auto: the "
+        "kernels where they build; GPUs and bfloat16 use the ops)", choices=fused_attention.CHOICES)
+    jit_compile: str = _setting(
+        "auto", "XLA for the train step (auto: on with one GPU, off on CPUs; lengths are then padded up to "
+        "buckets, so it compiles a few times, not once per length)", choices=JIT_CHOICES)
+    strategy: str = _setting("auto", "tf.distribute strategy (auto: from TF_CONFIG and the GPUs)",
+                             choices=distribute.CHOICES)
+    seed: int = _setting(0, "seeds the weights, dropout and every epoch's data order")
+    shuffle_buffer: int = _setting(1024, "captions in the shuffle buffer", low=1)
+    bucket_boundaries: tuple = _setting((), "caption-length buckets, e.g. 12,16,20")
+    checkpoint_every: int = _setting(500, "steps between checkpoints, besides every epoch end (0: epoch ends only)",
+                                     low=0)
+    keep_checkpoints: int = _setting(3, "newest checkpoints kept (the best one is kept apart)", low=1)
+    early_stopping: int = _setting(0, "stop after this many epochs without a better val loss (0: off)", low=0,
+                                   flag="PATIENCE")
+    max_steps: int = _setting(0, "stop after this many steps in all (0: no limit)", low=0)
+    validate: bool = _setting(True, "the val split's loss after every epoch")
+    export: bool = _setting(True, "the SavedModel export at the end")
+    evaluate: bool = _setting(True, "scoring the export on the val split with the COCO caption metrics (large sets: "
+                                    "turn off)", alias="--no-eval")
+    progress: bool | None = _setting(None, "the progress bar (default: when stderr is a terminal)")
+
+    def __post_init__(self):
+        if isinstance(self.bucket_boundaries, list):
+            object.__setattr__(self, "bucket_boundaries", tuple(self.bucket_boundaries))
+        for f in dataclasses.fields(self):
+            value, m = getattr(self, f.name), f.metadata
+            if value is None:
+                if f.name in ("data", "job_dir"):
+                    raise SettingsError(f"{flag_name(f)} is required")
+                continue
+            if m["choices"] and value not in m["choices"]:
+                raise SettingsError(f"{flag_name(f)} {value}: choose one of {', '.join(m['choices'])}")
+            if m["low"] is not None and value < m["low"]:
+                raise SettingsError(f"{flag_name(f)} must be at least {m['low']}, got {value}")
+            if m["positive"] and not value > 0:
+                raise SettingsError(f"{flag_name(f)} must be positive, got {value}")
+            if m["below"] is not None and not value < m["below"]:
+                raise SettingsError(f"{flag_name(f)} must be below {m['below']}, got {value}")
+        b = self.bucket_boundaries
+        if list(b) != sorted(set(b)) or any(x < 2 for x in b):
+            raise SettingsError(f"--bucket-boundaries must be increasing lengths >= 2, got {','.join(map(str, b))}")
+
+    def to_dict(self) -> dict:
+        return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v)
+                for f in dataclasses.fields(self)}
+
+
+def flag_name(f: dataclasses.Field) -> str:
+    return "--" + f.name.replace("_", "-")
+
+
+def add_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per setting, its default, help and choices taken from the declaration."""
+    for f in dataclasses.fields(Settings):
+        name, m, default = flag_name(f), dict(f.metadata), f.default
+        m["help"] = m["help"].replace("%", "%%")  # argparse formats help with %
+        if f.name == "progress":
+            parser.add_argument(name, dest=f.name, action="store_true", default=None, help="always show the bar")
+            parser.add_argument("--no-progress", dest=f.name, action="store_false", help="never show it")
+        elif isinstance(default, bool) and default:
+            names = ["--no-" + name[2:]] + ([m["alias"]] if m["alias"] else [])
+            parser.add_argument(*names, dest=f.name, action="store_false", help=f"skip {m['help']}")
+        elif isinstance(default, bool):
+            parser.add_argument(name, action="store_true", help=m["help"])
+        elif f.name in ("data", "job_dir"):
+            parser.add_argument(name, required=True, help=m["help"])
+        else:
+            kind = _buckets if f.name == "bucket_boundaries" else type(default)
+            parser.add_argument(name, type=kind, default=default, choices=m["choices"], metavar=m["flag"],
+                                help=f"{m['help']} (default: {_shown(default)})" if not m["choices"] else m["help"])
+
+
+def _shown(default) -> str:
+    return ",".join(map(str, default)) or "none" if isinstance(default, tuple) else str(default)
+
+
+def from_args(args: argparse.Namespace) -> Settings:
+    return Settings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Settings)})
