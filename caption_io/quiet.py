@@ -62,6 +62,9 @@ _ABSL_START_UP = tuple((re.compile(f), re.compile(m)) for f, m in (
     (rb"cuda_(dnn|fft|blas)\.cc", rb"Unable to register cu\w+ factory: Attempting to register factory"),
     (rb"computation_placer\.cc", rb"computation placer already registered"),
     (rb"py_utils\.cc", rb"TF-TRT Warning: Could not find TensorRT"),
+    # Once, at the first float16 op on a CPU without AVX-512 (the stored features are float16):
+    # Eigen's kernel runs instead, which is what this machine can do; nothing to act on.
+    (rb"util\.cc", rb"oneDNN supports DT_HALF only on platforms with AVX-512"),
 ))
 # Start-up lines without absl's prefix (the second line of cpu_feature_guard's message).
 _PLAIN_START_UP = (

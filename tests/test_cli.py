@@ -114,6 +114,8 @@ def test_a_terminal_stays_a_terminal():
      b"use available CPU instructions in performance-critical operations.\n", True),
     (b"To enable the following instructions: AVX2 FMA, in other operations, rebuild TensorFlow with the "
      b"appropriate compiler flags.\n", True),
+    (b"E0000 00:00:1796131716.800316   12791 util.cc:131] oneDNN supports DT_HALF only on platforms with "
+     b"AVX-512. Falling back to the default Eigen-based implementation if present.\n", True),
     # Not start-up lines: TensorFlow's real complaints, and everything else.
     (b"E0000 00:00:1796128500.412666    9476 cuda_platform.cc:52] out of memory\n", False),
     (b"F0512 12:00:00.000000    9476 tensor.cc:10] Check failed: shape\n", False),
