@@ -1,0 +1,92 @@
+"""The export as TF Serving and Vertex AI take it: core TensorFlow ops only, and the REST
+predict body they document maps onto serving_default with no adapter. Both checks run in
+a fresh interpreter where neither this project nor tensorflow-text can be imported, as on
+a serving machine."""
+from __future__ import annotations
+
+import base64
+import glob
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ISOLATE = 'import sys; sys.modules.update({m: None for m in ("pipelines", "model", "trainer", "caption_io", ' \
+          '"caption_serving", "caption_eval", "tensorflow_text")})\n'
+
+OPS = ISOLATE + r"""
+import json
+from tensorflow.core.protobuf import saved_model_pb2
+from tensorflow.python.framework import op_def_registry
+sm = saved_model_pb2.SavedModel()
+sm.ParseFromString(open(sys.argv[1] + "/saved_model.pb", "rb").read())
+ops = set()
+for mg in sm.meta_graphs:
+    ops |= {n.op for n in mg.graph_def.node}
+    for f in mg.graph_def.library.function:
+        ops |= {n.op for n in f.node_def}
+called = {f.signature.name for mg in sm.meta_graphs for f in mg.graph_def.library.function}
+print(json.dumps({"ops": sorted(ops - called), "unregistered": sorted(o for o in ops - called
+                                                                     if op_def_registry.get(o) is None)}))
+"""
+
+# TF Serving's REST API, row ("instances") format: with one named input each instance is that
+# input's value, and {"b64": ...} is a binary string. The response is {"predictions": [...]},
+# one object per instance holding every output (strings as UTF-8 text, unless the output's
+# alias ends in "_bytes": then base64).
+REST = ISOLATE + r"""
+import base64, json
+import tensorflow as tf
+body = json.loads(sys.stdin.read())
+m = tf.saved_model.load(sys.argv[1])
+fn = m.signatures[body.get("signature_name", "serving_default")]
+(inputs,) = [fn.structured_input_signature[1]]
+(name,) = inputs  # one input: instances are its values
+values = [base64.b64decode(v["b64"]) if isinstance(v, dict) else v for v in body["instances"]]
+out = fn(**{name: tf.constant(values)})
+n = len(values)
+batch_major = {k: int(v.shape[0]) == n for k, v in out.items()}
+def plain(x):
+    x = x.tolist() if hasattr(x, "tolist") else x
+    return x.decode("utf-8") if isinstance(x, bytes) else x
+predictions = [{k: plain(v.numpy()[i]) for k, v in out.items()} for i in range(n)]
+print(json.dumps({"input": name, "input_dtype": inputs[name].dtype.name, "batch_major": batch_major,
+                  "response": {"predictions": predictions}}))
+"""
+
+
+def _isolated(code, export, stdin=None):
+    proc = subprocess.run([sys.executable, "-c", code, export], input=stdin, capture_output=True, text=True,
+                          timeout=300, cwd="/")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_the_export_uses_core_tensorflow_ops_only(trained_job):
+    got = _isolated(OPS, os.path.join(trained_job, "export"))
+    assert got["unregistered"] == [], got["unregistered"]
+    forbidden = [o for o in got["ops"] if o.startswith(("TFText", "Sat")) or o in ("PyFunc", "EagerPyFunc")]
+    assert forbidden == [], forbidden
+    # The graph really was read: beam search, image decoding and the GRU are in it.
+    assert {"DecodeImage", "While", "MatMul"} <= set(got["ops"]), got["ops"]
+
+
+def test_tf_servings_documented_rest_body_maps_onto_serving_default(trained_job, scene_dir):
+    from caption_serving import client
+
+    paths = sorted(glob.glob(os.path.join(scene_dir, "val2014", "*.jpg")))[:2]
+    blobs = [open(p, "rb").read() for p in paths]
+    body = json.dumps({"signature_name": "serving_default",
+                       "instances": [{"b64": base64.b64encode(b).decode("ascii")} for b in blobs]})
+    export = os.path.join(trained_job, "export")
+    got = _isolated(REST, export, stdin=body)
+    assert got["input"] == "images" and got["input_dtype"] == "string"
+    assert all(got["batch_major"].values()), got["batch_major"]
+    predictions = got["response"]["predictions"]
+    assert not [k for k in predictions[0] if k.endswith("_bytes")]
+    # The same captions as the project's own client with the export's defaults.
+    loaded, info = client.load_model(export)
+    mine = client.caption_batch(loaded, blobs, info["default_beam_size"], info["default_max_length"])
+    assert [p["captions"] for p in predictions] == [m["caption"] for m in mine]
+    assert all(p["captions"] for p in predictions)
