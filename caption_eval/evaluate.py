@@ -196,7 +196,7 @@ def main(argv=None) -> int:
     ap.add_argument("--gallery", type=int, default=12, metavar="N", help="images in the gallery (default 12, 0: none)")
     ap.add_argument("--spice", action="store_true", help="also SPICE (downloads Stanford CoreNLP on first use)")
     ap.add_argument("--batch-size", type=int, default=32, help="images a model call (default 32)")
-    a = ap.parse_args(sys.argv[1:] if argv is None else argv)
+    a = ap.parse_args(argv)
     if a.beam_size < 1 or a.max_length < 0 or a.gallery < 0 or a.batch_size < 1:
         ap.error("--beam-size and --batch-size must be >= 1, --max-length and --gallery >= 0")
 

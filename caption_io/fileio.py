@@ -214,14 +214,23 @@ def write_bytes(path: str, data: bytes) -> None:
         with _gcs_errors(path):
             _blob(path).upload_from_string(data)
         return
-    # Write then rename, so a reader never sees half a file; a write refused part-way
-    # (a full disk) leaves neither half a file nor the temporary one.
+
+    def fill(tmp):
+        with open(tmp, "wb") as f:
+            f.write(data)
+
+    _write_local(path, fill)
+
+
+def _write_local(path: str, fill) -> None:
+    """fill(tmp) makes the file beside `path`, then it is renamed onto it: a reader never sees
+    half a file, and a write refused part-way (a full disk) leaves neither half a file nor
+    the temporary one."""
     tmp = f"{path}{TMP_MARK}{os.getpid()}"
     try:
         with writing(path):
             makedirs(os.path.dirname(path) or ".")
-            with open(tmp, "wb") as f:
-                f.write(data)
+            fill(tmp)
             os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -265,16 +274,7 @@ def upload(local_path: str, dest: str) -> None:
         with writing(dest), _gcs_errors(dest):
             _blob(dest).upload_from_filename(local_path)
         return
-    tmp = f"{dest}{TMP_MARK}{os.getpid()}"
-    try:
-        with writing(dest):
-            makedirs(os.path.dirname(dest) or ".")
-            shutil.copyfile(local_path, tmp)
-            os.replace(tmp, dest)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
+    _write_local(dest, lambda tmp: shutil.copyfile(local_path, tmp))
 
 
 def write_through_local(dest: str, write) -> None:

@@ -157,7 +157,7 @@ def main(argv=None) -> int:
     ap.add_argument("--max-bytes", type=int, default=20 * 2**20,
                     help="largest image file or download, in bytes (default 20 MiB)")
     ap.add_argument("--batch-size", type=int, default=16, help="images per model call (default 16)")
-    a = ap.parse_args(sys.argv[1:] if argv is None else argv)
+    a = ap.parse_args(argv)
     if a.beam_size < 1 or a.max_length < 0 or a.timeout <= 0 or a.max_bytes < 1 or a.batch_size < 1:
         ap.error("--beam-size, --timeout, --max-bytes and --batch-size must be positive, --max-length >= 0")
 

@@ -185,7 +185,7 @@ def main(argv=None) -> int:
                     help="last: the newest intact checkpoint; best: the best validation loss's; or a checkpoint path")
     ap.add_argument("--beam-size", type=int, default=3, help="serving_default's beam size")
     ap.add_argument("--max-length", type=int, default=0, help="serving_default's longest caption (0: from the data)")
-    a = ap.parse_args(sys.argv[1:] if argv is None else argv)
+    a = ap.parse_args(argv)
     if a.beam_size < 1 or a.max_length < 0:
         ap.error("--beam-size must be >= 1 and --max-length >= 0")
     out = export(a.job_dir, a.output, a.data, a.beam_size, a.max_length or None, a.checkpoint)

@@ -109,7 +109,7 @@ def main(argv=None) -> int:
     ap = cli.Parser(prog="python -m pipelines.validate", description=__doc__.split("\n\n")[0])
     ap.add_argument("data_dir", metavar="DATA_DIR", help="a data directory from pipelines.preprocess (local or gs://)")
     ap.add_argument("--full", action="store_true", help="read every byte: checksums, records, ids, features, counts")
-    args = ap.parse_args(sys.argv[1:] if argv is None else argv)
+    args = ap.parse_args(argv)
     lines, problems = validate(args.data_dir.rstrip("/"), args.full)
     for line in lines:
         print(line)

@@ -17,6 +17,8 @@ import sys
 
 import tensorflow as tf
 
+from caption_io import fileio
+
 
 class Interrupted(Exception):
     """Training stopped by SIGTERM after saving a checkpoint."""
@@ -44,7 +46,7 @@ class Summaries(Action):
 
     def __init__(self, logs_dir: str, every: int = 10):
         self.every = every
-        self.writers = {k: tf.summary.create_file_writer(f"{logs_dir.rstrip('/')}/{k}") for k in ("train", "val")}
+        self.writers = {k: tf.summary.create_file_writer(fileio.join(logs_dir, k)) for k in ("train", "val")}
 
     def after_step(self, trainer, step, out):
         if step % self.every == 0:

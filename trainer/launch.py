@@ -165,7 +165,7 @@ class SubmitError(cli.UserError):
 
 @cli.command
 def main(argv=None) -> int:
-    a = parse_args(sys.argv[1:] if argv is None else argv)
+    a = parse_args(argv)
     spec = job_spec(a)
     try:
         check_spec(spec)

@@ -60,7 +60,7 @@ def main(argv=None) -> int:
     cannot run, 1); a SIGTERM stop prints where it saved and exits 143. The last line names
     only the losses that exist: none before an epoch has completed (--max-steps mid-epoch),
     no val loss with validation off."""
-    settings = parse_args(sys.argv[1:] if argv is None else argv)
+    settings = parse_args(argv)
     try:
         trainer = loop.Trainer(settings)
         metrics = trainer.run()
