@@ -18,6 +18,8 @@ REQUIRED = [
     "tqdm>=4.66",
     "tensorboard>=2.20",  # tf.summary needs it; logs/ is read with TensorBoard
     "matplotlib>=3.8",   # loss.png, attention plots
+    # The export writes TF Serving's warm-up requests (PredictionLog protos) with it.
+    "tensorflow-serving-api>=2.21,<2.22",
 ]
 
 EXTRAS = {

@@ -15,3 +15,6 @@ CAPTIONS, TOKENS, SCORES, ATTENTION, LENGTHS = "captions", "tokens", "scores", "
 OUTPUTS = (CAPTIONS, TOKENS, SCORES, ATTENTION, LENGTHS)
 # Beside the SavedModel: what the export wrote down about it (defaults, data, encoder, checkpoint).
 EXPORT_INFO = "assets.extra/export.json"
+# TF Serving replays these PredictionLog records (a TFRecord file) when it loads the model,
+# so the first real request does not pay for the graph's first run.
+WARMUP_REQUESTS = "assets.extra/tf_serving_warmup_requests"

@@ -20,7 +20,6 @@ if __name__ == "__main__":  # the quiet start goes in before anything imports Te
 
     quiet.install()
 
-import io
 import json
 import os
 import socket
@@ -34,12 +33,7 @@ import numpy as np
 from PIL import Image
 
 from caption_io import cli, fileio, images
-from caption_serving.client import ModelError, caption_batch, load_model
-
-# Formats TensorFlow's decode_image reads the same way PIL does: these bytes go to the
-# model untouched, so a caption here equals the SavedModel's for the same file. BMP is
-# left out on purpose: TF misreads palette BMPs without an error.
-TF_FORMATS = {"JPEG", "PNG", "GIF", "WEBP"}
+from caption_serving.client import ModelError, caption_batch, load_model, model_bytes
 
 
 class InputError(ValueError, cli.UserError):
@@ -95,25 +89,6 @@ def read_file(path: str, max_bytes: int) -> bytes:
         raise InputError("is a directory") from None
     except OSError as e:
         raise InputError(e.strerror or str(e)) from None
-
-
-def model_bytes(data: bytes, pixels: np.ndarray) -> bytes:
-    """The bytes to give the SavedModel: the file itself when TensorFlow reads it, else a
-    PNG of the pixels PIL decoded (TIFF, palette BMP, ...)."""
-    import tensorflow as tf
-
-    with Image.open(io.BytesIO(data)) as img:
-        fmt = img.format
-    if fmt in TF_FORMATS:
-        try:
-            # Cheap next to the encoder, and one file TF rejects would fail the whole batch.
-            tf.io.decode_image(data, channels=3, expand_animations=False)
-            return data
-        except tf.errors.InvalidArgumentError:
-            pass
-    buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def load_input(source: str, timeout: float, max_bytes: int) -> tuple[bytes, np.ndarray]:

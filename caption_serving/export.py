@@ -9,7 +9,8 @@ tensorflow-text op: captions are detokenised with a gather over the vocabulary).
 
 Its signatures, inputs and outputs are the contract in caption_io/savedmodel.py
 (SavedModel signatures cannot give inputs default values, so the one with options is a
-second signature; the input names are the traced functions' argument names).
+second signature; the input names are the traced functions' argument names). Beside it,
+in assets.extra/, export.json and TF Serving's warm-up requests (caption_serving/warmup.py).
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from caption_io import checkpoints, cli, fileio, jobdir, metadata, savedmodel
 from caption_io import vocab as vocab_lib
 from caption_io.jobdir import CONFIG_FILE
 from caption_io.savedmodel import EXPORT_INFO
+from caption_serving import warmup
 from model import Captioner, CaptionerConfig, decoding, inception
 
 CHECKPOINT_CHOICES = ("last", "best")  # or a checkpoint's path
@@ -153,12 +155,14 @@ def export(job_dir: str, output: str | None = None, data_dir: str | None = None,
             if fileio.exists(fileio.join(output, EXPORT_INFO)):
                 fileio.remove(fileio.join(output, EXPORT_INFO))
             tf.saved_model.save(module, output, signatures=signatures)
+            warmup.write(output)
             fileio.write_json(fileio.join(output, EXPORT_INFO), info)
         return output
     staging = f"{output}{fileio.TMP_MARK}{os.getpid()}"
     try:
         with fileio.writing(output):
             tf.saved_model.save(module, staging, signatures=signatures)
+            warmup.write(staging)
             fileio.write_json(fileio.join(staging, EXPORT_INFO), info)
             _replace_dir(staging, output)
     finally:

@@ -32,12 +32,13 @@ import sys
 import time
 
 import apache_beam as beam
-from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions, TestOptions
+from apache_beam.options.pipeline_options import PipelineOptions
 
 from caption_io import cli, fileio, records
 from caption_io import metadata as metadata_lib
 from caption_io import vocab as vocab_lib
-from pipelines import shards, sources
+from pipelines import launcher, shards, sources
+from pipelines.launcher import UsageError
 from pipelines.transforms import check, encode, metadata, stats, vocabulary
 
 log = logging.getLogger("pipelines.preprocess")
@@ -45,10 +46,6 @@ log = logging.getLogger("pipelines.preprocess")
 ENCODER_FILE = "encoder/inception_v3.weights.h5"
 STATS_FILE = metadata.STATS_FILE
 METADATA_FILE = records.METADATA_FILE
-
-
-class UsageError(ValueError, cli.UserError):
-    """A bad flag: reported as one line, exit code 2."""
 
 
 # --------------------------------------------------------------------------- the pipeline
@@ -288,29 +285,6 @@ def prepare(args) -> dict:
             "encoder_sha256": encoder_digest, "static": static}
 
 
-def _check_remote_paths(args, runner: str) -> None:
-    """Workers of a remote runner cannot read or write this machine's files."""
-    if runner.rsplit(".", 1)[-1].lower().removesuffix("runner") != "dataflow":
-        return
-    for flag, value in (("--output", args.output), ("--coco-dir", args.coco_dir)):
-        if value and not fileio.is_gcs(value):
-            raise UsageError(f"{flag} {value}: Dataflow workers cannot reach this machine's files; give a gs:// path")
-
-
-def _validate_beam_options(options, runner: str) -> None:
-    """Beam's own checks of its flags (Dataflow: project, region, job name, gs://
-    locations, worker counts), run before anything is written."""
-    from apache_beam.options.pipeline_options_validator import PipelineOptionsValidator
-    from apache_beam.runners.runner import create_runner
-
-    try:
-        errors = PipelineOptionsValidator(options, create_runner(runner)).validate()
-    except ValueError as e:  # an unknown --runner
-        raise UsageError(f"--runner {runner}: {str(e).split('. Valid values')[0]}") from None
-    if errors:
-        raise UsageError("Beam options: " + "; ".join(" ".join(e.split()) for e in errors))
-
-
 def run(argv=None) -> dict:
     """Parse flags, run the pipeline to the end, return metadata.json's content.
 
@@ -322,17 +296,12 @@ def run(argv=None) -> dict:
     args, beam_args = parse_args(argv)
     args.argv = argv
     options = PipelineOptions(beam_args)
-    runner = options.view_as(StandardOptions).runner or "DirectRunner"
-    _check_remote_paths(args, runner)
-    _validate_beam_options(options, runner)
+    runner = launcher.runner_of(options)
+    launcher.check_remote_paths(runner, {"--output": args.output, "--coco-dir": args.coco_dir})
+    launcher.validate_options(options, runner)
     opts = prepare(args)
-    with beam.Pipeline(options=options) as p:
-        build(p, opts)
-    # (Runners that run here ignore --dry_run: they have run the pipeline.)
-    job = getattr(p.runner, "job", None) if options.view_as(TestOptions).dry_run else None
-    if job is not None:
-        return {"dry_run": True, "runner": runner, "pipeline": job.proto_pipeline}
-    return metadata_lib.read(opts["output"]).to_dict()
+    dry = launcher.run_pipeline(options, lambda p: build(p, opts))
+    return dry or metadata_lib.read(opts["output"]).to_dict()
 
 
 def summary(meta: dict | metadata_lib.Metadata, seconds: float) -> str:
@@ -351,23 +320,16 @@ def summary(meta: dict | metadata_lib.Metadata, seconds: float) -> str:
 @cli.command(interrupted="interrupted; run the same command again: it keeps the shards already written "
                           "and does the rest")
 def main(argv=None) -> int:
-    # Logging itself is set up by cli.command, as for every command; these are Beam's loggers.
-    if not cli.is_verbose():
-        logging.getLogger("apache_beam").setLevel(logging.WARNING)
-        # A DoFn's error is logged with its traceback as it is re-raised; main reports it in one line.
-        logging.getLogger("apache_beam.runners.common").setLevel(logging.CRITICAL)
-    # On Dataflow: the job id, its console link and its state changes, as they come.
-    for name in ("apache_beam.runners.dataflow.internal.apiclient", "apache_beam.runners.dataflow.dataflow_runner"):
-        logging.getLogger(name).setLevel(logging.DEBUG if cli.is_verbose() else logging.INFO)
+    launcher.quiet_beam_logging()  # logging itself is set up by cli.command, as for every command
     t = time.time()
     try:
         meta = run(argv)
     except fileio.WriteError as e:  # the line says what to do next; exit 2 (WriteError's)
-        where = str(e).split(" [while running")[0]  # Beam adds the step's name
+        where = launcher.without_step(e)
         raise fileio.WriteError(f"{where}; free some space and run the same command again: it keeps the shards "
                                 "already written and does the rest", e.path, e.errno) from None
     if meta.get("dry_run"):
-        print(f"dry run: the pipeline was translated for {meta['runner']}; nothing was submitted")
+        print(launcher.DRY_RUN_LINE.format(runner=meta["runner"]))
         return 0
     print(summary(meta, time.time() - t))
     return 0

@@ -16,7 +16,7 @@ import pytest
 from caption_io import cli, quiet
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-COMMANDS = ["pipelines.preprocess", "pipelines.validate", "pipelines.synthetic", "pipelines.download",
+COMMANDS = ["pipelines.preprocess", "pipelines.caption_images", "pipelines.validate", "pipelines.synthetic", "pipelines.download",
             "trainer.task", "trainer.launch", "caption_serving.export", "caption_serving.caption",
             "caption_eval.evaluate"]
 # Words of the start-up lines TensorFlow writes on import and first op (CPU machines: the
@@ -258,6 +258,7 @@ def test_no_argv_means_the_process_is_the_command(monkeypatch, clean_logging):
     ("caption_serving.export", "ExportError", 2),
     ("caption_eval.evaluate", "UsageError", 2), ("caption_eval.evaluators.coco_metrics", "ScoringError", 1),
     ("pipelines.preprocess", "UsageError", 2), ("pipelines.sources", "SourceError", 1),
+    ("pipelines.caption_images", "UsageError", 2), ("pipelines.caption_images", "CountsError", 1),
     ("pipelines.validate", "NotADataDir", 2), ("pipelines.download", "DownloadError", 1),
     ("trainer.data", "DataError", 2), ("trainer.loop", "TrainError", 2), ("trainer.launch", "SubmitError", 1),
 ])

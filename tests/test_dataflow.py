@@ -126,3 +126,35 @@ def test_a_broken_option_fails_before_anything_is_written(gcs, gcs_coco, capsys,
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("error: ") and words in err, err
     assert not fileio.exists(out)
+
+
+# ------------------------------------------------------------------- batch captioning
+@pytest.fixture(scope="module")
+def gcs_export(gcs, trained_job):
+    """What the launcher reads of an export, in the bucket (the workers would load the rest)."""
+    from caption_io import savedmodel
+
+    dest = fileio.join(gcs, "export")
+    for rel in ("saved_model.pb", savedmodel.EXPORT_INFO):
+        fileio.upload(os.path.join(trained_job, "export", rel), fileio.join(dest, rel))
+    return dest
+
+
+def test_caption_images_translates_for_dataflow(gcs, gcs_coco, gcs_export, capsys):
+    from pipelines import caption_images
+
+    argv = ["--images", fileio.join(gcs_coco, "val2014", "*.jpg"), "--model", gcs_export,
+            "--output", fileio.join(gcs, "captions"), "--model-copies", "1"]
+    result = caption_images.run(argv + _dataflow_flags(gcs, "--sdk_container_image", IMAGE))
+    assert result["dry_run"] and result["runner"] == "DataflowRunner"
+    names = _transform_names(result["pipeline"])
+    for step in ("Match", "Caption/Read", "Caption/RunInference", "WriteCaptions", "WriteRejects", "WriteSummary"):
+        assert any(n == step or n.startswith(step + "/") for n in names), step
+    assert not fileio.exists(fileio.join(gcs, "captions", caption_images.SUMMARY_FILE))
+    assert caption_images.main(argv + _dataflow_flags(gcs, "--sdk_container_image", IMAGE)) == 0
+    assert "nothing was submitted" in capsys.readouterr().out
+    # Local paths cannot be read by Dataflow's workers: one line naming the flag.
+    assert caption_images.main(["--images", "/tmp/photos", "--model", gcs_export, "--output",
+                                fileio.join(gcs, "c2")] + _dataflow_flags(gcs)) == 2
+    assert capsys.readouterr().err.strip() == ("error: --images /tmp/photos: Dataflow workers cannot reach this "
+                                                "machine's files; give a gs:// path")

@@ -14,19 +14,27 @@ def describe(entry) -> dict:
     return {"image_id": entry["image_id"], "file_name": entry["file_name"], "path": entry["path"]}
 
 
-def read_pixels(entry):
-    """(uint8 [H, W, 3] pixels, None) or (None, reason) for an entry's image file."""
+def read_image(path: str):
+    """(file bytes, uint8 [H, W, 3] pixels, None) or (None, None, reason) for an image file:
+    the one list of reasons an image is refused, for preprocessing and batch captioning alike."""
     from apache_beam.io.filesystems import FileSystems
 
     from caption_io import images
 
     try:
-        with FileSystems.open(entry["path"]) as f:
-            return images.decode(f.read()), None
+        with FileSystems.open(path) as f:
+            data = f.read()
+        return data, images.decode(data), None
     except images.ImageError as e:
-        return None, str(e)
+        return None, None, str(e)
     except (OSError, IOError, beam.io.filesystem.BeamIOError) as e:
-        return None, f"missing or unreadable file ({type(e).__name__}: {str(e)[:200]})"
+        return None, None, f"missing or unreadable file ({type(e).__name__}: {str(e)[:200]})"
+
+
+def read_pixels(entry):
+    """(uint8 [H, W, 3] pixels, None) or (None, reason) for an entry's image file."""
+    _, pixels, reason = read_image(entry["path"])
+    return pixels, reason
 
 
 def image_reject(entry, reason) -> dict:
