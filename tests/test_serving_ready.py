@@ -55,6 +55,27 @@ print(json.dumps({"input": name, "input_dtype": inputs[name].dtype.name, "batch_
                   "response": {"predictions": predictions}}))
 """
 
+# TF Serving's warm-up: each record of assets.extra/tf_serving_warmup_requests is a
+# PredictionLog whose PredictRequest it runs through the named signature as it loads the model.
+WARMUP = ISOLATE + r"""
+import json
+import tensorflow as tf
+from tensorflow_serving.apis import prediction_log_pb2
+m = tf.saved_model.load(sys.argv[1])
+runs = []
+for raw in tf.data.TFRecordDataset(sys.argv[1] + "/assets.extra/tf_serving_warmup_requests"):
+    log = prediction_log_pb2.PredictionLog.FromString(raw.numpy())
+    req = log.predict_log.request
+    fn = m.signatures[req.model_spec.signature_name]
+    expected = sorted(fn.structured_input_signature[1])
+    out = fn(**{k: tf.constant(tf.make_ndarray(v)) for k, v in req.inputs.items()})
+    runs.append({"kind": log.WhichOneof("log_type"), "signature": req.model_spec.signature_name,
+                 "inputs": sorted(req.inputs), "expected_inputs": expected,
+                 "batch": int(out["captions"].shape[0]),
+                 "captioned": int(sum(len(c) > 0 for c in out["captions"].numpy()))})
+print(json.dumps(runs))
+"""
+
 
 def _isolated(code, export, stdin=None):
     proc = subprocess.run([sys.executable, "-c", code, export], input=stdin, capture_output=True, text=True,
@@ -90,3 +111,14 @@ def test_tf_servings_documented_rest_body_maps_onto_serving_default(trained_job,
     mine = client.caption_batch(loaded, blobs, info["default_beam_size"], info["default_max_length"])
     assert [p["captions"] for p in predictions] == [m["caption"] for m in mine]
     assert all(p["captions"] for p in predictions)
+
+
+def test_the_warmup_requests_are_predict_requests_serving_default_runs(trained_job):
+    from caption_serving import warmup
+
+    runs = _isolated(WARMUP, os.path.join(trained_job, "export"))
+    assert [r["batch"] for r in runs] == list(warmup.BATCH_SIZES)
+    for r in runs:
+        assert r["kind"] == "predict_log" and r["signature"] == "serving_default"
+        assert r["inputs"] == r["expected_inputs"] == ["images"]
+        assert r["captioned"] == r["batch"]  # the sample photo went through decoding and the decoder
