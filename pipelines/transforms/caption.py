@@ -55,7 +55,9 @@ class CaptionHandler(base.ModelHandler):
 
     def __init__(self, model_dir: str, beam_size: int, max_length: int, batch_size: int,
                  model_copies: int | None = None):
-        super().__init__(min_batch_size=1, max_batch_size=batch_size, model_copies=model_copies)
+        # Batches of exactly batch_size (a bundle's last may be smaller): Beam's adaptive
+        # batching would start at one image a call and grow, which wastes a CPU model's first calls.
+        super().__init__(min_batch_size=batch_size, max_batch_size=batch_size, model_copies=model_copies)
         self._model_dir = model_dir
         self._beam_size = beam_size
         self._max_length = max_length
