@@ -16,7 +16,8 @@ import pytest
 from caption_io import cli, quiet
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-COMMANDS = ["pipelines.preprocess", "pipelines.caption_images", "pipelines.validate", "pipelines.synthetic", "pipelines.download",
+COMMANDS = ["pipelines.preprocess", "pipelines.caption_images", "pipelines.validate", "pipelines.synthetic",
+            "pipelines.download",
             "trainer.task", "trainer.launch", "caption_serving.export", "caption_serving.caption",
             "caption_eval.evaluate"]
 # Words of the start-up lines TensorFlow writes on import and first op (CPU machines: the

@@ -53,12 +53,16 @@ def copy_model():
 class MarkovModel:
     """log p(next | previous word) from a table, ignoring the image; counts its steps."""
 
-    def __init__(self, transitions):
-        table = np.full((V, V), 1e-12)
+    def __init__(self, transitions, floor=1e-12):
+        """floor: the probability of every transition not listed; 0 makes them impossible
+        (log-probability -inf), and then a word without transitions is followed by any word."""
+        table = np.full((V, V), floor)
         for prev, nexts in transitions.items():
             for word, p in nexts.items():
                 table[prev, word] = p
-        self.table = tf.constant(np.log(table / table.sum(1, keepdims=True)), tf.float32)
+        table[table.sum(1) == 0] = 1.0
+        with np.errstate(divide="ignore"):
+            self.table = tf.constant(np.log(table / table.sum(1, keepdims=True)), tf.float32)
         self.config = types.SimpleNamespace(vocab_size=V)
         self.steps = tf.Variable(0)
 
@@ -74,8 +78,10 @@ class MarkovModel:
 
 
 # ------------------------------------------------------------------------------ references
-def hand_greedy(model, features, max_length):
-    """Python step loop: argmax over words (never <pad> / <start>), stop at <end>."""
+def hand_greedy(model, features, max_length, no_repeat_ngram=0, min_length=0):
+    """Python step loop: argmax over words (never <pad> / <start>), stop at <end>. With the
+    controls: no word that would repeat an n-gram of the caption so far, no <end> before
+    min_length words, and <end> if that leaves nothing."""
     state = model.init_state(features)
     batch = features.shape[0]
     words = tf.fill([batch], START)
@@ -86,6 +92,13 @@ def hand_greedy(model, features, max_length):
         log_probs = tf.nn.log_softmax(logits).numpy()
         choice = log_probs.copy()
         choice[:, [PAD, START]] = -np.inf
+        for b in range(batch):
+            before = choice[b].copy()
+            choice[b, sorted(ngram_completions(list(tokens[b, :t]), no_repeat_ngram))] = -np.inf
+            if t < min_length:
+                choice[b, END] = -np.inf
+            if np.all(choice[b] == -np.inf):
+                choice[b, END] = before[END]
         words_np = choice.argmax(-1).astype(np.int32)
         for b in range(batch):
             if not ended[b]:
@@ -94,6 +107,20 @@ def hand_greedy(model, features, max_length):
                 ended[b] = words_np[b] == END
         words = tf.constant(words_np)
     return tokens, scores
+
+
+def ngram_completions(history, n):
+    """The words w such that history + [w] ends with an n-gram already in history."""
+    if n == 0:
+        return set()
+    t = len(history)
+    return {history[q] for q in range(n - 1, t) if history[q - n + 1:q] == history[t - n + 1:t]}
+
+
+def repeated_ngrams(row, length, n):
+    """The n-grams that occur more than once in row[:length]."""
+    grams = [tuple(row[i:i + n]) for i in range(length - n + 1)]
+    return {g for g in grams if grams.count(g) > 1}
 
 
 def teacher_forced_scores(model, features, tokens, lengths):
@@ -383,3 +410,245 @@ def test_decoding_exports_in_a_saved_model(random_model, tmp_path):
 def test_decode_rejects_bad_beam_size(random_model):
     with pytest.raises(ValueError, match="beam_size"):
         decoding.decode(random_model, random_features(1), 5, beam_size=0)
+
+
+# ------------------------------------------------------------------------- decoding controls
+def grey_image(batch):
+    """A plain grey image's features: out of distribution, and random_model loops on it
+    (7 7 7 7 11 11 11 ...), as main's models loop on grey images."""
+    return tf.fill([batch, P, F], tf.constant(0.5, tf.float16))
+
+
+# A chain whose most likely path loops 4 5 4 5 ... and ends only by chance.
+LOOP = {START: {4: 0.7, 5: 0.2, END: 0.1}, 4: {5: 0.7, 6: 0.2, END: 0.1},
+        5: {4: 0.7, 6: 0.2, END: 0.1}, 6: {4: 0.5, 5: 0.4, END: 0.1}}
+
+
+def hypotheses(out):
+    """(tokens row, length) of every hypothesis a Decoded returns: beams and n-best."""
+    for tokens, lengths in ((out.beam_tokens, out.beam_lengths),
+                            (out.nbest_tokens, out.nbest_lengths)):
+        tokens, lengths = np.asarray(tokens), np.asarray(lengths)
+        for b in range(tokens.shape[0]):
+            for j in range(tokens.shape[1]):
+                yield list(tokens[b, j]), int(lengths[b, j])
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_no_repeat_ngram_holds_on_looping_inputs(random_model, n):
+    features = grey_image(2)
+    plain = decoding.greedy(random_model, features, 16)
+    assert repeated_ngrams(list(plain.tokens.numpy()[0]), 16, 3)          # it loops
+    run = tf.function(lambda f, n: (
+        decoding.greedy(random_model, f, 16, no_repeat_ngram=n),
+        decoding.decode(random_model, f, 16, 3, num_captions=3, no_repeat_ngram=n),
+        decoding.sample(random_model, f, 16, 1.0, seed=5, no_repeat_ngram=n)))
+    greedy, beam, drawn = run(features, tf.constant(n))
+    for out in (greedy, beam, drawn):
+        check_well_formed(out, 16)
+        for row, length in hypotheses(out):
+            assert not repeated_ngrams(row, length, n), (row, length)
+    # Exactly the hand-made greedy with the same ban (not merely some caption without repeats).
+    tokens, scores = hand_greedy(random_model, features, 16, no_repeat_ngram=n)
+    np.testing.assert_array_equal(greedy.tokens, tokens[:, :greedy.tokens.shape[1]])
+    np.testing.assert_allclose(greedy.scores, scores, atol=1e-4)
+    # Scores stay the model's log-probabilities; beam k = 1 is still greedy.
+    flat = beam.beam_tokens.numpy().reshape(6, -1)
+    recomputed = teacher_forced_scores(random_model, tf.repeat(features, 3, 0), flat,
+                                       beam.beam_lengths.numpy().reshape(-1))
+    np.testing.assert_allclose(beam.beam_scores.numpy().reshape(-1), recomputed, atol=1e-4)
+    one = decoding.beam_search(random_model, features, 1, 16, no_repeat_ngram=n)
+    np.testing.assert_array_equal(one.tokens, greedy.tokens)
+
+
+def test_no_repeat_ngram_on_a_looping_chain():
+    model = MarkovModel(LOOP)
+    features = random_features(1)
+    assert decoding.greedy(model, features, 8).tokens.numpy().tolist() == [[4, 5] * 4]
+    # Bigrams: 4 5 4, then 4 5 again is banned: 6; 6 -> 4, and from 4 both 5 and 6 are used.
+    out = decoding.greedy(model, features, 8, no_repeat_ngram=2)
+    assert out.tokens.numpy().tolist() == [[4, 5, 4, 6, 4, END]]
+    np.testing.assert_allclose(out.scores, np.log(0.7 * 0.7 * 0.7 * 0.2 * 0.5 * 0.1), atol=1e-5)
+    for n in (2, 3):
+        beam = decoding.beam_search(model, features, 4, 12, num_captions=4, no_repeat_ngram=n)
+        for row, length in hypotheses(beam):
+            assert not repeated_ngrams(row, length, n)
+
+
+def test_bans_that_leave_nothing_end_the_caption(random_model):
+    # no_repeat_ngram 1 uses each of the 17 word ids (1, 4..19) once; min_length 25 bans <end>
+    # too, and then <end> comes back: 17 distinct words and <end>, no <pad> emitted.
+    for out in (decoding.greedy(random_model, grey_image(2), 25, no_repeat_ngram=1, min_length=25),
+                decoding.beam_search(random_model, grey_image(2), 2, 25, no_repeat_ngram=1,
+                                     min_length=25)):
+        check_well_formed(out, 25)
+        for row, length in hypotheses(out):
+            assert length == 18 and row[17] == END and sorted(row[:17]) == [1] + list(range(4, 20))
+
+
+def test_min_length_bans_end_before_m_words(random_model):
+    model = MarkovModel({START: {END: 0.9, 4: 0.1}, 4: {END: 0.9, 5: 0.1}, 5: {END: 0.9, 4: 0.1}})
+    features = random_features(2)
+    assert decoding.greedy(model, features, 9).tokens.numpy().tolist() == [[END]] * 2
+    run = tf.function(lambda m: (
+        decoding.decode(model, features, 9, 1, min_length=m),
+        decoding.decode(model, features, 9, 3, num_captions=3, min_length=m),
+        decoding.sample(model, features, 9, 1.0, seed=3, min_length=m)))
+    greedy, beam, drawn = run(tf.constant(3))
+    np.testing.assert_array_equal(greedy.tokens, [[4, 5, 4, END]] * 2)
+    np.testing.assert_allclose(greedy.scores, np.log(0.1 ** 3 * 0.9), atol=1e-5)
+    np.testing.assert_array_equal(beam.nbest_tokens[:, 0, :4], [[4, 5, 4, END]] * 2)
+    for out in (greedy, beam, drawn):
+        check_well_formed(out, 9)
+        assert all(length >= 4 for _, length in hypotheses(out))
+    # Cut at max_length when min_length does not fit: no <end> at all.
+    cut = decoding.greedy(model, features, 4, min_length=10)
+    np.testing.assert_array_equal(cut.tokens, [[4, 5, 4, 5]] * 2)
+    # On a real model, the hand-made reference.
+    features = random_features(4, seed=6)
+    tokens, _ = hand_greedy(random_model, features, 10, min_length=6)
+    out = decoding.greedy(random_model, features, 10, min_length=6)
+    np.testing.assert_array_equal(out.tokens, tokens[:, :out.tokens.shape[1]])
+    assert np.all(out.lengths.numpy() >= 7)
+
+
+@pytest.mark.parametrize("k, count, n", [(5, 3, 0), (4, 4, 2)])
+def test_nbest_is_sorted_distinct_and_the_beams_best(random_model, k, count, n):
+    features = random_features(4, seed=3)
+    run = tf.function(lambda f, k, count, n: decoding.decode(
+        random_model, f, 9, k, num_captions=count, no_repeat_ngram=n))
+    out = run(features, tf.constant(k), tf.constant(count), tf.constant(n))
+    tokens, lengths = out.nbest_tokens.numpy(), out.nbest_lengths.numpy()
+    norm, scores = out.nbest_normalized_scores.numpy(), out.nbest_scores.numpy()
+    assert tokens.shape[:2] == (4, count) and tokens.shape[1:] == out.nbest_attention.shape[1:3]
+    assert tokens.shape[2] == lengths.max()                          # trimmed to the K kept
+    assert np.all(np.isfinite(norm)) and np.all(np.diff(norm, axis=1) <= 0)   # best first
+    for b in range(4):
+        assert len({tuple(row) for row in tokens[b]}) == count       # distinct
+    # The first K of the beam (same ranking), the best one is `tokens`.
+    T = tokens.shape[2]
+    np.testing.assert_array_equal(tokens, out.beam_tokens.numpy()[:, :count, :T])
+    np.testing.assert_array_equal(norm, out.beam_normalized_scores.numpy()[:, :count])
+    np.testing.assert_array_equal(tokens[:, 0], out.tokens.numpy()[:, :T])
+    np.testing.assert_array_equal(out.nbest_attention.numpy()[:, 0], out.attention.numpy()[:, :T])
+    np.testing.assert_allclose(norm, scores / ((5 + lengths) / 6) ** decoding.DEFAULT_ALPHA,
+                               rtol=1e-5)
+    recomputed = teacher_forced_scores(random_model, tf.repeat(features, count, 0),
+                                       tokens.reshape(4 * count, -1), lengths.reshape(-1))
+    np.testing.assert_allclose(scores.reshape(-1), recomputed, atol=1e-4)
+    for row, length in hypotheses(out):
+        assert not n or not repeated_ngrams(row, length, n)
+
+
+def test_nbest_marks_places_no_hypothesis_filled():
+    # Only one caption is possible, [4 <end>]: the other two places are blank and marked.
+    model = MarkovModel({START: {4: 1.0}, 4: {END: 1.0}}, floor=0.0)
+    out = decoding.decode(model, random_features(2), 6, beam_size=3, num_captions=3)
+    np.testing.assert_array_equal(out.nbest_tokens, [[[4, END], [0, 0], [0, 0]]] * 2)
+    np.testing.assert_array_equal(out.nbest_lengths, [[2, 0, 0]] * 2)
+    for scores in (out.nbest_scores, out.nbest_normalized_scores):
+        np.testing.assert_array_equal(scores, [[0.0, -np.inf, -np.inf]] * 2)
+    attention = out.nbest_attention.numpy()
+    np.testing.assert_allclose(attention[:, 0].sum(-1), 1.0, atol=1e-6)
+    assert np.all(attention[:, 1:] == 0)
+
+
+def test_alpha_changes_the_ranking():
+    # test_finished_hypothesis_kept_aside_while_live_beams_go_on's chain: by raw log-probability
+    # [<end>] (.35) comes first; with alpha 1 the chain cut at 6 tokens (log .18 / (11/6)) does.
+    chain = {START: {4: 0.55, END: 0.35, 7: 0.1}, 4: {5: 0.8, 7: 0.2}, 5: {6: 0.8, 7: 0.2},
+             6: {5: 0.8, 7: 0.2}, 7: {8: 1.0}, 8: {7: 1.0}}
+    model = MarkovModel(chain)
+    run = tf.function(lambda alpha: decoding.decode(model, random_features(1), 6, 2,
+                                                    length_penalty_alpha=alpha, num_captions=2))
+    short, long = [END, 0, 0, 0, 0, 0], [4, 5, 6, 5, 6, 5]
+    for alpha, order in [(0.0, [short, long]), (1.0, [long, short])]:
+        out = run(tf.constant(alpha))
+        np.testing.assert_array_equal(out.nbest_tokens[0], order)
+        lengths = out.nbest_lengths.numpy()
+        np.testing.assert_allclose(out.nbest_normalized_scores,
+                                   out.nbest_scores / ((5 + lengths) / 6) ** alpha, rtol=1e-6)
+
+
+def test_defaults_reproduce_the_decoding_without_controls(random_model):
+    # The controls passed as tensors at their defaults run the tf.cond path; the outputs are
+    # those of the calls without them, bit for bit (and those are pinned by the tests above).
+    signature = [tf.TensorSpec([None, P, F], tf.float16), tf.TensorSpec([], tf.int32),
+                 tf.TensorSpec([], tf.int32)]
+    zero = tf.constant(0)
+
+    @tf.function(input_signature=signature)
+    def both(features, max_length, beam_size):
+        plain = [decoding.decode(random_model, features, max_length, beam_size),
+                 decoding.greedy(random_model, features, max_length),
+                 decoding.beam_search(random_model, features, 3, max_length),
+                 decoding.sample(random_model, features, max_length, 0.8, seed=4)]
+        controlled = [
+            decoding.decode(random_model, features, max_length, beam_size,
+                            tf.constant(decoding.DEFAULT_ALPHA), num_captions=tf.constant(1),
+                            no_repeat_ngram=zero, min_length=zero),
+            decoding.greedy(random_model, features, max_length, no_repeat_ngram=zero,
+                            min_length=zero),
+            decoding.beam_search(random_model, features, 3, max_length, num_captions=tf.constant(1),
+                                 no_repeat_ngram=zero, min_length=zero),
+            decoding.sample(random_model, features, max_length, 0.8, seed=4, no_repeat_ngram=zero,
+                            min_length=zero)]
+        return plain, controlled
+
+    for k in (1, 3):
+        plain, controlled = both(random_features(3, seed=8), 8, k)
+        for a, b in zip(plain, controlled):
+            for name in decoding.Decoded._fields:
+                np.testing.assert_array_equal(getattr(a, name), getattr(b, name), err_msg=name)
+            np.testing.assert_array_equal(a.nbest_tokens[:, 0], a.tokens[:, :a.nbest_tokens.shape[2]])
+
+
+def test_controls_as_signature_inputs_trace_once_and_save(random_model, tmp_path):
+    traces = []
+    module = tf.Module()
+    module.model = random_model
+
+    @tf.function(input_signature=[tf.TensorSpec([None, P, F], tf.float16)] +
+                 [tf.TensorSpec([], tf.int32)] * 5 + [tf.TensorSpec([], tf.float32)])
+    def captions(features, beam_size, max_length, num_captions, no_repeat_ngram, min_length,
+                 alpha):
+        traces.append(1)
+        return decoding.decode(random_model, features, max_length, beam_size, alpha,
+                               num_captions=num_captions, no_repeat_ngram=no_repeat_ngram,
+                               min_length=min_length)._asdict()
+
+    module.captions = captions
+    settings = [(1, 7, 1, 0, 0, 0.7), (3, 9, 2, 2, 4, 0.0), (4, 6, 4, 1, 0, 1.5)]
+    for batch, (k, length, count, n, m, alpha) in zip((2, 3, 1), settings):
+        captions(random_features(batch), k, length, count, n, m, alpha)
+    assert len(traces) == 1
+    tf.saved_model.save(module, str(tmp_path), signatures={"captions": captions})
+    loaded = tf.saved_model.load(str(tmp_path)).signatures["captions"]
+    features = random_features(3, seed=9)
+    for k, length, count, n, m, alpha in settings:
+        out = loaded(features=features, beam_size=tf.constant(k), max_length=tf.constant(length),
+                     num_captions=tf.constant(count), no_repeat_ngram=tf.constant(n),
+                     min_length=tf.constant(m), alpha=tf.constant(alpha))
+        expected = decoding.decode(random_model, features, length, k, alpha, num_captions=count,
+                                   no_repeat_ngram=n, min_length=m)
+        assert out["nbest_tokens"].shape[:2] == (3, count)
+        for name in ("tokens", "scores", "nbest_tokens", "nbest_scores", "nbest_lengths",
+                     "nbest_attention"):
+            np.testing.assert_allclose(out[name], getattr(expected, name), atol=1e-5, err_msg=name)
+
+
+def test_bad_controls_are_rejected(random_model):
+    features = random_features(1)
+    for kw, match in [(dict(beam_size=3, num_captions=4), "num_captions"),
+                      (dict(beam_size=2, num_captions=0), "num_captions"),
+                      (dict(no_repeat_ngram=-1), "no_repeat_ngram"),
+                      (dict(min_length=-2), "min_length")]:
+        with pytest.raises(ValueError, match=match):
+            decoding.decode(random_model, features, 5, **kw)
+    with pytest.raises(ValueError, match="min_length"):
+        decoding.sample(random_model, features, 5, min_length=-1)
+    run = tf.function(lambda k, count: decoding.decode(random_model, features, 5, k,
+                                                       num_captions=count))
+    for k, count in [(3, 4), (1, 2)]:                 # (1, 2): checked though greedy runs
+        with pytest.raises(tf.errors.InvalidArgumentError, match="num_captions"):
+            run(tf.constant(k), tf.constant(count))
