@@ -6,7 +6,7 @@ PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 DEMO    ?= demo_out
 
-.PHONY: demo test lint java cxx clean
+.PHONY: demo test lint java cxx chromium clean
 
 # The venv is rebuilt when setup.py changes (its dependencies are declared there).
 $(STAMP): setup.py
@@ -29,11 +29,20 @@ cxx:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq g++ >/dev/null \
 	  || echo "could not install g++: CPU training will use TensorFlow ops (slower)"; }
 
+# caption-serve's page is tested in a real browser: headless Chromium driven through its driver
+# (selenium). Install Debian's chromium and chromium-driver where missing; without them that
+# test is skipped and says why.
+chromium:
+	@{ command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; } || { \
+	  echo "installing Chromium and its driver for the caption-serve page test (chromium chromium-driver)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null \
+	  || echo "could not install chromium: the browser test will be skipped"; }
+
 # The linter first (settings in pyproject.toml): a finding fails the run before the tests start.
 lint: $(STAMP)
 	$(PY) -m ruff check .
 
-test: lint java cxx
+test: lint java cxx chromium
 	$(PY) -m pytest -q -rs
 
 demo: $(STAMP) java cxx

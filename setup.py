@@ -22,13 +22,17 @@ REQUIRED = [
     "tensorflow-serving-api>=2.21,<2.22",
 ]
 
+SERVE = ["starlette>=1.10,<2", "uvicorn>=0.54,<1"]
+
 EXTRAS = {
     "eval": ["pycocoevalcap>=1.2"],
     # trainer.launch submits Vertex AI custom jobs (apache-beam[gcp] pulls it in too).
     "cloud": ["google-cloud-aiplatform>=1.60"],
-    # The GCS tests serve a bucket from a loopback emulator.
+    # caption-serve (caption_serving/serve.py): an ASGI app on Starlette, run by uvicorn.
+    "serve": SERVE,
+    # The GCS tests serve a bucket from a loopback emulator; the serve tests drive Chromium with selenium.
     "test": ["pytest>=8", "pycocoevalcap>=1.2", "google-cloud-aiplatform>=1.60", "gcp-storage-emulator>=2024.1",
-             "ruff>=0.17,<0.18"],
+             "ruff>=0.17,<0.18", *SERVE, "httpx>=0.27", "selenium>=4.30,<5"],
 }
 
 setup(
@@ -39,9 +43,11 @@ setup(
     packages=find_packages(
         include=["caption_io*", "model*", "caption_serving*", "pipelines*", "caption_eval*", "trainer*"]),
     # The fused attention kernels' C++ source, built on first use (model/fused_attention.py).
-    package_data={"model": ["kernels/*.cc"]},
+    # ... and caption-serve's page (caption_serving/serve.py).
+    package_data={"model": ["kernels/*.cc"], "caption_serving": ["page.html"]},
     python_requires=">=3.10",
     install_requires=REQUIRED,
     extras_require=EXTRAS,
-    entry_points={"console_scripts": ["caption = caption_serving.caption:main"]},
+    entry_points={"console_scripts": ["caption = caption_serving.caption:main",
+                                      "caption-serve = caption_serving.serve:main"]},
 )
