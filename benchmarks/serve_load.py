@@ -163,7 +163,7 @@ def main():
     ap.add_argument("--images", help="a directory of JPEG/PNG images (default: 16 generated scene images)")
     args = ap.parse_args()
 
-    from caption_serving.client import ModelError, caption_batch, load_model
+    from caption_serving.client import CONTROL_DEFAULTS, ModelError, caption_batch, load_model
 
     paths = (sorted(glob.glob(os.path.join(args.images, "*.jpg")) + glob.glob(os.path.join(args.images, "*.png")))
              if args.images else scene_images(16))
@@ -181,7 +181,7 @@ def main():
         expected = [caption_batch(loaded, [b], beam, max_length)[0]["caption"] for b in blobs]  # warms it up too
         bodies = [json.dumps({"signature_name": "caption_images", "inputs": {
             "images": [{"b64": base64.b64encode(b).decode("ascii")}], "beam_size": beam,
-            "max_length": max_length}}).encode() for b in blobs]
+            "max_length": max_length, **CONTROL_DEFAULTS}}).encode() for b in blobs]
         served_slice(port, bodies, expected, args.clients, args.warmup, Tally(), [], proc.pid)  # warm-up
         turns = max(1, math.ceil(args.seconds / args.slice))
         for _ in range(turns):

@@ -41,7 +41,7 @@ def main():
 
     from caption_io import images, jobdir
     from caption_io.savedmodel import EXPORT_INFO
-    from caption_serving.client import ModelError, load_model
+    from caption_serving.client import ModelError, load_model, option_inputs
     from model import inception
 
     try:
@@ -55,11 +55,10 @@ def main():
     pixels = inception.prepare(images.decode(blob)[None])
     sig = loaded.signatures["caption_images"]
     one = tf.constant([blob])
-    ml = tf.constant(args.max_length)
 
     runs = {"encoder": lambda: forward(pixels).numpy(),
-            "greedy": lambda: sig(images=one, beam_size=tf.constant(1), max_length=ml)["captions"].numpy(),
-            "beam3": lambda: sig(images=one, beam_size=tf.constant(3), max_length=ml)["captions"].numpy()}
+            "greedy": lambda: sig(images=one, **option_inputs(1, args.max_length))["captions"].numpy(),
+            "beam3": lambda: sig(images=one, **option_inputs(3, args.max_length))["captions"].numpy()}
     for fn in runs.values():  # warm up: traces, allocations
         fn()
         fn()
@@ -68,16 +67,16 @@ def main():
         for k, fn in runs.items():
             times[k] += _time(fn, 1)
     med = {k: statistics.median(v) for k, v in times.items()}
-    caption = sig(images=one, beam_size=tf.constant(1), max_length=ml)
+    caption = sig(images=one, **option_inputs(1, args.max_length))
     words = int(caption["lengths"].numpy()[0])
 
     batch = tf.constant([blob] * 32)
-    sig(images=batch, beam_size=tf.constant(1), max_length=ml)
+    sig(images=batch, **option_inputs(1, args.max_length))
     t = time.perf_counter()
-    sig(images=batch, beam_size=tf.constant(1), max_length=ml)["captions"].numpy()
+    sig(images=batch, **option_inputs(1, args.max_length))["captions"].numpy()
     greedy_32 = 32 / (time.perf_counter() - t)
     t = time.perf_counter()
-    sig(images=batch, beam_size=tf.constant(3), max_length=ml)["captions"].numpy()
+    sig(images=batch, **option_inputs(3, args.max_length))["captions"].numpy()
     beam_32 = 32 / (time.perf_counter() - t)
 
     g = med["greedy"] / med["encoder"] - 1

@@ -2,12 +2,15 @@
 
     caption IMAGE_OR_URL... --model EXPORT_DIR [--beam-size 3] [--max-length N]
             [--plot OUT_DIR] [--json]          (or: python -m caption_serving.caption ...)
+            [--num-captions K] [--no-repeat-ngram N] [--min-length M] [--length-alpha A]
 
 Each input is a local file, a gs:// object or an http(s) URL; --model and --plot
 may be gs:// too. Prints one caption a line (`INPUT<TAB>caption` when several inputs are given), or
 with --json one object a line: {"input", "caption", "score", "tokens", "attention"}
 where tokens are the caption's words and attention holds, per word, the 64 weights
-(8x8 grid) the model used when it generated that word; <end> is not included.
+(8x8 grid) the model used when it generated that word; <end> is not included. With
+--num-captions K > 1: K lines an image (caption<TAB>log-prob, best first), or in --json
+a "captions" list of {"caption", "score"}.
 
 Every bad input gets one line `error: INPUT: reason` on stderr and the others are
 still captioned. Exit status: 0 all captioned, 1 some failed, 2 usage error (bad
@@ -33,7 +36,14 @@ import numpy as np
 from PIL import Image
 
 from caption_io import cli, fileio, images
-from caption_serving.client import ModelError, caption_batch, load_model, model_bytes
+from caption_serving.client import (
+    ModelError,
+    add_decoding_flags,
+    caption_batch,
+    decoding_controls,
+    load_model,
+    model_bytes,
+)
 
 
 class InputError(ValueError, cli.UserError):
@@ -132,9 +142,14 @@ def main(argv=None) -> int:
     ap.add_argument("--max-bytes", type=int, default=20 * 2**20,
                     help="largest image file or download, in bytes (default 20 MiB)")
     ap.add_argument("--batch-size", type=int, default=16, help="images per model call (default 16)")
+    add_decoding_flags(ap)
     a = ap.parse_args(argv)
     if a.beam_size < 1 or a.max_length < 0 or a.timeout <= 0 or a.max_bytes < 1 or a.batch_size < 1:
         ap.error("--beam-size, --timeout, --max-bytes and --batch-size must be positive, --max-length >= 0")
+    try:
+        controls = decoding_controls(a, a.beam_size)
+    except ValueError as e:
+        ap.error(str(e))
 
     # decode() refuses images over its own pixel cap with a clear reason; PIL's warning
     # for the same images would only be a second, noisier line.
@@ -161,7 +176,10 @@ def main(argv=None) -> int:
                 failed += 1
         if not good:
             continue
-        results = caption_batch(model, [blob for _, blob, _ in good], a.beam_size, max_length)
+        try:
+            results = caption_batch(model, [blob for _, blob, _ in good], a.beam_size, max_length, **controls)
+        except ModelError as e:  # an export older than the decoding controls
+            raise ModelError(f"--model {a.model}: {e}") from None
         for (source, _, pixels), r in zip(good, results):
             if a.plot and not r["words"]:
                 print(f"{source}: empty caption, no attention plot", file=sys.stderr)
@@ -171,9 +189,15 @@ def main(argv=None) -> int:
                 print(f"{source}: attention plot in {path}", file=sys.stderr)
             if a.json:
                 # 6 decimals keep a line readable; rows still sum to 1 within 1e-4.
-                print(json.dumps({"input": source, "caption": r["caption"], "score": round(r["score"], 6),
-                                  "tokens": r["words"],
-                                  "attention": np.round(r["attention"].astype(float), 6).tolist()}))
+                line = {"input": source, "caption": r["caption"], "score": round(r["score"], 6),
+                        "tokens": r["words"], "attention": np.round(r["attention"].astype(float), 6).tolist()}
+                if a.num_captions > 1:
+                    line["captions"] = [{"caption": n["caption"], "score": round(n["score"], 6)} for n in r["nbest"]]
+                print(json.dumps(line))
+            elif a.num_captions > 1:  # one line a caption, best first, each with its log-probability
+                for n in r["nbest"]:
+                    text = f"{n['caption']}\t{n['score']:.3f}"
+                    print(f"{source}\t{text}" if several else text)
             else:
                 print(f"{source}\t{r['caption']}" if several else r["caption"])
             sys.stdout.flush()

@@ -46,40 +46,114 @@ def load_model(path: str):
     return loaded, info
 
 
+# Decoding's settings beside beam_size and max_length, with the values that leave decoding as
+# it was before they existed (caption_io/savedmodel.py: OPTIONS). 0.7 is model.decoding's alpha.
+CONTROL_DEFAULTS = {savedmodel.NUM_CAPTIONS: 1, savedmodel.NO_REPEAT_NGRAM: 0, savedmodel.MIN_LENGTH: 0,
+                    savedmodel.LENGTH_ALPHA: 0.7}
+
+
+def option_inputs(beam_size: int, max_length: int, **controls) -> dict:
+    """The option signatures' scalar inputs as tensors: beam_size, max_length and each control
+    (CONTROL_DEFAULTS for those not given)."""
+    import tensorflow as tf
+
+    unknown = set(controls) - set(CONTROL_DEFAULTS)
+    if unknown:
+        raise TypeError(f"unknown decoding option(s): {', '.join(sorted(unknown))}")
+    values = dict(CONTROL_DEFAULTS, **{k: v for k, v in controls.items() if v is not None},
+                  **{savedmodel.BEAM_SIZE: beam_size, savedmodel.MAX_LENGTH: max_length})
+    return {k: tf.constant(values[k], tf.float32 if k == savedmodel.LENGTH_ALPHA else tf.int32)
+            for k in savedmodel.OPTIONS}
+
+
+def _input_names(fn) -> set[str]:
+    """The names a signature (or a tf.function with an input signature) is called with."""
+    args, kwargs = fn.structured_input_signature if hasattr(fn, "structured_input_signature") \
+        else fn.get_concrete_function().structured_input_signature
+    return set(kwargs) | {spec.name for spec in args if getattr(spec, "name", None)}
+
+
+def _call(fn, data_inputs: dict, beam_size: int, max_length: int, controls: dict) -> list[dict]:
+    """Call an option signature with exactly the inputs it takes. An export made before the
+    decoding controls takes beam_size and max_length only: asking it for another value of a
+    control is a ModelError saying to re-export; leaving them at their defaults works."""
+    options = option_inputs(beam_size, max_length, **controls)
+    takes = _input_names(fn)
+    missing = [k for k in controls if k not in takes and controls[k] not in (None, CONTROL_DEFAULTS[k])]
+    if missing:
+        raise ModelError(f"this export cannot take {', '.join(missing)} (it was made before the decoding "
+                         "controls; export the job again with python -m caption_serving.export)")
+    out = fn(**data_inputs, **{k: v for k, v in options.items() if k in takes})
+    return rows({k: v.numpy() for k, v in out.items()})
+
+
 def rows(out: dict) -> list[dict]:
     """A signature's batch output (numpy) -> per image {"caption", "score", "words",
-    "attention" [len(words), POSITIONS]}: the caption's words are exactly its tokens that
-    are words (vocab.is_word), in order, so their attention rows line up with them."""
+    "attention" [len(words), POSITIONS], "nbest": [...]}: the caption's words are exactly its
+    tokens that are words (vocab.is_word), in order, so their attention rows line up with them.
+    "nbest" (with the option signatures) holds the num_captions best captions, best first, each
+    a dict of the same four keys; the first is the caption itself."""
     found = []
     for i, text in enumerate(out[savedmodel.CAPTIONS]):
-        caption = text.decode("utf-8")
-        words = caption.split()
-        attention = out[savedmodel.ATTENTION][i][vocab.is_word(out[savedmodel.TOKENS][i])]
-        assert len(words) == len(attention), (caption, out[savedmodel.TOKENS][i])
-        found.append({"caption": caption, "score": float(out[savedmodel.SCORES][i]), "words": words,
-                      "attention": attention})
+        found.append(_row(text, out[savedmodel.SCORES][i], out[savedmodel.TOKENS][i], out[savedmodel.ATTENTION][i]))
+        if savedmodel.NBEST_CAPTIONS in out:
+            found[-1]["nbest"] = [
+                _row(out[savedmodel.NBEST_CAPTIONS][i][k], out[savedmodel.NBEST_SCORES][i][k],
+                     out[savedmodel.NBEST_TOKENS][i][k], out[savedmodel.NBEST_ATTENTION][i][k])
+                for k in range(out[savedmodel.NBEST_CAPTIONS].shape[1])
+                if out[savedmodel.NBEST_LENGTHS][i][k] > 0]  # length 0: an empty place
     return found
 
 
-def caption_batch(loaded, blobs: list[bytes], beam_size: int, max_length: int) -> list[dict]:
-    """Caption image bytes with the caption_images signature; per image as `rows` gives."""
+def _row(text: bytes, score, tokens, attention) -> dict:
+    caption = text.decode("utf-8")
+    words = caption.split()
+    attention = attention[vocab.is_word(tokens)]
+    assert len(words) == len(attention), (caption, tokens)
+    return {"caption": caption, "score": float(score), "words": words, "attention": attention}
+
+
+def caption_batch(loaded, blobs: list[bytes], beam_size: int, max_length: int, **controls) -> list[dict]:
+    """Caption image bytes with the caption_images signature; per image as `rows` gives.
+    controls: num_captions, no_repeat_ngram, min_length, length_alpha (CONTROL_DEFAULTS)."""
     import tensorflow as tf
 
     # `loaded` is passed, not just its signature: a signature outliving its object loses the variables.
-    out = loaded.signatures[savedmodel.CAPTION_IMAGES](**{
-        savedmodel.IMAGES: tf.constant(blobs), savedmodel.BEAM_SIZE: tf.constant(beam_size, tf.int32),
-        savedmodel.MAX_LENGTH: tf.constant(max_length, tf.int32)})
-    return rows({k: v.numpy() for k, v in out.items()})
+    return _call(loaded.signatures[savedmodel.CAPTION_IMAGES], {savedmodel.IMAGES: tf.constant(blobs)},
+                 beam_size, max_length, controls)
 
 
-def caption_features(loaded, features, beam_size: int, max_length: int) -> list[dict]:
+def caption_features(loaded, features, beam_size: int, max_length: int, **controls) -> list[dict]:
     """Caption stored feature maps [B, POSITIONS, CHANNELS] with the caption_features signature."""
     import tensorflow as tf
 
-    out = loaded.signatures[savedmodel.CAPTION_FEATURES](**{
-        savedmodel.FEATURES: tf.cast(features, tf.float32), savedmodel.BEAM_SIZE: tf.constant(beam_size, tf.int32),
-        savedmodel.MAX_LENGTH: tf.constant(max_length, tf.int32)})
-    return rows({k: v.numpy() for k, v in out.items()})
+    return _call(loaded.signatures[savedmodel.CAPTION_FEATURES], {savedmodel.FEATURES: tf.cast(features, tf.float32)},
+                 beam_size, max_length, controls)
+
+
+def add_decoding_flags(parser) -> None:
+    """The decoding controls as command-line flags (caption, caption_images), defined once."""
+    g = parser.add_argument_group("decoding")
+    g.add_argument("--num-captions", type=int, default=1, help="the N best captions of the beam, best first "
+                   "(at most --beam-size; default 1)")
+    g.add_argument("--no-repeat-ngram", type=int, default=0, metavar="N",
+                   help="never generate the same N-gram twice in a caption (default 0: off)")
+    g.add_argument("--min-length", type=int, default=0, help="no <end> before this many tokens (default 0)")
+    g.add_argument("--length-alpha", type=float, default=CONTROL_DEFAULTS[savedmodel.LENGTH_ALPHA],
+                   help="beam search's length normalisation ((5 + n) / 6)^alpha (default 0.7; 0: none)")
+
+
+def decoding_controls(args, beam_size: int) -> dict:
+    """The controls from add_decoding_flags' flags, checked: {name: value} for caption_batch.
+    Raises ValueError with the flag's name on a bad value."""
+    if not 1 <= args.num_captions <= beam_size:
+        raise ValueError(f"--num-captions must be between 1 and --beam-size ({beam_size}), got {args.num_captions}")
+    for flag, value in (("--no-repeat-ngram", args.no_repeat_ngram), ("--min-length", args.min_length),
+                        ("--length-alpha", args.length_alpha)):
+        if value < 0:
+            raise ValueError(f"{flag} must be >= 0, got {value}")
+    return {savedmodel.NUM_CAPTIONS: args.num_captions, savedmodel.NO_REPEAT_NGRAM: args.no_repeat_ngram,
+            savedmodel.MIN_LENGTH: args.min_length, savedmodel.LENGTH_ALPHA: args.length_alpha}
 
 
 def model_bytes(data: bytes, pixels: np.ndarray) -> bytes:

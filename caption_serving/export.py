@@ -39,6 +39,11 @@ class ExportError(ValueError, cli.UserError):
     """A job that cannot be exported (one readable line)."""
 
 
+# The option signatures' inputs after the images or features (savedmodel.OPTIONS, in order;
+# the input names are the traced functions' argument names).
+OPTION_SPECS = [tf.TensorSpec([], tf.int32) for _ in savedmodel.INT_OPTIONS] + [tf.TensorSpec([], tf.float32)]
+
+
 class CaptionModule(tf.Module):
     def __init__(self, captioner: Captioner, encoder, tokens: list[str], beam_size: int, max_length: int):
         super().__init__()
@@ -50,15 +55,29 @@ class CaptionModule(tf.Module):
         # The feature signature's shape comes from the model, so it is made here.
         self.caption_features = tf.function(self._caption_features, input_signature=[
             tf.TensorSpec([None, captioner.config.num_positions, captioner.config.feature_dim], tf.float32),
-            tf.TensorSpec([], tf.int32), tf.TensorSpec([], tf.int32)])
+            *OPTION_SPECS])
 
-    def _decode(self, features, beam_size, max_length):
-        out = decoding.decode(self.captioner, features, max_length, beam_size=beam_size)
-        words = tf.gather(self.vocab, out.tokens)
-        keep = vocab_lib.is_word(out.tokens)  # specials are left out of the text
-        captions = tf.strings.reduce_join(tf.ragged.boolean_mask(words, keep), axis=1, separator=" ")
-        return {savedmodel.CAPTIONS: captions, savedmodel.TOKENS: out.tokens, savedmodel.SCORES: out.scores,
-                savedmodel.ATTENTION: out.attention, savedmodel.LENGTHS: out.lengths}
+    def _text(self, tokens):
+        """Token ids [..., T] -> the captions' text [...]: the words (vocab.is_word) joined by spaces."""
+        keep = vocab_lib.is_word(tokens)  # specials are left out of the text
+        words = tf.ragged.boolean_mask(tf.gather(self.vocab, tokens), keep)
+        return tf.strings.reduce_join(words, axis=-1, separator=" ")
+
+    def _decode(self, features, beam_size, max_length, nbest=False, **controls):
+        out = decoding.decode(self.captioner, features, max_length, beam_size=beam_size, **controls)
+        outputs = {savedmodel.CAPTIONS: self._text(out.tokens), savedmodel.TOKENS: out.tokens,
+                   savedmodel.SCORES: out.scores, savedmodel.ATTENTION: out.attention,
+                   savedmodel.LENGTHS: out.lengths}
+        if nbest:
+            # An empty place (fewer distinct hypotheses than asked) has length 0; its score is
+            # 0 rather than decoding's -inf, which JSON (TF Serving's REST answers) cannot carry.
+            real = out.nbest_lengths > 0
+            outputs.update({savedmodel.NBEST_CAPTIONS: self._text(out.nbest_tokens),
+                            savedmodel.NBEST_TOKENS: out.nbest_tokens,
+                            savedmodel.NBEST_SCORES: tf.where(real, out.nbest_scores, 0.0),
+                            savedmodel.NBEST_ATTENTION: out.nbest_attention,
+                            savedmodel.NBEST_LENGTHS: out.nbest_lengths})
+        return outputs
 
     def _pixels(self, images):
         def one(data):
@@ -67,18 +86,28 @@ class CaptionModule(tf.Module):
         return tf.map_fn(one, images, fn_output_signature=tf.TensorSpec(
             [inception.INPUT_SIZE, inception.INPUT_SIZE, 3], tf.float32))
 
-    @tf.function(input_signature=[tf.TensorSpec([None], tf.string), tf.TensorSpec([], tf.int32),
-                                  tf.TensorSpec([], tf.int32)])
-    def caption_images(self, images, beam_size, max_length):
+    @staticmethod
+    def _controls(num_captions, no_repeat_ngram, min_length, length_alpha) -> dict:
+        return {"num_captions": num_captions, "no_repeat_ngram": no_repeat_ngram, "min_length": min_length,
+                "length_penalty_alpha": length_alpha}
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string), *OPTION_SPECS])
+    def caption_images(self, images, beam_size, max_length, num_captions, no_repeat_ngram, min_length,
+                       length_alpha):
         features = self.encoder(self._pixels(images), training=False)
-        return self._decode(features, beam_size, max_length)
+        return self._decode(features, beam_size, max_length, nbest=True,
+                            **self._controls(num_captions, no_repeat_ngram, min_length, length_alpha))
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string)])
     def serving_default(self, images):
-        return self.caption_images(images, tf.constant(self.default_beam_size), tf.constant(self.default_max_length))
+        # Decoding's defaults as constants: the graph TF Serving runs has no control it does not use.
+        features = self.encoder(self._pixels(images), training=False)
+        return self._decode(features, tf.constant(self.default_beam_size), tf.constant(self.default_max_length))
 
-    def _caption_features(self, features, beam_size, max_length):
-        return self._decode(features, beam_size, max_length)
+    def _caption_features(self, features, beam_size, max_length, num_captions, no_repeat_ngram, min_length,
+                          length_alpha):
+        return self._decode(features, beam_size, max_length, nbest=True,
+                            **self._controls(num_captions, no_repeat_ngram, min_length, length_alpha))
 
 
 def _restore(captioner: Captioner, job_dir: str, which: str) -> str:

@@ -45,12 +45,11 @@ from PIL import Image
 
 from caption_io import cli, geometry, images, savedmodel, vocab
 from caption_serving import rest
-from caption_serving.client import ModelError, load_model, model_bytes
+from caption_serving.client import CONTROL_DEFAULTS, ModelError, load_model, model_bytes
 
 log = logging.getLogger(__name__)
 
 VERSION = "1"                # an export directory is one version: TF Serving would call it 1
-NUM_CAPTIONS = "num_captions"  # the input an n-best export would take (the page offers it when there)
 PAGE = "page.html"
 # The page may load nothing from elsewhere: it works offline, and a browser refuses what this omits.
 PAGE_POLICY = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
@@ -99,7 +98,11 @@ class Served:
                 "signature": savedmodel.CAPTION_IMAGES,
                 "beam_size": int(self.info.get("default_beam_size", 3)),
                 "max_length": int(self.info.get("default_max_length", 20)),
-                "num_captions": NUM_CAPTIONS in self.specs[savedmodel.CAPTION_IMAGES],
+                "num_captions": savedmodel.NUM_CAPTIONS in self.specs[savedmodel.CAPTION_IMAGES],
+                # The decoding controls the page does not offer go at decoding's defaults (a
+                # signature's every input must be sent; older exports take none of them).
+                "fixed": {k: v for k, v in CONTROL_DEFAULTS.items()
+                          if k in self.specs[savedmodel.CAPTION_IMAGES] and k != savedmodel.NUM_CAPTIONS},
                 "max_body_bytes": limits.max_body_bytes, "max_pixels": limits.max_pixels,
                 "first_word_id": vocab.FIRST_WORD_ID, "grid": geometry.GRID}
 
@@ -111,7 +114,7 @@ def parse_request(served: Served, body: bytes, limits: Limits) -> tuple[str, str
     request = rest.parse_json(body)
     signature = rest.signature_of(request, served.specs)
     fmt, inputs = rest.parse_inputs(request, served.specs[signature])
-    for name in (savedmodel.BEAM_SIZE, savedmodel.MAX_LENGTH, NUM_CAPTIONS):
+    for name in (savedmodel.BEAM_SIZE, savedmodel.MAX_LENGTH, savedmodel.NUM_CAPTIONS):
         if name in inputs and (inputs[name] < 1).any():
             raise rest.RestError(f"{name} must be at least 1")
     blobs = inputs.get(savedmodel.IMAGES)
@@ -138,15 +141,22 @@ def checked_image(data: bytes, index: int, max_pixels: int) -> bytes:
 
 
 def trimmed(out: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Tokens and attention cut to the request's own longest caption. A batch pads them to its
-    longest hypothesis, so without the cut a request's answer would depend on who shared its
-    batch; with it, the same request gets the same answer however it was batched (TF Serving's
-    answer can have more trailing <pad> columns: `lengths` says where each caption ends)."""
-    lengths, tokens, attention = (out.get(k) for k in (savedmodel.LENGTHS, savedmodel.TOKENS, savedmodel.ATTENTION))
-    if lengths is None or tokens is None or attention is None or lengths.ndim != 1 or tokens.ndim != 2:
-        return out
-    steps = int(lengths.max()) if lengths.size else 0
-    return {**out, savedmodel.TOKENS: tokens[:, :steps], savedmodel.ATTENTION: attention[:, :steps]}
+    """Tokens and attention (and their n-best) cut to the request's own longest caption. A batch
+    pads them to its longest hypothesis, so without the cut a request's answer would depend on
+    who shared its batch; with it, the same request gets the same answer however it was batched
+    (TF Serving's answer can have more trailing <pad> columns: `lengths` says where each caption ends)."""
+    out = dict(out)
+    for lengths_key, tokens_key, attention_key, ndim in (
+            (savedmodel.LENGTHS, savedmodel.TOKENS, savedmodel.ATTENTION, 1),
+            (savedmodel.NBEST_LENGTHS, savedmodel.NBEST_TOKENS, savedmodel.NBEST_ATTENTION, 2)):
+        lengths, tokens, attention = (out.get(k) for k in (lengths_key, tokens_key, attention_key))
+        if lengths is None or tokens is None or attention is None or lengths.ndim != ndim \
+                or tokens.ndim != ndim + 1:
+            continue
+        steps = int(lengths.max()) if lengths.size else 0
+        out[tokens_key] = tokens[..., :steps]
+        out[attention_key] = attention[..., :steps, :]
+    return out
 
 
 def model_error(e: Exception) -> rest.RestError:

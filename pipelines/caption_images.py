@@ -11,6 +11,8 @@ goes through Beam's RunInference (pipelines/transforms/caption.py).
 
 What it writes (the layout below is this command's output contract):
   OUT/captions-SSSSS-of-NNNNN.jsonl   {"image": path, "caption": text, "score": log-prob} a line
+                                      (+ "captions": [{"caption", "score"}], best first, with
+                                      --num-captions K > 1)
   OUT/rejected/rejected-SSSSS-of-NNNNN.jsonl   {"image": path, "reason": why} for each image
                                       that could not be captioned (not an image, truncated, ...)
   OUT/coco_results.json               with --coco-results: [{"image_id", "caption"}], ids from
@@ -129,13 +131,14 @@ def _count(pcoll, label):
 def build(p: beam.Pipeline, opts: dict) -> None:
     """Add the captioning transforms to `p`.
 
-    opts: pattern or images_list (+ list_dir), model, beam_size, max_length, batch_size,
-    model_copies, output, num_shards (0: the runner decides), coco_results, static (summary fields).
+    opts: pattern or images_list (+ list_dir), model, beam_size, max_length, controls
+    (decoding's, as client.decoding_controls gives them), batch_size, model_copies, output,
+    num_shards (0: the runner decides), coco_results, static (summary fields).
     """
     out = opts["output"]
     paths = _paths(p, opts) | "Reshuffle" >> beam.Reshuffle()  # spread the reads and the model calls
     handler = caption.CaptionHandler(opts["model"], opts["beam_size"], opts["max_length"], opts["batch_size"],
-                                     opts["model_copies"])
+                                     opts["model_copies"], opts["controls"])
     done = paths | "Caption" >> caption.CaptionImages(handler)
     rows, rejects = done["captioned"], done["rejected"]
     caption_files = (rows | "RowsToJson" >> beam.Map(lambda r: json.dumps(r, ensure_ascii=False))
@@ -183,12 +186,17 @@ def parse_args(argv):
     ap.add_argument("--coco-results", action="store_true",
                     help="also write coco_results.json (image ids from COCO file names)")
     ap.add_argument("--overwrite", action="store_true", help="replace the results already in --output")
+    client.add_decoding_flags(ap)
     args, beam_args = ap.parse_known_args(argv)
     for flag, value, low in (("--beam-size", args.beam_size, 1), ("--batch-size", args.batch_size, 1),
                              ("--max-length", args.max_length, 0), ("--model-copies", args.model_copies, 0),
                              ("--num-shards", args.num_shards, 0)):
         if value < low:
             raise UsageError(f"{flag} must be at least {low}, got {value}")
+    try:
+        args.controls = client.decoding_controls(args, args.beam_size)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     return args, beam_args
 
 
@@ -245,9 +253,9 @@ def prepare(args) -> dict:
     max_length = args.max_length or int(info.get("default_max_length", 20))
     static = {"command": " ".join(["python -m pipelines.caption_images"] + list(args.argv)),
               "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-              "model": model, "beam_size": args.beam_size, "max_length": max_length,
+              "model": model, "beam_size": args.beam_size, "max_length": max_length, "decoding": args.controls,
               "images": opts["pattern"] or opts["images_list"]}
-    return dict(opts, model=model, output=out, beam_size=args.beam_size, max_length=max_length,
+    return dict(opts, model=model, output=out, beam_size=args.beam_size, max_length=max_length, controls=args.controls,
                 batch_size=args.batch_size, model_copies=args.model_copies or None, num_shards=args.num_shards,
                 coco_results=args.coco_results, static=static)
 

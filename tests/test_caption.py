@@ -19,7 +19,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from caption_serving import caption
+from caption_serving import caption, client
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -63,8 +63,7 @@ def direct(loaded, default_max_length):
     """What the SavedModel itself says for these image bytes."""
     def run(blobs, beam_size=3, max_length=None):
         out = loaded.signatures["caption_images"](
-            images=tf.constant(blobs), beam_size=tf.constant(beam_size),
-            max_length=tf.constant(max_length or default_max_length))
+            images=tf.constant(blobs), **client.option_inputs(beam_size, max_length or default_max_length))
         return {k: v.numpy() for k, v in out.items()}
     return run
 
@@ -115,6 +114,26 @@ def test_one_input_prints_just_its_caption(export_dir, val_images, direct, capsy
     assert caption.main([val_images[0], "--model", export_dir, "--beam-size", "1", "--max-length", "12"]) == 0
     want = direct([read(val_images[0])], beam_size=1, max_length=12)["captions"][0].decode()
     assert capsys.readouterr().out == want + "\n"
+
+
+def test_num_captions_prints_the_n_best_and_json_lists_them(export_dir, val_images, loaded, default_max_length,
+                                                            capsys):
+    path = val_images[0]
+    assert caption.main([path, "--model", export_dir, "--num-captions", "3", "--no-repeat-ngram", "2"]) == 0
+    lines = [line.split("\t") for line in capsys.readouterr().out.splitlines()]
+    want = client.caption_batch(loaded, [read(path)], 3, default_max_length, num_captions=3,
+                                no_repeat_ngram=2)[0]["nbest"]
+    assert [c for c, _ in lines] == [n["caption"] for n in want] and len(lines) == 3
+    assert len({c for c, _ in lines}) == 3
+    assert [float(s) for _, s in lines] == pytest.approx([n["score"] for n in want], abs=1e-3)
+    assert caption.main([path, "--model", export_dir, "--num-captions", "2", "--json"]) == 0
+    row = json.loads(capsys.readouterr().out)
+    assert [c["caption"] for c in row["captions"]][0] == row["caption"] and len(row["captions"]) == 2
+    # More captions than the beam holds: one line naming the flag, exit 2.
+    with pytest.raises(SystemExit) as e:
+        caption.main([path, "--model", export_dir, "--num-captions", "4"])
+    assert e.value.code == 2
+    assert "--num-captions must be between 1 and --beam-size (3), got 4" in capsys.readouterr().err
 
 
 def test_json_has_one_attention_row_per_word(export_dir, val_images, direct, capsys):

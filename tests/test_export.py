@@ -13,6 +13,7 @@ import pytest
 import tensorflow as tf
 
 from caption_io import images, metadata, records, vocab
+from caption_serving import client
 from model import Captioner, CaptionerConfig, decoding, inception
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -25,11 +26,62 @@ sys.modules.update({m: None for m in ("pipelines", "model", "trainer", "tensorfl
 import tensorflow as tf
 m = tf.saved_model.load(sys.argv[1])
 paths = sys.argv[2:]
+# The option signature takes every decoding option (caption_io/savedmodel.py), spelt out here.
 out = m.signatures["caption_images"](images=tf.constant([open(p, "rb").read() for p in paths]),
-                                     beam_size=tf.constant(1), max_length=tf.constant(20))
+                                     beam_size=tf.constant(1), max_length=tf.constant(20),
+                                     num_captions=tf.constant(1), no_repeat_ngram=tf.constant(0),
+                                     min_length=tf.constant(0), length_alpha=tf.constant(0.7))
 print(json.dumps({"captions": [c.decode() for c in out["captions"].numpy()],
                   "tokens": out["tokens"].numpy().tolist(), "signatures": sorted(m.signatures)}))
 """
+
+# The decoding controls through the option signature, in the same kind of fresh interpreter.
+_ISOLATED_CONTROLS = r"""
+import json, sys
+sys.modules.update({m: None for m in ("pipelines", "model", "trainer", "caption_io", "caption_serving",
+                                      "tensorflow_text")})
+import tensorflow as tf
+m = tf.saved_model.load(sys.argv[1])
+images = tf.constant([open(p, "rb").read() for p in sys.argv[2:]])
+def run(**opts):
+    base = dict(beam_size=3, max_length=20, num_captions=1, no_repeat_ngram=0, min_length=0, length_alpha=0.7)
+    base.update(opts)
+    out = m.signatures["caption_images"](images=images, **{k: tf.constant(v) for k, v in base.items()})
+    return {k: v.numpy().tolist() for k, v in out.items() if k in ("nbest_tokens", "nbest_scores", "nbest_lengths",
+                                                                   "tokens", "lengths", "scores")}
+print(json.dumps({"plain": run(), "nbest": run(num_captions=3), "no_repeat": run(no_repeat_ngram=1),
+                  "min_length": run(min_length=8), "greedy_nbest": run(beam_size=1)}))
+"""
+
+
+def test_the_decoding_controls_work_in_an_isolated_load(trained_job, scene_dir):
+    paths = _val_images(scene_dir, 3)
+    proc = subprocess.run([sys.executable, "-c", _ISOLATED_CONTROLS, os.path.join(trained_job, "export"), *paths],
+                          capture_output=True, text=True, timeout=300, cwd="/")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    end = vocab.SPECIALS.index("<end>")
+    for i in range(len(paths)):
+        # n-best: three captions, best first, distinct, the first the plain beam's caption.
+        lengths, scores = got["nbest"]["nbest_lengths"][i], got["nbest"]["nbest_scores"][i]
+        seqs = [tuple(t[:n]) for t, n in zip(got["nbest"]["nbest_tokens"][i], lengths) if n > 0]
+        assert len(seqs) == 3 and len(set(seqs)) == 3
+        assert seqs[0] == tuple(got["plain"]["tokens"][i][:got["plain"]["lengths"][i]])
+        assert got["nbest"]["scores"][i] == pytest.approx(got["plain"]["scores"][i], abs=1e-5)
+        assert scores[0] >= scores[1] - 1e-4 or lengths[0] != lengths[1]  # sorted by the normalised score
+        # no_repeat_ngram 1: no token twice in a caption.
+        words = got["no_repeat"]["tokens"][i][:got["no_repeat"]["lengths"][i]]
+        assert len(words) == len(set(words)), words
+        # min_length 8: <end> not among the first 8 tokens.
+        assert end not in got["min_length"]["tokens"][i][:8]
+        # Greedy answers one caption in its n-best.
+        assert sum(n > 0 for n in got["greedy_nbest"]["nbest_lengths"][i]) == 1
+
+
+def test_client_defaults_are_decodings():
+    # The client's defaults for the controls leave decoding as it was: alpha is decoding's own.
+    assert client.CONTROL_DEFAULTS["length_alpha"] == decoding.DEFAULT_ALPHA
+    assert client.CONTROL_DEFAULTS["num_captions"] == 1 and client.CONTROL_DEFAULTS["no_repeat_ngram"] == 0
 
 
 def _val_images(scene_dir, n=4):
@@ -92,11 +144,10 @@ def test_features_signature_matches_images_signature(loaded, trained_job, scene_
     job = json.load(open(os.path.join(trained_job, "job.json")))
     recs = records.read_records(metadata.shard_files(job["data"], "val"))[:3]
     feats = tf.constant(np.stack([r["features"] for r in recs]).astype(np.float32))
-    by_features = loaded.signatures["caption_features"](features=feats, beam_size=tf.constant(3),
-                                                        max_length=tf.constant(20))
+    by_features = loaded.signatures["caption_features"](features=feats, **client.option_inputs(3, 20))
     paths = [os.path.join(scene_dir, "val2014", r["file_name"]) for r in recs]
     by_images = loaded.signatures["caption_images"](images=tf.constant([open(p, "rb").read() for p in paths]),
-                                                    beam_size=tf.constant(3), max_length=tf.constant(20))
+                                                    **client.option_inputs(3, 20))
     # The stored features are float16 and PIL decodes the JPEG where serving uses TF: the
     # captions agree; scores within the float16 rounding of the features.
     assert by_features["captions"].numpy().tolist() == by_images["captions"].numpy().tolist()
@@ -106,7 +157,7 @@ def test_features_signature_matches_images_signature(loaded, trained_job, scene_
 def test_beam_one_is_greedy_and_attention_rows_sum_to_one(loaded, trained_job, scene_dir):
     paths = _val_images(scene_dir, 3)
     blobs = tf.constant([open(p, "rb").read() for p in paths])
-    one = loaded.signatures["caption_images"](images=blobs, beam_size=tf.constant(1), max_length=tf.constant(20))
+    one = loaded.signatures["caption_images"](images=blobs, **client.option_inputs(1, 20))
     _, greedy = _in_process_greedy(trained_job, paths)
     np.testing.assert_array_equal(one["tokens"].numpy(), greedy.tokens.numpy())
     np.testing.assert_allclose(one["scores"].numpy(), greedy.scores.numpy(), rtol=1e-4, atol=1e-4)

@@ -11,7 +11,7 @@ import pytest
 import tensorflow as tf
 
 from caption_io import metadata, records
-from caption_serving import export
+from caption_serving import client, export
 from pipelines import preprocess, synthetic
 from trainer import loop, task
 
@@ -36,7 +36,7 @@ def test_captioner_learns_the_scene_set(tmp_path_factory):
     loaded = tf.saved_model.load(export.export(job))
     recs = records.read_records(metadata.shard_files(data_dir, "val"))
     feats = tf.constant(np.stack([r["features"] for r in recs]).astype(np.float32))
-    out = loaded.signatures["caption_features"](features=feats, beam_size=tf.constant(1), max_length=tf.constant(30))
+    out = loaded.signatures["caption_features"](features=feats, **client.option_inputs(1, 30))
     objects = synthetic.scene_objects(os.path.join(coco, "annotations", "instances_val2014.json"))
     first_right, exact = [], collections.defaultdict(list)
     for rec, caption in zip(recs, out["captions"].numpy()):

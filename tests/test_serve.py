@@ -20,6 +20,7 @@ import httpx
 import numpy as np
 import pytest
 
+from caption_io import savedmodel
 from caption_serving import client, rest, serve
 from tests.conftest import free_port
 
@@ -33,9 +34,20 @@ def b64(data: bytes) -> dict:
     return {"b64": base64.b64encode(data).decode("ascii")}
 
 
-def columnar(blobs, beam_size, max_length) -> dict:
+def _options_body(**change) -> bytes:
+    """A columnar caption_images body with no images and every option, changed as asked (None: left out)."""
+    inputs = dict({"images": [], "beam_size": 3, "max_length": 5}, **client.CONTROL_DEFAULTS)
+    inputs.update(change)
+    return json.dumps({"signature_name": "caption_images",
+                       "inputs": {k: v for k, v in inputs.items() if v is not None}}).encode()
+
+
+def columnar(blobs, beam_size, max_length, **controls) -> dict:
+    """The option signature's columnar body: TF Serving needs every input, so each control is sent
+    (decoding's defaults unless given)."""
     return {"signature_name": "caption_images",
-            "inputs": {"images": [b64(b) for b in blobs], "beam_size": beam_size, "max_length": max_length}}
+            "inputs": {"images": [b64(b) for b in blobs], "beam_size": beam_size, "max_length": max_length,
+                       **dict(client.CONTROL_DEFAULTS, **controls)}}
 
 
 # ----------------------------------------------------------------------------------- fixtures
@@ -155,7 +167,7 @@ def test_columnar_body_with_options_and_the_versioned_url(api, scene_images, dir
     r = api.post(PREDICT, json=columnar(blobs, 1, 12))
     assert r.status_code == 200, r.text
     out = r.json()["outputs"]
-    assert set(out) == {"captions", "tokens", "scores", "attention", "lengths"}
+    assert set(out) == set(savedmodel.OUTPUTS) | set(savedmodel.NBEST_OUTPUTS)
     assert len(out["captions"]) == 3 and np.asarray(out["attention"]).shape[2] == 64
     same_rows(rest.rows_of(r.json()), [direct(b, 1, 12) for b in blobs])
     # Tokens are cut to this request's longest caption (how batching cannot change an answer).
@@ -190,11 +202,10 @@ def test_a_bad_image_is_a_400_in_tf_servings_error_shape(api, scene_images):
     (b'{"signature_name": "nope", "instances": []}', 400, "nope"),
     (b'{"signature_name": "caption_images"}', 400, "exactly one of"),
     (b'{"instances": [], "inputs": []}', 400, "exactly one of"),
-    (b'{"signature_name": "caption_images", "inputs": {"images": [], "beam_size": 3}}', 400, "missing ['max_length']"),
-    (b'{"signature_name": "caption_images", "inputs": {"images": [], "beam_size": 0, "max_length": 5}}', 400,
-     "beam_size must be at least 1"),
-    (b'{"signature_name": "caption_images", "inputs": {"images": [], "beam_size": 2.5, "max_length": 5}}', 400,
-     "expected an integer"),
+    (_options_body(max_length=None), 400, "missing ['max_length']"),
+    (_options_body(beam_size=0), 400, "beam_size must be at least 1"),
+    (_options_body(num_captions=0), 400, "num_captions must be at least 1"),
+    (_options_body(beam_size=2.5), 400, "expected an integer"),
     (b'{"instances": [["a", "b"], "c"]}', 400, "ragged"),
     (b'{"instances": []}', 400, "no images in the request"),
 ])
@@ -249,23 +260,19 @@ def test_the_page_needs_nothing_from_elsewhere(api, served):
     config = json.loads(page.split('<script id="config" type="application/json">')[1].split("</script>")[0])
     assert config["predict"] == PREDICT and config["signature"] == "caption_images"
     assert config["beam_size"] == served.info["default_beam_size"]
-    assert config["num_captions"] is False  # this export decodes one caption an image
+    assert config["num_captions"] is True  # this export decodes the n best captions of the beam
+    # The controls the page does not offer go at decoding's defaults (TF Serving needs every input).
+    assert config["fixed"] == {k: v for k, v in client.CONTROL_DEFAULTS.items() if k != "num_captions"}
 
 
-def test_an_n_best_export_gets_the_number_of_captions_control(served, scene_images):
-    # An export whose caption_images takes num_captions (n-best decoding) is shown the control,
-    # and its num_captions is checked like the other settings.
-    n_best = copy.copy(served)
-    n_best.specs = {**served.specs, "caption_images": {**served.specs["caption_images"],
-                                                      serve.NUM_CAPTIONS: rest.Spec("int32", ())}}
-    assert n_best.page_config(serve.Limits())["num_captions"] is True
-    body = columnar(scene_images[0][:1], 3, 10)
-    body["inputs"]["num_captions"] = 2
-    fmt, signature, inputs = serve.parse_request(n_best, json.dumps(body).encode(), serve.Limits())
-    assert (fmt, signature, int(inputs["num_captions"])) == ("columnar", "caption_images", 2)
-    body["inputs"]["num_captions"] = 0
-    with pytest.raises(rest.RestError, match="num_captions must be at least 1"):
-        serve.parse_request(n_best, json.dumps(body).encode(), serve.Limits())
+def test_an_export_made_before_n_best_gets_no_number_of_captions_control(served, scene_images):
+    # An older export's caption_images takes beam_size and max_length only: the page shows the
+    # control disabled and sends none of the controls.
+    older = copy.copy(served)
+    older.specs = {**served.specs, "caption_images": {k: v for k, v in served.specs["caption_images"].items()
+                                                      if k not in client.CONTROL_DEFAULTS}}
+    config = older.page_config(serve.Limits())
+    assert config["num_captions"] is False and config["fixed"] == {}
 
 
 # ------------------------------------------------------------------------------ concurrency
@@ -442,7 +449,7 @@ def test_the_page_in_chromium_shows_where_the_model_looked(live, scene_images, t
         assert [w.text for w in words] == row["words"]
         assert f"log-prob {row['score']:.3f}" in browser.find_element(By.ID, "captions").text
         assert len(browser.find_elements(By.CSS_SELECTOR, "#strip canvas")) == len(row["words"])
-        assert browser.find_element(By.ID, "count").get_attribute("disabled")  # no num_captions input
+        assert not browser.find_element(By.ID, "count").get_attribute("disabled")  # an n-best export
 
         plain = browser.execute_script(CELLS_JS, grid, edge)
         ActionChains(browser).move_to_element(words[0]).perform()

@@ -46,7 +46,7 @@ class ReadImages(beam.DoFn):
 
 
 class CaptionHandler(base.ModelHandler):
-    """Image bytes -> {"caption", "score"} rows, through the export's caption_images signature.
+    """Image bytes -> {"caption", "score"[, "captions"]} rows, through the export's caption_images signature.
 
     model_copies=None keeps one model per worker process, shared by its threads (CPU
     workers: a process per core, each using its core); model_copies=N loads N per worker
@@ -54,13 +54,14 @@ class CaptionHandler(base.ModelHandler):
     """
 
     def __init__(self, model_dir: str, beam_size: int, max_length: int, batch_size: int,
-                 model_copies: int | None = None):
+                 model_copies: int | None = None, controls: dict | None = None):
         # Batches of exactly batch_size (a bundle's last may be smaller): Beam's adaptive
         # batching would start at one image a call and grow, which wastes a CPU model's first calls.
         super().__init__(min_batch_size=batch_size, max_batch_size=batch_size, model_copies=model_copies)
         self._model_dir = model_dir
         self._beam_size = beam_size
         self._max_length = max_length
+        self._controls = dict(controls or {})  # decoding's controls (client.caption_batch)
 
     def load_model(self):
         from caption_serving import client
@@ -79,16 +80,24 @@ class CaptionHandler(base.ModelHandler):
 
         blobs = list(batch)
         try:
-            rows = client.caption_batch(model, blobs, self._beam_size, self._max_length)
+            rows = client.caption_batch(model, blobs, self._beam_size, self._max_length, **self._controls)
         except tf.errors.InvalidArgumentError:
             rows = []
             for blob in blobs:
                 try:
-                    rows.extend(client.caption_batch(model, [blob], self._beam_size, self._max_length))
+                    rows.extend(client.caption_batch(model, [blob], self._beam_size, self._max_length,
+                                                     **self._controls))
                 except tf.errors.InvalidArgumentError as e:
                     rows.append({"error": f"the model cannot read it ({e.message.strip().splitlines()[0]})"})
-        return [base.PredictionResult(blob, {k: r[k] for k in ("caption", "score", "error") if k in r})
-                for blob, r in zip(blobs, rows)]
+        return [base.PredictionResult(blob, self._result(r)) for blob, r in zip(blobs, rows)]
+
+    def _result(self, row: dict) -> dict:
+        """What travels on from a client row: the caption and score, the n-best when more than
+        one caption was asked for (no attention: the JSON lines do not carry it), or the error."""
+        out = {k: row[k] for k in ("caption", "score", "error") if k in row}
+        if self._controls.get("num_captions", 1) > 1 and "nbest" in row:
+            out["captions"] = [{"caption": n["caption"], "score": round(n["score"], 6)} for n in row["nbest"]]
+        return out
 
     def get_num_bytes(self, batch) -> int:
         return sum(len(b) for b in batch)
@@ -117,7 +126,10 @@ class _Progress(beam.DoFn):
             self._last = now
             log.info("captioned %d images in this worker (%.1f images/s)", self._count,
                      self._count / (now - self._start))
-        yield {"image": path, "caption": result.inference["caption"], "score": round(result.inference["score"], 6)}
+        row = {"image": path, "caption": result.inference["caption"], "score": round(result.inference["score"], 6)}
+        if "captions" in result.inference:
+            row["captions"] = result.inference["captions"]
+        yield row
 
 
 class CaptionImages(beam.PTransform):
