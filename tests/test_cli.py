@@ -19,7 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMMANDS = ["pipelines.preprocess", "pipelines.caption_images", "pipelines.validate", "pipelines.synthetic",
             "pipelines.download",
             "trainer.task", "trainer.launch", "caption_serving.export", "caption_serving.caption",
-            "caption_serving.serve", "caption_eval.evaluate"]
+            "caption_serving.serve", "caption_serving.request", "caption_eval.evaluate"]
 # Words of the start-up lines TensorFlow writes on import and first op (CPU machines: the
 # first three at least; GPU machines: some of the others).
 START_UP_WORDS = ("absl::InitializeLog", "oneDNN custom operations", "cudart_stub.cc", "cpu_feature_guard",
@@ -257,6 +257,7 @@ def test_no_argv_means_the_process_is_the_command(monkeypatch, clean_logging):
     ("model.inception", "EncoderWeightsError", 2), ("model.fused_attention", "KernelError", 2),
     ("caption_serving.caption", "InputError", 1), ("caption_serving.caption", "ModelError", 2),
     ("caption_serving.export", "ExportError", 2), ("caption_serving.serve", "ServeError", 2),
+    ("caption_serving.request", "RequestError", 2),
     ("caption_eval.evaluate", "UsageError", 2), ("caption_eval.evaluators.coco_metrics", "ScoringError", 1),
     ("pipelines.preprocess", "UsageError", 2), ("pipelines.sources", "SourceError", 1),
     ("pipelines.caption_images", "UsageError", 2), ("pipelines.caption_images", "CountsError", 1),

@@ -122,3 +122,33 @@ def test_the_warmup_requests_are_predict_requests_serving_default_runs(trained_j
         assert r["kind"] == "predict_log" and r["signature"] == "serving_default"
         assert r["inputs"] == r["expected_inputs"] == ["images"]
         assert r["captioned"] == r["batch"]  # the sample photo went through decoding and the decoder
+
+
+def test_a_request_body_for_a_big_photo_fits_vertex_and_still_captions(trained_job, scene_dir, tmp_path):
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from caption_serving import request
+
+    rng = np.random.default_rng(0)
+    big = tmp_path / "phone.jpg"
+    Image.fromarray(rng.integers(0, 255, (1800, 2400, 3), dtype=np.uint8)).save(big, quality=95)
+    small = sorted(glob.glob(os.path.join(scene_dir, "val2014", "*.jpg")))[0]
+    blobs = [big.read_bytes(), open(small, "rb").read()]
+    assert 4 * len(blobs[0]) / 3 > request.VERTEX_MAX_REQUEST_BYTES  # as it is, it could not be sent
+    proc = subprocess.run([sys.executable, "-m", "caption_serving.request", str(big), small], cwd=ROOT,
+                          capture_output=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    body = proc.stdout
+    assert len(body) <= request.VERTEX_MAX_REQUEST_BYTES
+    sent = [base64.b64decode(i["b64"]) for i in json.loads(body)["instances"]]
+    assert sent[1] == blobs[1]  # small enough: byte for byte
+    assert max(Image.open(io.BytesIO(sent[0])).size) == request.MAX_SIDE
+    got = _isolated(REST, os.path.join(trained_job, "export"), stdin=body.decode())
+    assert all(p["captions"] for p in got["response"]["predictions"])
+    # A body that cannot fit says so.
+    tight = subprocess.run([sys.executable, "-m", "caption_serving.request", str(big), "--max-request-bytes", "1000"],
+                           cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert tight.returncode == 2 and tight.stderr.startswith("error: 1 images do not fit in 1000 bytes")
