@@ -1,0 +1,279 @@
+"""Self-critical sequence training (SCST, Rennie et al. 2017), the second stage of issue 17:
+after cross-entropy, the captioner is trained on the CIDEr-D of its own sampled captions.
+
+    scorer = cider_d.build_scorer(df_cache_path, lambda: cider_d.read_references(train_files))
+    scst = ScstSteps(steps, scorer, max_length=meta.max_tokens - 1, samples=5)
+    dist = strategy.distribute_datasets_from_function(
+        lambda ctx: image_dataset(train_files, ctx.get_per_replica_batch_size(B), seed=..., input_context=ctx))
+    scst.build(dist.element_spec)
+    for step, batch in enumerate(dist):
+        out = scst.train_step(batch, step_seed(run_seed, global_scst_step))
+
+One step, per replica, for b images:
+  1. K captions per image are drawn in the graph with model.decoding.sample (temperature 1,
+     up to max_length tokens, <end> included), the image's decoder state computed once and
+     shared by its K draws;
+  2. their rewards, CIDEr-D against every reference of the image with <end> counted
+     (caption_eval.cider_d), are computed on the host through tf.numpy_function;
+  3. the baseline of a sample is the mean reward of the image's other K - 1 samples
+     ("mean"), or the reward of the image's greedy caption ("greedy");
+  4. the loss is sum over samples of (reward - baseline) * -log p(sample), divided by the
+     GLOBAL number of sampled tokens (<end> included, every replica counted), the same
+     per-token scale as the cross-entropy step (trainer/steps.py): per-replica losses then
+     add up to the loss of the whole batch, so 1 and N replicas take the same step for the
+     same samples. log p(sample) comes from re-running the decoder with teacher forcing on
+     the samples (differentiable; the draw itself is not), with dropout off, so the gradient
+     is that of the policy that drew the samples (a test checks the two log-probabilities agree).
+
+Sampling is stateless: the draws depend only on the seed a step is given (and the replica),
+so a resumed run that passes the same (run seed, step) draws the same captions. Exact resume
+then needs the model, `ScstSteps.optimizer` (its own Adam, apart from the cross-entropy one)
+and the loop's counters in the checkpoint; dropout is off here, so no RNG state is involved.
+With N replicas the images of a step are drawn with other random numbers than on one device
+(each replica folds its id into the seed), so 1 and N replicas agree in expectation and in the
+loss's scale, not sample for sample.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import tensorflow as tf
+
+from caption_eval import cider_d
+from caption_io import records
+from caption_io.vocab import START_ID
+from model import decoding, losses
+from trainer.steps import CaptionSteps, StepAdam
+
+BASELINES = ("mean", "greedy")
+
+
+# ------------------------------------------------------------------------------------ input
+def image_dataset(files: list[str], batch_size: int, *, feature_shape=records.FEATURE_SHAPE, shuffle: bool = True,
+                  seed: int = 0, shuffle_buffer: int = 256, input_context: tf.distribute.InputContext | None = None,
+                  read_batch: int = 32, prefetch: int = 2) -> tf.data.Dataset:
+    """Batches of whole images for SCST, each image once an epoch (the cross-entropy data is one
+    row per caption, but a reward needs all of an image's references at once):
+    (features [B, 64, 2048] float16, references [B, C, L] int32, reference_counts [B] int32).
+
+    references holds every caption of an image as stored (<start> ... <end>), zero-padded to the
+    batch's most captions C and longest caption L; reference_counts says how many rows of an
+    image are real (a zero row would otherwise count as an empty reference and lower its CIDEr-D).
+    Dense rather than ragged, so the batches go through tf.distribute and tf.numpy_function as
+    they are. Deterministic for a seed: file order and shuffle are seeded, so an epoch can be
+    resumed by skipping the batches already trained on.
+    """
+    files = list(files)
+    pipelines = input_context.num_input_pipelines if input_context else 1
+    ds = tf.data.Dataset.from_tensor_slices(files)
+    by_file = pipelines > 1 and len(files) >= pipelines
+    if by_file:  # each input pipeline reads its own files when there are enough of them
+        ds = ds.shard(pipelines, input_context.input_pipeline_id)
+    if shuffle:
+        ds = ds.shuffle(len(files), seed=seed)
+    cycle = min(len(files), 8)
+    ds = ds.interleave(tf.data.TFRecordDataset, cycle_length=cycle, num_parallel_calls=cycle, deterministic=True)
+    if pipelines > 1 and not by_file:  # else its own records
+        ds = ds.shard(pipelines, input_context.input_pipeline_id)
+
+    def per_image(serialized):
+        parsed = records.parse_examples(serialized, feature_shape)
+        captions = parsed["captions"]
+        return tf.data.Dataset.from_tensor_slices(
+            (parsed["features"], captions.to_tensor(), tf.cast(captions.row_lengths(), tf.int32)))
+
+    ds = ds.batch(read_batch).flat_map(per_image)
+    if shuffle:
+        ds = ds.shuffle(shuffle_buffer, seed=seed)
+    ds = ds.padded_batch(batch_size, padded_shapes=([*feature_shape], [None, None], []))
+    # Autotuning off, as in trainer/data.py (its autotuner delayed the end of every epoch).
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    return ds.prefetch(prefetch).with_options(options)
+
+
+def reference_sets(references: np.ndarray, counts: np.ndarray) -> list[np.ndarray]:
+    """The dense references of a batch back as one [captions, L] array per image (real rows only),
+    the reference sets cider_d scores against (trailing zeros are not words, so they stay)."""
+    return [references[i, :int(n)] for i, n in enumerate(counts)]
+
+
+def step_seed(run_seed: int, step: int) -> tf.Tensor:
+    """The sampling seed of one SCST step: a function of the run's seed and the global step only,
+    so a resumed run draws the same captions at the same step."""
+    return tf.constant([run_seed, step], tf.int64)
+
+
+# ------------------------------------------------------------------------------------- step
+class _SharedImageState:
+    """The model as model.decoding sees it, for K draws per image: the decoder state of each image
+    is computed once (encoder, attention keys, h_0) and repeated K times, where sampling from
+    K-fold repeated features would run the encoder B*K times. decoding reads its features' shape
+    (rows, positions) and hands them to init_state, so it is given a zero-width [B*K, P, 0]."""
+
+    def __init__(self, model, state):
+        self.model, self.state, self.config = model, state, model.config
+
+    def init_state(self, features):
+        del features  # only its shape mattered, to decoding
+        return self.state
+
+    def step(self, state, prev_tokens):
+        return self.model.step(state, prev_tokens)
+
+
+def _repeat_state(state, k: int):
+    """Each image's decoder state K times, image-major (rows i*K .. i*K + K-1 are image i)."""
+    return tf.nest.map_structure(lambda x: tf.repeat(x, k, axis=0), state)
+
+
+class ScstSteps:
+    """The compiled SCST train step over a CaptionSteps' model and strategy.
+
+    samples: K captions drawn per image (>= 2 for the "mean" baseline). max_length: the most
+    tokens a draw may have, <end> included (the cross-entropy data's longest caption less its
+    <start>: metadata max_tokens - 1). baseline: "mean" (leave-one-out over the other K - 1) or
+    "greedy" (the greedy caption's reward, one more decode a step). learning_rate: of this stage's
+    own Adam (SCST wants a far smaller rate than cross-entropy). clip_norm: the global gradient
+    norm clip, the cross-entropy step's when None."""
+
+    def __init__(self, steps: CaptionSteps, scorer: cider_d.CiderD, *, max_length: int, samples: int = 5,
+                 baseline: str = "mean", learning_rate=5e-5, clip_norm: float | None = None,
+                 temperature: float = 1.0):
+        if baseline not in BASELINES:
+            raise ValueError(f"baseline must be one of {BASELINES}, got {baseline!r}")
+        if samples < (2 if baseline == "mean" else 1):
+            raise ValueError(f"samples must be >= 2 for the leave-one-out baseline, got {samples}")
+        if max_length < 1:
+            raise ValueError(f"max_length must be >= 1, got {max_length}")
+        self.model, self.strategy, self.scorer = steps.model, steps.strategy, scorer
+        self.fused_attention = steps.fused_attention
+        self.samples, self.max_length, self.baseline = samples, max_length, baseline
+        self.temperature = temperature
+        self.clip_norm = steps.clip_norm if clip_norm is None else clip_norm
+        with self.strategy.scope():
+            self.optimizer = StepAdam(learning_rate=learning_rate, name="scst_adam")
+            self.optimizer.build(self.model.trainable_variables)
+        self.train_step = None
+        self._greedy = tf.function(self._greedy_tokens, reduce_retracing=True)
+
+    # -------------------------------------------------------------- the pieces of a step
+    def draw(self, features, seed):
+        """K sampled captions per image: (tokens [b*K, T] int32, image-major, <pad> after <end>;
+        lengths [b*K] int32, <end> included; the sampler's log-probabilities [b*K])."""
+        state = _repeat_state(self.model.init_state(features), self.samples)
+        rows = tf.shape(features)[0] * self.samples
+        shape_only = tf.zeros([rows, features.shape[1], 0], features.dtype)
+        out = decoding.sample(_SharedImageState(self.model, state), shape_only, self.max_length,
+                              temperature=self.temperature, seed=seed)
+        return out.tokens, out.lengths, out.scores
+
+    def sequence_nll(self, features, tokens):
+        """-log p(caption | image) of each sampled caption ([b*K], <end> included, nothing after
+        it), from teacher forcing: the differentiable path to the weights that sampling is not.
+        Packed by length (trainer/steps.py's fast path), so a short draw costs only its steps."""
+        state = _repeat_state(self.model.init_state(features), self.samples)
+        rows = tf.shape(tokens)[0]
+        inputs = tf.concat([tf.fill([rows, 1], START_ID), tokens[:, :-1]], 1)
+        packed = self.model.decoder.packed_teacher_forced(state, inputs, tokens, training=False,
+                                                          fused=self.fused_attention)
+        token_nll = losses.sparse_xent(self.model.decoder.logits(packed.outputs), packed.targets)
+        return tf.math.unsorted_segment_sum(token_nll, packed.caption, rows)
+
+    def rewards(self, tokens, lengths, references, counts, greedy_tokens=None, greedy_lengths=None):
+        """(rewards [b, K], baselines [b, K] float32, host seconds spent scoring) on the host: CIDEr-D
+        of every draw against its image's references, and the baseline of each (module docstring)."""
+        greedy = greedy_tokens is not None
+        if not greedy:
+            greedy_tokens = tf.zeros([0, 0], tf.int32)
+            greedy_lengths = tf.zeros([0], tf.int32)
+        rewards, baselines, seconds = tf.numpy_function(
+            self._score, [tokens, lengths, references, counts, greedy_tokens, greedy_lengths],
+            [tf.float32, tf.float32, tf.float32], stateful=False)
+        images = tf.shape(counts)[0]
+        return (tf.reshape(rewards, [images, self.samples]), tf.reshape(baselines, [images, self.samples]),
+                tf.reshape(seconds, []))
+
+    def _score(self, tokens, lengths, references, counts, greedy_tokens, greedy_lengths):
+        """The numpy side of `rewards`: references prepared once for the batch, then the draws (and the
+        greedy captions) scored against them; the time taken is returned, for the reward's share."""
+        start = time.perf_counter()
+        b, k = counts.shape[0], self.samples
+        if b == 0:  # a replica's share of a short last batch can be empty
+            empty = np.zeros([0, k], np.float32)
+            return empty, empty, np.float32(time.perf_counter() - start)
+        prepared = self.scorer.references(reference_sets(references, counts))
+        rewards = self.scorer.score_samples(tokens.reshape(b, k, -1), prepared, lengths=lengths.reshape(b, k))
+        if greedy_tokens.shape[0]:
+            baselines = np.repeat(self.scorer.score(greedy_tokens, prepared, lengths=greedy_lengths)[:, None], k, 1)
+        else:
+            baselines = cider_d.leave_one_out_baseline(rewards)
+        return (rewards.astype(np.float32), baselines.astype(np.float32),
+                np.float32(time.perf_counter() - start))
+
+    def surrogate_loss(self, features, tokens, advantages, global_tokens):
+        """The SCST loss of one replica's draws: sum(advantage * -log p(draw)) / global_tokens,
+        advantages [b*K] held constant. Summed over replicas it is the whole batch's loss."""
+        nll = self.sequence_nll(features, tokens)
+        return tf.reduce_sum(tf.stop_gradient(advantages) * nll) / tf.maximum(tf.cast(global_tokens, tf.float32), 1.0)
+
+    def _greedy_tokens(self, features):
+        out = decoding.greedy(self.model, features, self.max_length)
+        return out.tokens, out.lengths
+
+    # -------------------------------------------------------------- the compiled step
+    def _replica_train(self, features, references, counts, seed):
+        ctx = tf.distribute.get_replica_context()
+        seed = tf.random.experimental.stateless_fold_in(seed, ctx.replica_id_in_sync_group)
+        tokens, lengths, _ = self.draw(features, seed)
+        greedy = self._greedy_tokens(features) if self.baseline == "greedy" else (None, None)
+        rewards, baselines, seconds = self.rewards(tokens, lengths, references, counts, *greedy)
+        advantages = tf.reshape(rewards - baselines, [-1])
+        local_tokens = tf.reduce_sum(tf.cast(lengths, tf.int64))
+        # Divided by the GLOBAL token count, so the replicas' losses and gradients add up to the
+        # whole batch's (trainer/steps.py does the same for cross-entropy).
+        global_tokens = ctx.all_reduce(tf.distribute.ReduceOp.SUM, local_tokens)
+        variables = self.model.trainable_variables
+        with tf.GradientTape() as tape:
+            loss = self.surrogate_loss(features, tokens, advantages, global_tokens)
+        grads = [tf.convert_to_tensor(g) for g in tape.gradient(loss, variables)]
+        grads = ctx.all_reduce(tf.distribute.ReduceOp.SUM, grads)
+        grads, norm = tf.clip_by_global_norm(grads, self.clip_norm)
+        self.optimizer.apply_gradients(zip(grads, variables))
+        return (loss, tf.reduce_sum(tf.cast(rewards, tf.float64)), tf.reduce_sum(tf.cast(baselines, tf.float64)),
+                tf.cast(tf.size(lengths), tf.int64), local_tokens, tf.cast(seconds, tf.float64), norm)
+
+    def build(self, element_spec) -> None:
+        """Compile the step for batches shaped like `element_spec` (image_dataset's, or a distributed
+        one's). train_step(batch, seed [2] int64) -> {loss, reward, baseline, length (mean tokens of
+        a draw, <end> included), samples, tokens (global), reward_seconds (host time scoring, summed
+        over replicas), grad_norm}."""
+        strategy = self.strategy
+
+        def total(v):
+            return strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None)
+
+        @tf.function(input_signature=[element_spec, tf.TensorSpec([2], tf.int64)])
+        def train_step(batch, seed):
+            out = strategy.run(self._replica_train, args=(*batch, seed))
+            loss, reward, baseline, samples, tokens, seconds = [total(v) for v in out[:6]]
+            n = tf.maximum(tf.cast(samples, tf.float64), 1.0)
+            return {"loss": loss, "reward": reward / n, "baseline": baseline / n,
+                    "length": tf.cast(tokens, tf.float64) / n, "samples": samples, "tokens": tokens,
+                    "reward_seconds": seconds,
+                    "grad_norm": strategy.reduce(tf.distribute.ReduceOp.MEAN, out[6], axis=None)}
+
+        self.train_step = train_step
+
+    # -------------------------------------------------------------- validation
+    def greedy_cider(self, dataset, scorer: cider_d.CiderD) -> float:
+        """Mean CIDEr-D of the greedy caption of every image of an image_dataset (not distributed):
+        the figure SCST should raise (TensorBoard's val scalar). Score it with count_end=False to
+        match the evaluation's CIDEr."""
+        scores = []
+        for features, references, counts in dataset:
+            tokens, lengths = self._greedy(features)
+            refs = reference_sets(references.numpy(), counts.numpy())
+            scores.append(scorer.score(tokens.numpy(), refs, lengths=lengths.numpy()))
+        return float(np.mean(np.concatenate(scores))) if scores else float("nan")
