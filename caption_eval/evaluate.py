@@ -62,17 +62,47 @@ def default_instances(meta: metadata.Metadata, split: str) -> list[str]:
     return []
 
 
+def split_boxes(meta: metadata.Metadata, split: str, instances: str | None = None) -> tuple[str | None, dict | None]:
+    """(where the split's object boxes were read, the boxes as attention.load_instances gives
+    them): from `instances` (--instances, which must exist), else from the source's COCO
+    layout; (None, None) where there are none."""
+    from caption_eval.evaluators import attention
+
+    if instances:
+        if not fileio.exists(instances):
+            raise UsageError(f"--instances {instances}: no such file")
+        path = instances
+    else:
+        path = next((p for p in default_instances(meta, split) if fileio.exists(p)), None)
+    return path, attention.load_instances(path) if path else None
+
+
+def object_evaluators(boxes: dict | None) -> dict:
+    """The evaluators that read object boxes, under their metrics.json keys; None where the
+    boxes cannot support one (no boxes; exact objects needs the scene set's colours)."""
+    from caption_eval.evaluators import attention, exact_objects
+
+    return {"attention_correctness": attention.AttentionCorrectness(boxes) if boxes else None,
+            "exact_objects": exact_objects.ExactObjects(boxes) if boxes and exact_objects.has_colours(boxes)
+            else None}
+
+
 # ------------------------------------------------------------------------- the evaluation run
-def caption_split(model, files: list[str], beam_size: int, max_length: int, batch_size: int = 32):
-    """Per image of the shards, in order: {"image_id", "file_name", "references",
-    "caption", "words", "attention" [len(words), 64]}. Streams: a COCO-sized split
-    never holds more than one batch of feature maps."""
+def caption_split(model, files: list[str], beam_size: int, max_length: int, batch_size: int = 32,
+                  limit: int | None = None):
+    """Per image of the shards, in order (the first `limit` alone, when given): {"image_id",
+    "file_name", "references", "caption", "words", "attention" [len(words), 64]}. Streams: a
+    COCO-sized split never holds more than one batch of feature maps. `model` is a loaded
+    export, or anything with its caption_features signature (the trainer's in-training one)."""
     import tensorflow as tf
 
     from caption_io import records
     from caption_serving import client
 
-    ds = tf.data.TFRecordDataset(files).batch(batch_size).map(records.parse_examples)
+    ds = tf.data.TFRecordDataset(files)
+    if limit is not None:
+        ds = ds.take(limit)
+    ds = ds.batch(batch_size).map(records.parse_examples)
     for batch in ds:
         texts = batch["caption_text"].to_list()
         rows = client.caption_features(model, batch["features"], beam_size, max_length)
@@ -88,7 +118,7 @@ def evaluate(model_dir: str, data_dir: str | None = None, split: str = "val", be
              batch_size: int = 32) -> dict:
     """Run the whole evaluation, write its files, return metrics.json's content."""
     from caption_eval import gallery
-    from caption_eval.evaluators import attention, coco_metrics, exact_objects
+    from caption_eval.evaluators import coco_metrics
     from caption_io import jobdir, metadata
     from caption_io.savedmodel import CAPTION_FEATURES, EXPORT_INFO
     from caption_serving.client import load_model
@@ -108,18 +138,9 @@ def evaluate(model_dir: str, data_dir: str | None = None, split: str = "val", be
     parent = model_dir.rstrip("/").rsplit("/", 1)[0] if "/" in model_dir.rstrip("/") else "."
     output = output or fileio.join(parent, jobdir.eval_dir(split))
 
-    if instances:
-        if not fileio.exists(instances):
-            raise UsageError(f"--instances {instances}: no such file")
-        boxes_from = instances
-    else:
-        boxes_from = next((p for p in default_instances(meta, split) if fileio.exists(p)), None)
-    boxes = attention.load_instances(boxes_from) if boxes_from else None
+    boxes_from, boxes = split_boxes(meta, split, instances)
     coco = coco_metrics.CocoMetrics(spice=spice)
-    # Each summary nested under its key of metrics.json; None where the boxes cannot support it.
-    nested = {"attention_correctness": attention.AttentionCorrectness(boxes) if boxes else None,
-              "exact_objects": exact_objects.ExactObjects(boxes) if boxes and exact_objects.has_colours(boxes)
-              else None}
+    nested = object_evaluators(boxes)
     evaluators = [coco] + [e for e in nested.values() if e]
 
     shown = []
@@ -152,8 +173,8 @@ def evaluate(model_dir: str, data_dir: str | None = None, split: str = "val", be
     fileio.write_json(fileio.join(output, "results.json"), coco.results)
     if gallery_size > 0:
         dirs = [images_dir] if images_dir else default_image_dirs(meta, split)
-        sizes = {i: (im["width"], im["height"]) for i, im in boxes["images"].items()} if boxes else {}
-        metrics["gallery"] = gallery.write(fileio.join(output, "gallery"), shown, dirs, sizes, table(metrics))
+        metrics["gallery"] = gallery.write(fileio.join(output, "gallery"), shown, dirs, gallery.canvas_sizes(boxes),
+                                           table(metrics))
     fileio.write_json(fileio.join(output, "metrics.json"), metrics)
     return metrics
 

@@ -38,6 +38,27 @@ def _load(path: str | None) -> np.ndarray | None:
         return None
 
 
+def canvas_sizes(boxes: dict | None) -> dict:
+    """{image_id: (width, height)} from object boxes (attention.load_instances), for the blank
+    canvas of an image that cannot be found."""
+    return {i: (im["width"], im["height"]) for i, im in boxes["images"].items()} if boxes else {}
+
+
+def picture(item: dict, image_dirs: list[str], sizes: dict | None = None) -> tuple[np.ndarray, str | None]:
+    """The pixels to draw an item's attention on, and None; or, when its image cannot be
+    found or read (a data directory that travelled without its source images), a blank
+    canvas of the image's size from `sizes` ({image_id: (width, height)}) and a note saying
+    where it was looked for. The gallery and the trainer's TensorBoard samples draw on it."""
+    path = find_image(item["file_name"], image_dirs)
+    pixels = _load(path)
+    if pixels is not None:
+        return pixels, None
+    where = path or ", ".join(image_dirs) or "no image folder known (pass --images-dir)"
+    w, h = (int(round(v)) for v in (sizes or {}).get(item["image_id"], BLANK_SIZE))
+    return np.full((h, w, 3), 200, np.uint8), (f"image {item['file_name']} not found or unreadable "
+                                               f"(looked in: {where}); attention drawn on a blank canvas")
+
+
 def _jpeg(pixels: np.ndarray) -> bytes:
     from PIL import Image
 
@@ -58,25 +79,18 @@ def write(out_dir: str, items: list[dict], image_dirs: list[str], sizes: dict | 
     sizes: {image_id: (width, height)} for blank canvases. Returns index.html's path."""
     from caption_serving.plot import attention_png
 
-    sizes = sizes or {}
     found = 0
     parts = []
     for item in items:
         image_id = item["image_id"]
-        path = find_image(item["file_name"], image_dirs)
-        pixels = _load(path)
+        canvas, missing = picture(item, image_dirs, sizes)
         notes, figures = [], []
-        if pixels is not None:
+        if missing is None:
             found += 1
-            fileio.write_bytes(fileio.join(out_dir, f"{image_id}.jpg"), _jpeg(pixels))
+            fileio.write_bytes(fileio.join(out_dir, f"{image_id}.jpg"), _jpeg(canvas))
             figures.append(f'<img class="photo" src="{image_id}.jpg" alt="image {image_id}">')
-            canvas = pixels
         else:
-            where = path or ", ".join(image_dirs) or "no image folder known (pass --images-dir)"
-            notes.append(f"image {item['file_name']} not found or unreadable (looked in: {where}); "
-                         "attention drawn on a blank canvas")
-            w, h = (int(round(v)) for v in sizes.get(image_id, BLANK_SIZE))
-            canvas = np.full((h, w, 3), 200, np.uint8)
+            notes.append(missing)
         if item["words"]:
             png = attention_png(canvas, item["words"], item["attention"])
             fileio.write_bytes(fileio.join(out_dir, f"{image_id}-attention.png"), png)

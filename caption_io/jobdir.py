@@ -5,9 +5,11 @@
       job.json             the job's settings; "data" is the data directory, absolute when
                            written, and "data_relative" the same seen from JOB_DIR
       checkpoints/         the newest checkpoints (tf.train.CheckpointManager's "checkpoint" file)
-      checkpoints/best/    the checkpoint of the best validation loss so far
-      history.json  initial_val.json  metrics.json  loss.png
-      logs/train  logs/val TensorBoard
+      checkpoints/best/    the checkpoint of the best epoch so far on --early-stopping-metric
+                           (the val loss, or the val CIDEr)
+      history.json         one record an epoch: losses, the caption metrics, times
+      initial_val.json  metrics.json  loss.png
+      logs/train  logs/val TensorBoard (val: the epochs' losses, caption metrics, times, samples)
       final/               the last weights as .weights.h5, and their config.json
       export/              the SavedModel (caption_serving.export)
       eval-SPLIT/          its evaluation on SPLIT: results.json, metrics.json, gallery/

@@ -111,7 +111,8 @@ class CaptionModule(tf.Module):
 
 
 def _restore(captioner: Captioner, job_dir: str, which: str) -> str:
-    """Restore `which` (last: the newest intact checkpoint; best: the best validation loss's;
+    """Restore `which` (last: the newest intact checkpoint; best: the best epoch's on the job's
+    --early-stopping-metric, the validation loss or CIDEr;
     or a checkpoint's path) into `captioner`. -> the checkpoint's path."""
     def restore(path):
         tf.train.Checkpoint(model=captioner).restore(path).expect_partial().assert_existing_objects_matched()
@@ -159,7 +160,7 @@ def build_module(job_dir: str, data_dir: str | None = None, beam_size: int = 3,
         raise ExportError(f"{enc_path}: not the encoder that made the features (sha256 differs from metadata.json)")
     encoder = inception.load(enc_path)
     longest = meta.max_tokens
-    max_length = max_length or max(longest + 4, 20)  # generated tokens (<end> included)
+    max_length = max_length or savedmodel.default_max_length(longest)  # generated tokens (<end> included)
     info = {"checkpoint": fileio.absolute(ckpt), "encoder": meta.encoder.to_dict(), "config": config.to_dict(),
             "vocab_size": len(tokens), "default_beam_size": beam_size, "default_max_length": max_length,
             "signatures": list(savedmodel.SIGNATURES), "data": data_dir}
@@ -215,7 +216,8 @@ def main(argv=None) -> int:
     ap.add_argument("--output", help="default: JOB_DIR/export")
     ap.add_argument("--data", help="the data directory (default: the one the job trained on, from job.json)")
     ap.add_argument("--checkpoint", default="last", metavar="last|best|PATH",
-                    help="last: the newest intact checkpoint; best: the best validation loss's; or a checkpoint path")
+                    help="last: the newest intact checkpoint; best: the best epoch's (on the job's "
+                         "--early-stopping-metric); or a checkpoint path")
     ap.add_argument("--beam-size", type=int, default=3, help="serving_default's beam size")
     ap.add_argument("--max-length", type=int, default=0, help="serving_default's longest caption (0: from the data)")
     a = ap.parse_args(argv)

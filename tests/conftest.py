@@ -126,7 +126,8 @@ def trained_job(small_data, tmp_path_factory):
 
     job = str(tmp_path_factory.mktemp("job"))
     loop.train(task.parse_args(["--data", small_data, "--job-dir", job, "--units", "64", "--embedding-dim", "32",
-                                "--batch-size", "8", "--epochs", "6", "--learning-rate", "3e-3", "--no-progress"]))
+                                "--batch-size", "8", "--epochs", "6", "--learning-rate", "3e-3", "--no-progress",
+                                "--eval-images", "0"]))
     export.export(job)
     return job
 

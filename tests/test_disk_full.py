@@ -15,7 +15,8 @@ from caption_io import checkpoints, metadata
 from caption_serving import export
 from trainer import task
 
-TRAIN = ["--units", "64", "--embedding-dim", "32", "--batch-size", "8", "--no-progress", "--no-export"]
+TRAIN = ["--units", "64", "--embedding-dim", "32", "--batch-size", "8", "--no-progress", "--no-export",
+         "--eval-images", "0"]  # per-epoch caption metrics: tests/test_epoch_metrics.py
 
 
 def _train(data, job, epochs, capsys):

@@ -35,6 +35,20 @@ def test_identical_caption_scores_one():
     assert m["n_images"] == 2 and m["n_empty_captions"] == 0
 
 
+def test_a_kept_meteor_process_scores_again_and_again_and_survives_its_death():
+    results = [{"image_id": 11, "caption": "a red circle in the top left"},
+               {"image_id": 22, "caption": "a blue square and a red triangle"}]
+    with coco_metrics.Meteor() as meteor:
+        first = coco_metrics.score(results, REFS, meteor=meteor)
+        process = meteor._scorer.meteor_p
+        assert coco_metrics.score(results, REFS, meteor=meteor) == first  # the same process, scoring again
+        assert meteor._scorer.meteor_p is process
+        process.kill()  # killed for memory, say: a fresh one is started, once, and scores the same
+        assert coco_metrics.score(results, REFS, meteor=meteor) == first
+        assert meteor._scorer.meteor_p is not process
+    assert meteor._scorer is None  # the with-block ended it
+
+
 @pytest.mark.parametrize("results, words", [
     ([{"image_id": 11, "caption": "a red circle"}], ["missing", "22"]),
     ([{"image_id": 11, "caption": "a"}, {"image_id": 22, "caption": "b"}, {"image_id": 99, "caption": "c"}],

@@ -10,7 +10,8 @@ import pytest
 from caption_io import metadata
 from trainer import loop, task
 
-SMALL = ["--units", "64", "--embedding-dim", "32", "--batch-size", "8", "--no-progress"]
+# Per-epoch caption metrics off: tests/test_epoch_metrics.py has them (they cost seconds an epoch here).
+SMALL = ["--units", "64", "--embedding-dim", "32", "--batch-size", "8", "--no-progress", "--eval-images", "0"]
 PEAK = 0.01
 
 

@@ -1,10 +1,14 @@
 """What the training loop does besides stepping, one action each: summaries, the progress
-bar, periodic checkpoints, SIGTERM, --max-steps, early stopping.
+bar, periodic checkpoints, SIGTERM, --max-steps, early stopping, the per-epoch caption
+metrics and samples.
 
 The loop (trainer/loop.py) calls every action at the same points, in list order:
   start_epoch(trainer, epoch, skip)    before the epoch's first batch (`skip`: already trained)
   after_step(trainer, step, out)       after each train step; a string return stops training
   stop_epoch(trainer)                  when the epoch's batches end, whatever the reason
+  epoch_figures(trainer, epoch)        after the epoch's validation, before it is recorded and
+                                       saved: -> figures for its record (history.json), which
+                                       early stopping and checkpoints/best may follow
   end_epoch(trainer, record, val)      after the epoch was validated, recorded and saved;
                                        a string return stops training
   close()                              once, at the end (also on errors)
@@ -14,6 +18,7 @@ from __future__ import annotations
 
 import signal
 import sys
+import time
 
 import tensorflow as tf
 
@@ -34,6 +39,9 @@ class Action:
     def stop_epoch(self, trainer) -> None:
         pass
 
+    def epoch_figures(self, trainer, epoch: int) -> dict:
+        return {}
+
     def end_epoch(self, trainer, record: dict, val: dict | None) -> str | None:
         return None
 
@@ -41,30 +49,118 @@ class Action:
         pass
 
 
-class Summaries(Action):
-    """TensorBoard scalars: train every `every` steps, val every epoch, on the global step."""
+def _last_logged_step(run_dir: str) -> int:
+    """The highest step any summary in the run's event files has (-1: none). A file cut short
+    (the writer was killed) counts up to where it is whole."""
+    last = -1
+    for path in tf.io.gfile.glob(fileio.join(run_dir, "events.out.tfevents.*")):
+        try:
+            for record in tf.data.TFRecordDataset(path):  # an event file is TFRecords of Event protos
+                event = tf.compat.v1.Event.FromString(record.numpy())
+                if event.summary.value:
+                    last = max(last, event.step)
+        except tf.errors.DataLossError:
+            pass
+    return last
 
-    def __init__(self, logs_dir: str, every: int = 10):
-        self.every = every
-        self.writers = {k: tf.summary.create_file_writer(fileio.join(logs_dir, k)) for k in ("train", "val")}
+
+class EventLog:
+    """The job's TensorBoard runs (logs/train, logs/val), one writer each, written so that every
+    curve has one point a step however often the job was stopped and resumed.
+
+    A resumed job can go back to a checkpoint older than its logs: the newest one was damaged,
+    or SIGKILL came after the logs went past the last save. The steps it then trains again are
+    the same steps (exact resume), already logged: `writer` gives no writer for a step at or below
+    what the run's files held when the job started, so they are not logged twice.
+    """
+
+    RUNS = ("train", "val")
+
+    def __init__(self, logs_dir: str):
+        dirs = {run: fileio.join(logs_dir, run) for run in self.RUNS}
+        self.logged = {run: _last_logged_step(d) for run, d in dirs.items()}  # before the new files exist
+        self.writers = {run: tf.summary.create_file_writer(d) for run, d in dirs.items()}
+
+    def writer(self, run: str, step: int):
+        """The run's writer, or None when its files already hold `step`."""
+        return self.writers[run] if step > self.logged[run] else None
+
+    def flush(self) -> None:
+        for w in self.writers.values():
+            w.flush()
+
+
+# An epoch record's figures (history.json keys) and their TensorBoard tags in the val run.
+EPOCH_TAGS = {"val_loss": "loss", "val_xent": "xent", "val_reg": "reg",
+              "epoch_seconds": "time/epoch_seconds", "val_seconds": "time/val_loss_seconds",
+              "eval_seconds": "time/caption_metrics_seconds"}
+
+
+class Summaries(Action):
+    """TensorBoard scalars: train every `every` steps, and every epoch its record's figures (val
+    loss, caption metrics, times) on the global step. An epoch of `history` whose figures the logs
+    lack (the job stopped between its save and its summaries) is written when the job resumes."""
+
+    def __init__(self, log: EventLog, history: list[dict], every: int = 10):
+        from trainer import epoch_eval
+
+        self.log, self.every = log, every
+        self.tags = dict(EPOCH_TAGS, **{f"val_{k}": f"captions/{k}" for k in epoch_eval.CAPTION_FIGURES})
+        for record in history:
+            self._write_epoch(record)
 
     def after_step(self, trainer, step, out):
-        if step % self.every == 0:
-            with self.writers["train"].as_default(step=step):
+        if step % self.every == 0 and (writer := self.log.writer("train", step)):
+            with writer.as_default(step=step):
                 for k in ("loss", "xent", "reg", "grad_norm"):
                     tf.summary.scalar(k, out[k])
                 tf.summary.scalar("learning_rate", trainer.current_lr())
                 tf.summary.scalar("tokens_per_s", trainer.tokens_per_s)
 
     def end_epoch(self, trainer, record, val):
-        if val:
-            with self.writers["val"].as_default(step=record["step"]):
-                for k, v in val.items():
-                    tf.summary.scalar(k, v)
+        self._write_epoch(record)
+
+    def _write_epoch(self, record: dict) -> None:
+        writer = self.log.writer("val", record["step"])
+        if writer is None:
+            return
+        with writer.as_default(step=record["step"]):
+            for key, tag in self.tags.items():
+                if record.get(key) is not None:
+                    tf.summary.scalar(tag, record[key])
 
     def close(self):
-        for w in self.writers.values():
-            w.flush()
+        self.log.flush()
+
+
+class EpochCaptions(Action):
+    """The caption metrics of an epoch (trainer/epoch_eval.py) into its record, and on the chief
+    its samples into TensorBoard's val run: per sample image a picture with one attention panel
+    per word (tag samples/FILE_NAME: the same images every epoch, so the step slider shows them
+    change), and one text of generated beside reference captions."""
+
+    def __init__(self, evaluation, log: EventLog | None):
+        self.evaluation, self.log, self.samples = evaluation, log, []
+
+    def epoch_figures(self, trainer, epoch):
+        start = time.time()
+        found, self.samples = self.evaluation.run()
+        return dict(found, eval_seconds=time.time() - start)
+
+    def end_epoch(self, trainer, record, val):
+        from trainer import epoch_eval
+
+        writer = self.log.writer("val", record["step"]) if self.log and self.samples else None
+        if writer is None:
+            return
+        with writer.as_default(step=record["step"]):
+            for sample in self.samples:
+                if sample["png"] is not None:  # an empty caption has no attention to draw
+                    tf.summary.image(f"samples/{sample['file_name']}", tf.image.decode_png(sample["png"], 3)[None])
+            tf.summary.text("samples/captions", epoch_eval.samples_markdown(self.samples, record["epoch"]))
+
+    def close(self):
+        self.evaluation.close()
 
 
 class ProgressBar(Action):
@@ -139,12 +235,14 @@ class MaxSteps(Action):
 
 
 class EarlyStopping(Action):
-    """Stop after `patience` epochs without a better val loss (the count is in the checkpoint)."""
+    """Stop after `patience` epochs without a better --early-stopping-metric (the loop keeps the
+    count, and the best value, in the checkpoint, so a restarted job stops where it would have)."""
 
-    def __init__(self, patience: int):
+    def __init__(self, patience: int, metric: str = "loss"):
         self.patience = patience
+        self.what = "val improvement" if metric == "loss" else f"better val {metric}"
 
     def end_epoch(self, trainer, record, val):
         if val and int(trainer.bad_epochs) >= self.patience:
-            return f"early stopping: no val improvement in {self.patience} epochs"
+            return f"early stopping: no {self.what} in {self.patience} epochs"
         return None

@@ -20,6 +20,7 @@ import math
 import os
 import sys
 import time
+from typing import NamedTuple
 
 import keras
 import numpy as np
@@ -90,6 +91,34 @@ def _learning_rate(s: Settings, total_steps: int):
     raise TrainError(f"--lr-schedule {s.lr_schedule}: choose constant or cosine")
 
 
+class _Best(NamedTuple):
+    """A figure an epoch can be the best on: its name in messages, its history.json key, +1 when
+    lower is better (-1: higher), and the Trainer's checkpointed variable holding the best so far."""
+    label: str
+    key: str
+    sign: int
+    variable: str
+
+
+_BEST_BY = {"loss": _Best("loss", "val_loss", 1, "best_val"), "cider": _Best("CIDEr", "val_CIDEr", -1, "best_cider")}
+
+
+def _epoch_line(record: dict, epochs: int) -> str:
+    """The epoch's line on stderr: losses, CIDEr, speed, and where its time went."""
+    line = (f"epoch {record['epoch']}/{epochs}: train loss {record['train_loss']:.4f} "
+            f"(cross-entropy {record['train_xent']:.4f})")
+    if "val_loss" in record:
+        line += f", val loss {record['val_loss']:.4f} (cross-entropy {record['val_xent']:.4f})"
+    if "val_CIDEr" in record:
+        line += f", val CIDEr {record['val_CIDEr']:.3f} (BLEU-4 {record['val_BLEU-4']:.3f})"
+    line += f", {record['tokens_per_s']:,.0f} tokens/s; {record['epoch_seconds']:.1f} s training"
+    if "val_seconds" in record:
+        line += f", {record['val_seconds']:.1f} s val loss"
+    if "eval_seconds" in record:
+        line += f", {record['eval_seconds']:.1f} s caption metrics ({record['eval_images']} images)"
+    return line
+
+
 def _write_loss_plot(history: list[dict], path: str) -> None:
     """Loss per epoch, as the tutorial plots it, and the cross-entropy beside it
     (the attention regulariser gives the loss a floor of its own)."""
@@ -131,6 +160,9 @@ class Trainer:
         if s.validate and "val" in meta.splits and meta.splits["val"].images.written:
             self.val_files = metadata.shard_files(s.data, "val", meta)
             data.check_shards(self.val_files, self.feature_shape)
+        if not self.val_files and (s.early_stopping_metric != "loss" or s.export == "best"):
+            asked = "--early-stopping-metric cider" if s.early_stopping_metric != "loss" else "--export best"
+            raise TrainError(f"--data {s.data}: no val images, so no per-epoch validation for {asked} to follow")
         mean, std = metadata.load_feature_stats(s.data, meta)
         self.config = _resolve_config(s, len(self.vocab))
 
@@ -157,6 +189,9 @@ class Trainer:
         self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
         self.step_in_epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="step_in_epoch")
         self.best_val = tf.Variable(np.inf, dtype=tf.float64, trainable=False, name="best_val")
+        # The best per-epoch val CIDEr (a job from before it existed restores without it: -inf).
+        self.best_cider = tf.Variable(-np.inf, dtype=tf.float64, trainable=False, name="best_cider")
+        # Epochs since the best on --early-stopping-metric.
         self.bad_epochs = tf.Variable(0, dtype=tf.int64, trainable=False, name="bad_epochs")
         # The epoch's running loss, so a resumed epoch reports the same mean.
         self.epoch_loss_sum = tf.Variable(0.0, dtype=tf.float64, trainable=False, name="epoch_loss_sum")
@@ -167,7 +202,8 @@ class Trainer:
         rng = [v.value for v in self.model.non_trainable_variables if "seed_generator" in v.path]
         self.checkpoint = tf.train.Checkpoint(
             model=self.model, optimizer=self.optimizer, rng=rng, epoch=self.epoch,
-            step_in_epoch=self.step_in_epoch, best_val=self.best_val, bad_epochs=self.bad_epochs,
+            step_in_epoch=self.step_in_epoch, best_val=self.best_val, best_cider=self.best_cider,
+            bad_epochs=self.bad_epochs,
             epoch_loss_sum=self.epoch_loss_sum, epoch_xent_sum=self.epoch_xent_sum, epoch_tokens=self.epoch_tokens)
         self.checkpoint_dir = fileio.join(s.job_dir, jobdir.CHECKPOINTS)
         home = s.job_dir
@@ -175,8 +211,8 @@ class Trainer:
             home = fileio.join(s.job_dir, "tmp", f"worker-{self.strategy.cluster_resolver.task_id}")
         self.manager = tf.train.CheckpointManager(self.checkpoint, fileio.join(home, jobdir.CHECKPOINTS),
                                                   max_to_keep=s.keep_checkpoints)
-        # The best validation loss's checkpoint, apart: the newest ones rotate it out when
-        # a run later gets worse, and a run that goes bad must not take it with it.
+        # The best epoch's checkpoint (on --early-stopping-metric), apart: the newest ones rotate
+        # it out when a run later gets worse, and a run that goes bad must not take it with it.
         self.best_manager = tf.train.CheckpointManager(self.checkpoint, fileio.join(home, jobdir.BEST), max_to_keep=1)
 
     # ------------------------------------------------------------------ data
@@ -258,7 +294,7 @@ class Trainer:
             while reason is None and int(self.epoch) < self.s.epochs:
                 reason = self.train_epoch(actions)
                 if reason is None or int(self.step_in_epoch) >= self.steps_per_epoch:  # its batches are all trained
-                    record, val = self.end_epoch()
+                    record, val = self.end_epoch(actions)
                     for a in actions:
                         reason = a.end_epoch(self, record, val) or reason
                 elif reason:  # stopped mid-epoch (--max-steps): keep the position for a later run
@@ -279,7 +315,10 @@ class Trainer:
                               jobdir.record_data(dict(s.to_dict(), job_dir=fileio.absolute(s.job_dir)),
                                                  s.data, s.job_dir))
         history_path = fileio.join(s.job_dir, jobdir.HISTORY_FILE)
-        self.history = fileio.read_json(history_path) if restored and fileio.exists(history_path) else []
+        history = fileio.read_json(history_path) if restored and fileio.exists(history_path) else []
+        # Epochs past the restored checkpoint (written before a save that did not happen, or kept by
+        # a newer checkpoint that was damaged) are trained again: their records go, to come again.
+        self.history = [h for h in history if h["epoch"] <= int(self.epoch)]
         if restored:
             print(f"resuming from {restored}: epoch {int(self.epoch) + 1}, step {self.global_step()}",
                   file=sys.stderr)
@@ -296,9 +335,16 @@ class Trainer:
         return restored
 
     def _actions(self) -> list[actions_lib.Action]:
-        s, found = self.s, []
+        s, found, log = self.s, [], None
         if self.chief:
-            found.append(actions_lib.Summaries(fileio.join(s.job_dir, jobdir.LOGS)))
+            log = actions_lib.EventLog(fileio.join(s.job_dir, jobdir.LOGS))
+            found.append(actions_lib.Summaries(log, self.history))
+        if self.val_files and s.eval_images:
+            from trainer import epoch_eval
+
+            evaluation = epoch_eval.EpochEvaluation(self.model, self.meta, self.vocab, self.val_files, s.eval_images,
+                                                    s.samples if self.chief else 0)
+            found.append(actions_lib.EpochCaptions(evaluation, log))
         if sys.stderr.isatty() if s.progress is None else s.progress:
             found.append(actions_lib.ProgressBar(s.epochs, self.steps_per_epoch))
         if s.checkpoint_every:
@@ -307,7 +353,7 @@ class Trainer:
         if s.max_steps:
             found.append(actions_lib.MaxSteps(s.max_steps))
         if s.early_stopping:
-            found.append(actions_lib.EarlyStopping(s.early_stopping))
+            found.append(actions_lib.EarlyStopping(s.early_stopping, _BEST_BY[s.early_stopping_metric].label))
         return found
 
     def train_epoch(self, actions) -> str | None:
@@ -337,43 +383,59 @@ class Trainer:
                 reason = a.after_step(self, step, out) or reason
             if reason:
                 break
+        self._epoch_seconds = time.time() - self._epoch_start
         for a in actions:
             a.stop_epoch(self)
         return reason
 
-    def end_epoch(self) -> tuple[dict, dict | None]:
-        """Validate, record the epoch in history.json, move the position to the next epoch and
-        save it (and the best checkpoint when val improved). -> (the history record, val)."""
-        s, epoch, tokens = self.s, int(self.epoch), max(int(self.epoch_tokens), 1)
+    def end_epoch(self, actions=()) -> tuple[dict, dict | None]:
+        """Validate, add the actions' figures (the caption metrics), record the epoch in history.json,
+        move the position to the next epoch and save it (and checkpoints/best when the epoch is the
+        best so far on --early-stopping-metric). -> (the history record, val)."""
+        s, epoch, tokens, seconds = self.s, int(self.epoch), max(int(self.epoch_tokens), 1), self._epoch_seconds
         record = {"epoch": epoch + 1, "step": self.global_step(),
                   "train_loss": float(self.epoch_loss_sum) / tokens, "train_xent": float(self.epoch_xent_sum) / tokens,
-                  "tokens_per_s": self._epoch_tokens_this_run / max(time.time() - self._epoch_start, 1e-9)}
+                  "tokens_per_s": self._epoch_tokens_this_run / max(seconds, 1e-9), "epoch_seconds": seconds}
+        start = time.time()
         val = self.validate(epoch)
         if val:
-            record.update(val_loss=val["loss"], val_xent=val["xent"])
+            record.update(val_loss=val["loss"], val_xent=val["xent"], val_reg=val["reg"],
+                          val_seconds=time.time() - start)
+        for a in actions:
+            record.update(a.epoch_figures(self, epoch))
+        print(_epoch_line(record, s.epochs), file=sys.stderr)
+        improved = self._track_best(record)
         self.history.append(record)
-        line = (f"epoch {epoch + 1}/{s.epochs}: train loss {record['train_loss']:.4f} "
-                f"(cross-entropy {record['train_xent']:.4f})")
-        if val:
-            line += f", val loss {val['loss']:.4f} (cross-entropy {val['xent']:.4f})"
-        print(line + f", {record['tokens_per_s']:,.0f} tokens/s", file=sys.stderr)
+        # history.json before the checkpoint: a job stopped between the two has a record that its
+        # checkpoint lacks, which the restart drops and writes again; the other order would lose it.
+        if self.chief:
+            fileio.write_json(fileio.join(s.job_dir, jobdir.HISTORY_FILE), self.history)
         self.epoch.assign_add(1)
         self.step_in_epoch.assign(0)
         self.epoch_loss_sum.assign(0.0)
         self.epoch_xent_sum.assign(0.0)
         self.epoch_tokens.assign(0)
-        improved = bool(val) and val["loss"] < float(self.best_val)
-        if improved:
-            self.best_val.assign(val["loss"])
-            self.bad_epochs.assign(0)
-        elif val:
-            self.bad_epochs.assign_add(1)
         self.save(self.global_step())
         if improved:
             self.save(self.global_step(), best=True)
-        if self.chief:
-            fileio.write_json(fileio.join(s.job_dir, jobdir.HISTORY_FILE), self.history)
         return record, val
+
+    def _track_best(self, record: dict) -> bool:
+        """Keep the best val loss and val CIDEr so far (in the checkpoint) and count the epochs since
+        the best on --early-stopping-metric. -> whether this epoch is that best. An epoch without the
+        figure (validation off) counts neither way."""
+        better = {}
+        for metric, b in _BEST_BY.items():
+            best, value = getattr(self, b.variable), record.get(b.key)
+            better[metric] = value is not None and b.sign * value < b.sign * float(best)
+            if better[metric]:
+                best.assign(value)
+        metric = self.s.early_stopping_metric
+        if better[metric]:
+            self.bad_epochs.assign(0)
+        elif record.get(_BEST_BY[metric].key) is not None:
+            self.bad_epochs.assign_add(1)
+        return better[metric]
 
     def _finish(self, reason: str, seconds: float) -> dict:
         metrics = self._final_metrics(self.history, self.trained_tokens, seconds, reason)
@@ -397,6 +459,8 @@ class Trainer:
         return {"steps": self.global_step(), "epochs_completed": int(self.epoch),
                 "final_train_loss": last.get("train_loss"), "final_val_loss": last.get("val_loss"),
                 "best_val_loss": None if math.isinf(float(self.best_val)) else float(self.best_val),
+                "best_val_cider": None if math.isinf(float(self.best_cider)) else float(self.best_cider),
+                "early_stopping_metric": self.s.early_stopping_metric,
                 "initial_val_loss": (self.initial_val or {}).get("loss"),
                 "initial_val_xent": (self.initial_val or {}).get("xent"),
                 "stopped": reason, "wall_seconds": round(seconds, 2),

@@ -16,15 +16,19 @@ from model import fused_attention
 from trainer import distribute
 
 JIT_CHOICES = ("auto", "on", "off")
+METRIC_CHOICES = ("loss", "cider")
+EXPORT_CHOICES = ("last", "best", "none")
 
 
 class SettingsError(ValueError):
     """A setting out of its bounds; str() names the flag."""
 
 
-def _setting(default, help: str, *, low=None, positive=False, below=None, choices=None, flag=None, alias=None):
+def _setting(default, help: str, *, low=None, positive=False, below=None, choices=None, flag=None, alias=None,
+             off=None):
+    """off: for a setting with choices, the choice a `--no-NAME` flag stands for."""
     return field(default=default, metadata={"help": help, "low": low, "positive": positive, "below": below,
-                                            "choices": choices, "flag": flag, "alias": alias})
+                                            "choices": choices, "flag": flag, "alias": alias, "off": off})
 
 
 def _buckets(text: str) -> tuple:
@@ -65,11 +69,23 @@ class Settings:
     checkpoint_every: int = _setting(500, "steps between checkpoints, besides every epoch end (0: epoch ends only)",
                                      low=0)
     keep_checkpoints: int = _setting(3, "newest checkpoints kept (the best one is kept apart)", low=1)
-    early_stopping: int = _setting(0, "stop after this many epochs without a better val loss (0: off)", low=0,
-                                   flag="PATIENCE")
+    early_stopping: int = _setting(0, "stop after this many epochs without a better --early-stopping-metric "
+                                      "(0: off)", low=0, flag="PATIENCE")
+    early_stopping_metric: str = _setting(
+        "loss", "what early stopping and checkpoints/best follow: the val loss (the default; lower is better) or the "
+        "val CIDEr of the --eval-images captions (higher is better)", choices=METRIC_CHOICES)
     max_steps: int = _setting(0, "stop after this many steps in all (0: no limit)", low=0)
-    validate: bool = _setting(True, "the val split's loss after every epoch")
-    export: bool = _setting(True, "the SavedModel export at the end")
+    validate: bool = _setting(True, "the val split's loss, and the caption metrics, after every epoch")
+    eval_images: int = _setting(
+        200, "val images greedy-captioned after every epoch by the model in training, scored like the evaluation "
+        "(BLEU, METEOR, ROUGE-L, CIDEr; attention correctness where there are boxes) into TensorBoard and "
+        "history.json (0: off)", low=0, flag="N")
+    samples: int = _setting(3, "of those, the first N drawn every epoch into TensorBoard: the picture with one "
+                               "attention panel per word, and the generated beside the reference captions (0: none)",
+                            low=0, flag="N")
+    export: str = _setting("last", "the SavedModel export at the end: of the newest checkpoint (the default) or of "
+                                   "checkpoints/best; none (or --no-export): no export", choices=EXPORT_CHOICES,
+                           off="none")
     evaluate: bool = _setting(True, "scoring the export on the val split with the COCO caption metrics (large sets: "
                                     "turn off)", alias="--no-eval")
     progress: bool | None = _setting(None, "the progress bar (default: when stderr is a terminal)")
@@ -94,6 +110,19 @@ class Settings:
         b = self.bucket_boundaries
         if list(b) != sorted(set(b)) or any(x < 2 for x in b):
             raise SettingsError(f"--bucket-boundaries must be increasing lengths >= 2, got {','.join(map(str, b))}")
+        self._check_validation_needs()
+
+    def _check_validation_needs(self):
+        """What needs the per-epoch validation, refused before the job starts rather than found
+        missing when it ends (a --export best with no best checkpoint, after hours of training)."""
+        if self.early_stopping_metric == "cider" and not (self.validate and self.eval_images):
+            raise SettingsError("--early-stopping-metric cider needs the per-epoch caption metrics: "
+                                "--eval-images above 0, and validation on")
+        if self.export == "best" and not self.validate:
+            raise SettingsError("--export best needs validation (--no-validate keeps no best checkpoint)")
+        if self.eval_images and self.samples > self.eval_images:
+            raise SettingsError(f"--samples {self.samples}: at most --eval-images ({self.eval_images}), "
+                                "the samples are the first of those images")
 
     def to_dict(self) -> dict:
         return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v)
@@ -123,6 +152,9 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
             kind = _buckets if f.name == "bucket_boundaries" else type(default)
             parser.add_argument(name, type=kind, default=default, choices=m["choices"], metavar=m["flag"],
                                 help=f"{m['help']} (default: {_shown(default)})" if not m["choices"] else m["help"])
+            if m["off"] is not None:
+                parser.add_argument("--no-" + name[2:], dest=f.name, action="store_const", const=m["off"],
+                                    help=f"the same as {name} {m['off']}")
 
 
 def _shown(default) -> str:

@@ -32,20 +32,21 @@ def parse_args(argv) -> Settings:
 
 
 def finish(trainer, settings):
-    """After training: the chief alone exports the SavedModel and scores it on val
-    (other workers of a multi-worker job return at once). -> the export path or None."""
-    if not (settings.export and trainer.chief):
+    """After training: the chief alone exports the SavedModel (of the newest checkpoint, or with
+    --export best of checkpoints/best) and scores it on val (other workers of a multi-worker
+    job return at once). -> the export path or None."""
+    if settings.export == "none" or not trainer.chief:
         return None
     from caption_io import fileio
     from caption_serving import export
 
     try:
-        path = export.export(settings.job_dir)
+        path = export.export(settings.job_dir, checkpoint=settings.export)
     except fileio.WriteError as e:
         raise loop.TrainError(f"{e}; training is done and saved: free some space and run "
-                              f"`python -m caption_serving.export --job-dir {settings.job_dir}` "
-                              "(or the same command again)") from None
-    print(f"exported the SavedModel to {path}", file=sys.stderr)
+                              f"`python -m caption_serving.export --job-dir {settings.job_dir} "
+                              f"--checkpoint {settings.export}` (or the same command again)") from None
+    print(f"exported the SavedModel of the {settings.export} checkpoint to {path}", file=sys.stderr)
     if settings.evaluate and "val" in trainer.meta.splits:
         from caption_eval import evaluate
 

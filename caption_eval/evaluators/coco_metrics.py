@@ -9,6 +9,8 @@ errors, and it saves the PTBTokenizer's separate Java run.
 """
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 
 from caption_io import cli
@@ -84,7 +86,7 @@ def _prepare(results, references: dict) -> tuple[dict, dict]:
     return {i: [r for r in refs if r] for i, refs in gts.items()}, res
 
 
-def score(results, references: dict, spice: bool = False) -> dict:
+def score(results, references: dict, spice: bool = False, meteor: Meteor | None = None) -> dict:
     """COCO caption metrics of `results` ([{"image_id", "caption"}], one per image)
     against `references` ({image_id: [captions]}), both normalised first.
 
@@ -92,7 +94,8 @@ def score(results, references: dict, spice: bool = False) -> dict:
     "n_empty_captions"}. Raises ValueError for results that do not match the
     references, ScoringError when a Java scorer cannot run. CIDEr's document
     frequencies come from these references, so it needs more than one image to be
-    non-zero (as in the COCO toolkit).
+    non-zero (as in the COCO toolkit). `meteor`: a kept METEOR process (see Meteor);
+    None starts one for this call and ends it after.
     """
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
@@ -102,7 +105,11 @@ def score(results, references: dict, spice: bool = False) -> dict:
     ids = list(gts)
     bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
     out = {f"BLEU-{n + 1}": float(b) for n, b in enumerate(bleu)}
-    out["METEOR"] = _meteor(gts, res)
+    if meteor is None:
+        with Meteor() as once:
+            out["METEOR"] = once.score(gts, res)
+    else:
+        out["METEOR"] = meteor.score(gts, res)
     # ROUGE-L divides by the candidate's length: an empty caption (the model said
     # <end> first) scores 0, so it is left out of the call and counted as 0.
     spoken = [i for i in ids if res[i][0]]
@@ -116,20 +123,61 @@ def score(results, references: dict, spice: bool = False) -> dict:
     return out
 
 
-def _meteor(gts, res) -> float:
-    from pycocoevalcap.meteor.meteor import Meteor
+class Meteor:
+    """One METEOR Java process, kept for as many scorings as its owner asks for.
 
-    try:
-        meteor = Meteor()  # a Java subprocess
-    except OSError as e:
-        raise ScoringError(f"METEOR runs Java, which could not start ({e.strerror or e}); "
-                           "`make java` installs it") from None
-    try:
-        return float(meteor.compute_score(gts, res)[0])
-    except ValueError as e:  # the Java side died: readline() gave nothing to parse
-        raise ScoringError(f"METEOR's Java process failed ({e})") from None
-    finally:
-        del meteor  # its __del__ ends the Java process now, not at interpreter exit
+    Starting it (the JVM, then METEOR's paraphrase table) takes seconds, where scoring a few
+    hundred captions takes a fraction of one: a trainer that scores every epoch keeps one
+    for the run, and start() lets it load while the first epoch trains. close() (or the
+    with-block's end) ends the process; a process that failed is ended at once.
+    """
+
+    def __init__(self):
+        self._scorer = None
+
+    def start(self) -> Meteor:
+        """Launch the Java process now (it loads in the background); ScoringError without Java."""
+        if self._scorer is None:
+            from pycocoevalcap.meteor.meteor import Meteor as JavaMeteor
+
+            try:
+                self._scorer = JavaMeteor()  # a Java subprocess
+            except OSError as e:
+                raise ScoringError(f"METEOR runs Java, which could not start ({e.strerror or e}); "
+                                   "`make java` installs it") from None
+        return self
+
+    def score(self, gts: dict, res: dict) -> float:
+        """The corpus METEOR of normalised {id: [references]}, {id: [caption]}. A Java process
+        that died (killed for memory in a long run, say) is started again, once."""
+        for attempt in (1, 2):
+            self.start()
+            try:
+                return float(self._scorer.compute_score(gts, res)[0])
+            except (ValueError, OSError) as e:  # readline() gave nothing to parse, or a broken pipe
+                self.close()
+                if attempt == 2:
+                    raise ScoringError(f"METEOR's Java process failed ({e})") from None
+
+    def close(self) -> None:
+        scorer, self._scorer = self._scorer, None
+        if scorer is None:
+            return
+        # Ended here, not left to the wrapper's __del__ (which runs whenever the last reference
+        # goes, and hangs on the lock a scoring that failed half-way still holds).
+        if scorer.lock.locked():
+            scorer.lock.release()
+        process = scorer.meteor_p
+        with contextlib.suppress(OSError):  # a dead process's pipe refuses the flush
+            process.stdin.close()
+        process.kill()
+        process.wait()
+
+    def __enter__(self) -> Meteor:
+        return self.start()
+
+    def __exit__(self, *_) -> None:
+        self.close()
 
 
 def _spice(gts, res) -> float:
@@ -150,10 +198,11 @@ class CocoMetrics:
     references, ScoringError when METEOR cannot run. SPICE failing is not fatal: the
     other metrics are worth keeping, so it records "SPICE": None and "spice_error".
     `results` is the COCO results list ([{"image_id", "caption"}]) in split order.
+    meteor: a kept METEOR process to score with (None: one for this summary).
     """
 
-    def __init__(self, spice: bool = False):
-        self.spice = spice
+    def __init__(self, spice: bool = False, meteor: Meteor | None = None):
+        self.spice, self.meteor = spice, meteor
         self.results, self.references = [], {}
 
     def add(self, item: dict) -> None:
@@ -161,7 +210,7 @@ class CocoMetrics:
         self.references[item["image_id"]] = item["references"]
 
     def summary(self) -> dict:
-        out = score(self.results, self.references, spice=False)
+        out = score(self.results, self.references, spice=False, meteor=self.meteor)
         if self.spice:
             try:
                 out["SPICE"] = _spice(*_prepare(self.results, self.references))
