@@ -124,6 +124,12 @@ class WriteCocoResults(beam.DoFn):
         yield path
 
 
+def _coco_pair(row: dict) -> list[tuple]:
+    """A result row -> [(COCO image id, path, caption)], or [] when its file name holds no id."""
+    image_id = coco_id(row["image"])
+    return [] if image_id is None else [(image_id, row["image"], row["caption"])]
+
+
 def _count(pcoll, label):
     return pcoll | label >> beam.combiners.Count.Globally()
 
@@ -148,9 +154,7 @@ def build(p: beam.Pipeline, opts: dict) -> None:
                     | "WriteRejects" >> beam.io.WriteToText(fileio.join(out, REJECTED), file_name_suffix=SUFFIX,
                                                             num_shards=1))
     if opts["coco_results"]:
-        coco_files = (rows | "CocoIds" >> beam.FlatMap(
-                          lambda r: [(coco_id(r["image"]), r["image"], r["caption"])] if coco_id(r["image"]) is not None
-                          else [])
+        coco_files = (rows | "CocoIds" >> beam.FlatMap(_coco_pair)
                       | "AllPairs" >> beam.combiners.ToList()
                       | "WriteCocoResults" >> beam.ParDo(WriteCocoResults(out)))
     else:
