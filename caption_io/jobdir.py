@@ -7,7 +7,9 @@
       checkpoints/         the newest checkpoints (tf.train.CheckpointManager's "checkpoint" file)
       checkpoints/best/    the checkpoint of the best epoch so far on --early-stopping-metric
                            (the val loss, or the val CIDEr)
-      history.json         one record an epoch: losses, the caption metrics, times
+      history.json         one record an epoch: losses (SCST epochs: "stage": "scst", reward,
+                           baseline), the caption metrics, times
+      cider_df.npz         with --scst-epochs: the reward's document frequencies (caption_eval.cider_d)
       initial_val.json  metrics.json  loss.png
       logs/train  logs/val TensorBoard (val: the epochs' losses, caption metrics, times, samples)
       final/               the last weights as .weights.h5, and their config.json
@@ -35,6 +37,7 @@ LOSS_PLOT = "loss.png"
 FINAL = "final"
 EXPORT = "export"
 LOGS = "logs"
+CIDER_DF = "cider_df.npz"  # the SCST reward's document frequencies over the training captions
 
 
 def eval_dir(split: str) -> str:

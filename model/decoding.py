@@ -85,6 +85,7 @@ and never reordered; only the GRU state is gathered by beam parent each step.
 """
 import collections
 
+import numpy as np
 import tensorflow as tf
 
 from caption_io.vocab import END_ID, PAD_ID, START_ID
@@ -159,7 +160,8 @@ def _argmax(t, logits, allowed_log_probs):
 
 
 def sample(model, features, max_length, temperature=1.0, seed=None, start_id=START_ID,
-           end_id=END_ID, length_penalty_alpha=DEFAULT_ALPHA, *, no_repeat_ngram=0, min_length=0):
+           end_id=END_ID, length_penalty_alpha=DEFAULT_ALPHA, *, no_repeat_ngram=0, min_length=0,
+           rows=None):
     """Each word drawn from softmax(logits / temperature) (the tutorial's decoding), over the
     words the controls allow.
 
@@ -167,6 +169,12 @@ def sample(model, features, max_length, temperature=1.0, seed=None, start_id=STA
     (stateless RNG: step t draws with fold_in(seed, t)). None draws a fresh seed.
     temperature <= 0 means argmax (greedy); -> 0 approaches it. scores stay the model's
     log-probabilities (log_softmax of the untempered logits), whatever the temperature.
+
+    rows: (first, total) when these features are rows first.. of a batch of `total` rows drawn
+    together (a replica's share of a global batch): a row's draws then depend on the seed and
+    its place in the whole batch only, so the batch split over N replicas draws what one device
+    draws. The draw is the Gumbel-max one: argmax(logits / temperature + Gumbel noise), the noise
+    of row r taken from a stateless [total, vocab] uniform field.
     """
     if seed is None:
         seed = tf.random.uniform([2], maxval=tf.int64.max, dtype=tf.int64)
@@ -179,9 +187,13 @@ def sample(model, features, max_length, temperature=1.0, seed=None, start_id=STA
         # Forbidden tokens are -inf in allowed_log_probs: keep them so in the tempered logits.
         scaled = tf.where(tf.math.is_inf(allowed_log_probs), allowed_log_probs,
                           logits / tf.maximum(temperature, 1e-30))
-        drawn = tf.random.stateless_categorical(
-            scaled, 1, seed=tf.random.experimental.stateless_fold_in(seed, t),
-            dtype=tf.int32)[:, 0]
+        local = tf.shape(scaled)[0]
+        first, total = (0, local) if rows is None else rows
+        uniform = tf.random.stateless_uniform(
+            tf.stack([total, tf.shape(scaled)[1]]), seed=tf.random.experimental.stateless_fold_in(seed, t),
+            minval=np.finfo(np.float32).tiny, maxval=1.0)
+        gumbel = -tf.math.log(-tf.math.log(uniform[first:first + local]))
+        drawn = tf.argmax(scaled + gumbel, -1, output_type=tf.int32)
         greedy_word = tf.argmax(allowed_log_probs, -1, output_type=tf.int32)
         return tf.where(temperature > 0, drawn, greedy_word)
     return _one_path(model, features, max_length, choose, start_id, end_id,

@@ -15,9 +15,9 @@ from tests.conftest import free_port
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _run(mode, data, job, out, env=None, export=False):
+def _run(mode, data, job, out, env=None, export=False, scst=False):
     return subprocess.Popen([sys.executable, "-m", "tests.dist_worker", mode, data, str(job), str(out)]
-                            + (["--export"] if export else []), cwd=ROOT, env=env,
+                            + (["--export"] if export else []) + (["--scst"] if scst else []), cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -40,9 +40,31 @@ def test_two_mirrored_replicas_make_the_same_update_as_one_device(small_data, tm
     assert int(a.pop("replicas")) == 1 and int(b.pop("replicas")) == 2
     assert int(a.pop("steps")) == int(b.pop("steps")) == 3
     assert str(a.pop("exported")) == str(b.pop("exported")) == ""  # --export not asked
+    _same_weights(a, b)
+
+
+def _same_weights(a, b):
+    for k in ("scst_steps", "record"):
+        a.pop(k), b.pop(k)
     assert a.keys() == b.keys()
     for k in a:
         np.testing.assert_allclose(a[k], b[k], rtol=1e-4, atol=1e-5, err_msg=k)
+
+
+def test_two_mirrored_replicas_take_the_same_scst_steps_as_one_device(small_data, tmp_path):
+    """Each replica draws its images' samples as one device draws them (their place in the global
+    batch), and the loss divides by the global count of sampled tokens: the same update."""
+    _finish(_run("default", small_data, tmp_path / "one", tmp_path / "one.npz", scst=True))
+    _finish(_run("mirrored", small_data, tmp_path / "two", tmp_path / "two.npz", scst=True))
+    a, b = _weights(tmp_path / "one.npz"), _weights(tmp_path / "two.npz")
+    assert int(a.pop("replicas")) == 1 and int(b.pop("replicas")) == 2
+    assert int(a.pop("steps")) == int(b.pop("steps")) == 11 and int(a["scst_steps"]) == int(b["scst_steps"]) == 2
+    a.pop("exported"), b.pop("exported")
+    one, two = json.loads(str(a["record"])), json.loads(str(b["record"]))  # the SCST epoch's record
+    assert one["stage"] == two["stage"] == "scst" and one["train_reward"] > 0
+    for k in ("train_reward", "train_baseline", "scst_loss", "sample_length"):
+        np.testing.assert_allclose(two[k], one[k], rtol=1e-4, atol=1e-6, err_msg=k)
+    _same_weights(a, b)
 
 
 
@@ -58,6 +80,8 @@ def test_two_workers_on_localhost_end_with_the_same_weights(small_data, tmp_path
     a, b = _weights(tmp_path / "w0.npz"), _weights(tmp_path / "w1.npz")
     assert int(a["replicas"]) == 2 and int(a["steps"]) == 3
     exported = [str(a.pop("exported")), str(b.pop("exported"))]
+    for k in ("scst_steps", "record"):
+        a.pop(k), b.pop(k)
     for k in a:
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
     # Only the chief (worker 0) writes the job's outputs.

@@ -92,6 +92,7 @@ class EventLog:
 
 # An epoch record's figures (history.json keys) and their TensorBoard tags in the val run.
 EPOCH_TAGS = {"val_loss": "loss", "val_xent": "xent", "val_reg": "reg",
+              "train_reward": "scst/epoch_reward", "train_baseline": "scst/epoch_baseline",
               "epoch_seconds": "time/epoch_seconds", "val_seconds": "time/val_loss_seconds",
               "eval_seconds": "time/caption_metrics_seconds"}
 
@@ -100,6 +101,10 @@ class Summaries(Action):
     """TensorBoard scalars: train every `every` steps, and every epoch its record's figures (val
     loss, caption metrics, times) on the global step. An epoch of `history` whose figures the logs
     lack (the job stopped between its save and its summaries) is written when the job resumes."""
+
+    # An SCST step's scalars (train run, tags scst/...): the mean sample reward (CIDEr-D, <end>
+    # counted), the mean baseline, the surrogate loss and the mean sample length in tokens.
+    SCST_SCALARS = ("reward", "baseline", "loss", "length")
 
     def __init__(self, log: EventLog, history: list[dict], every: int = 10):
         from trainer import epoch_eval
@@ -112,8 +117,15 @@ class Summaries(Action):
     def after_step(self, trainer, step, out):
         if step % self.every == 0 and (writer := self.log.writer("train", step)):
             with writer.as_default(step=step):
-                for k in ("loss", "xent", "reg", "grad_norm"):
-                    tf.summary.scalar(k, out[k])
+                if "reward" in out:  # an SCST step: the loss is the surrogate, tokens are sampled ones
+                    for k in self.SCST_SCALARS:
+                        tf.summary.scalar(f"scst/{k}", out[k])
+                    tf.summary.scalar("scst/reward_share", float(out["reward_seconds"]) / max(trainer.step_seconds,
+                                                                                               1e-9))
+                    tf.summary.scalar("grad_norm", out["grad_norm"])
+                else:
+                    for k in ("loss", "xent", "reg", "grad_norm"):
+                        tf.summary.scalar(k, out[k])
                 tf.summary.scalar("learning_rate", trainer.current_lr())
                 tf.summary.scalar("tokens_per_s", trainer.tokens_per_s)
 
@@ -166,13 +178,14 @@ class EpochCaptions(Action):
 class ProgressBar(Action):
     """A tqdm bar per epoch on stderr, with the loss and tokens/s."""
 
-    def __init__(self, epochs: int, steps_per_epoch: int):
-        self.epochs, self.steps_per_epoch, self.bar = epochs, steps_per_epoch, None
+    def __init__(self, epochs: int):
+        self.epochs, self.bar = epochs, None
 
     def start_epoch(self, trainer, epoch, skip):
         from tqdm import tqdm
 
-        self.bar = tqdm(total=self.steps_per_epoch, initial=skip, desc=f"epoch {epoch + 1}/{self.epochs}",
+        stage = " SCST" if trainer.in_scst(epoch) else ""
+        self.bar = tqdm(total=trainer.epoch_steps(epoch), initial=skip, desc=f"epoch {epoch + 1}/{self.epochs}{stage}",
                         unit="step", file=sys.stderr, dynamic_ncols=True)
 
     def after_step(self, trainer, step, out):
@@ -243,6 +256,8 @@ class EarlyStopping(Action):
         self.what = "val improvement" if metric == "loss" else f"better val {metric}"
 
     def end_epoch(self, trainer, record, val):
+        if record.get("stage") == "scst":  # early stopping ends the cross-entropy stage only
+            return None
         if val and int(trainer.bad_epochs) >= self.patience:
             return f"early stopping: no {self.what} in {self.patience} epochs"
         return None

@@ -105,8 +105,13 @@ _BEST_BY = {"loss": _Best("loss", "val_loss", 1, "best_val"), "cider": _Best("CI
 
 def _epoch_line(record: dict, epochs: int) -> str:
     """The epoch's line on stderr: losses, CIDEr, speed, and where its time went."""
-    line = (f"epoch {record['epoch']}/{epochs}: train loss {record['train_loss']:.4f} "
-            f"(cross-entropy {record['train_xent']:.4f})")
+    if record.get("stage") == "scst":
+        line = (f"epoch {record['epoch']}/{epochs} (SCST): sample reward {record['train_reward']:.3f} (baseline "
+                f"{record['train_baseline']:.3f}, {record['sample_length']:.1f} tokens a sample, scoring "
+                f"{100 * record['reward_share']:.1f}% of the time)")
+    else:
+        line = (f"epoch {record['epoch']}/{epochs}: train loss {record['train_loss']:.4f} "
+                f"(cross-entropy {record['train_xent']:.4f})")
     if "val_loss" in record:
         line += f", val loss {record['val_loss']:.4f} (cross-entropy {record['val_xent']:.4f})"
     if "val_CIDEr" in record:
@@ -172,6 +177,9 @@ class Trainer:
         if s.batch_size % replicas:
             raise TrainError(f"--batch-size {s.batch_size} does not split over {replicas} replicas")
         self.steps_per_epoch = math.ceil(meta.splits["train"].captions.written / s.batch_size)
+        # An SCST step takes --batch-size images (with --scst-samples draws each), not captions.
+        self.scst_steps_per_epoch = math.ceil(meta.splits["train"].images.written / s.batch_size)
+        self.total_epochs = s.epochs + s.scst_epochs
         total = self.steps_per_epoch * s.epochs
         self.jit_compile = _resolve_jit(s.jit_compile, replicas)
         # XLA compiles once per batch shape: lengths padded up to fixed buckets keep that to a few.
@@ -197,6 +205,13 @@ class Trainer:
         self.epoch_loss_sum = tf.Variable(0.0, dtype=tf.float64, trainable=False, name="epoch_loss_sum")
         self.epoch_xent_sum = tf.Variable(0.0, dtype=tf.float64, trainable=False, name="epoch_xent_sum")
         self.epoch_tokens = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch_tokens")
+        # The SCST stage: its steps (the global step is the cross-entropy optimizer's iterations plus
+        # these), and its epoch's running reward, baseline, sample count and scoring time.
+        self.scst_steps = tf.Variable(0, dtype=tf.int64, trainable=False, name="scst_steps")
+        self.epoch_reward_sum = tf.Variable(0.0, dtype=tf.float64, trainable=False, name="epoch_reward_sum")
+        self.epoch_baseline_sum = tf.Variable(0.0, dtype=tf.float64, trainable=False, name="epoch_baseline_sum")
+        self.epoch_samples = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch_samples")
+        self.scst = self._scst_steps() if s.scst_epochs else None
         # Keras' dropout RNG states are not tracked by tf.train.Checkpoint: add them,
         # or a resumed run would draw different dropout masks.
         rng = [v.value for v in self.model.non_trainable_variables if "seed_generator" in v.path]
@@ -204,7 +219,10 @@ class Trainer:
             model=self.model, optimizer=self.optimizer, rng=rng, epoch=self.epoch,
             step_in_epoch=self.step_in_epoch, best_val=self.best_val, best_cider=self.best_cider,
             bad_epochs=self.bad_epochs,
-            epoch_loss_sum=self.epoch_loss_sum, epoch_xent_sum=self.epoch_xent_sum, epoch_tokens=self.epoch_tokens)
+            epoch_loss_sum=self.epoch_loss_sum, epoch_xent_sum=self.epoch_xent_sum, epoch_tokens=self.epoch_tokens,
+            scst_steps=self.scst_steps, epoch_reward_sum=self.epoch_reward_sum,
+            epoch_baseline_sum=self.epoch_baseline_sum, epoch_samples=self.epoch_samples,
+            **({"scst_optimizer": self.scst.optimizer} if self.scst else {}))
         self.checkpoint_dir = fileio.join(s.job_dir, jobdir.CHECKPOINTS)
         home = s.job_dir
         if not self.chief:  # non-chief workers save too (collective ops), somewhere throwaway
@@ -215,7 +233,45 @@ class Trainer:
         # it out when a run later gets worse, and a run that goes bad must not take it with it.
         self.best_manager = tf.train.CheckpointManager(self.checkpoint, fileio.join(home, jobdir.BEST), max_to_keep=1)
 
+    def _scst_steps(self):
+        """The SCST step over this job's model, its reward scorer's document frequencies counted
+        once over the training captions and cached in the job dir (keyed by the shards' sha256,
+        so a restart reads neither the captions nor the features to find the cache valid)."""
+        from caption_eval import cider_d
+        from trainer import scst
+
+        s, split = self.s, self.meta.splits["train"]
+        digest = None
+        if split.files:
+            import hashlib
+
+            digest = hashlib.sha256(" ".join(f.sha256 for f in split.files).encode()).hexdigest()
+        cache = fileio.join(s.job_dir, jobdir.CIDER_DF) if self.chief else None
+        scorer = cider_d.build_scorer(cache, lambda: cider_d.read_references(self.train_files), digest=digest)
+        return scst.ScstSteps(self.steps, scorer, max_length=self.meta.max_tokens - 1, samples=s.scst_samples,
+                              baseline=s.scst_baseline, learning_rate=s.scst_learning_rate)
+
+    def in_scst(self, epoch: int | None = None) -> bool:
+        """Whether `epoch` (default: the current one) is of the SCST stage."""
+        return (int(self.epoch) if epoch is None else epoch) >= self.s.epochs
+
+    def epoch_steps(self, epoch: int) -> int:
+        return self.scst_steps_per_epoch if self.in_scst(epoch) else self.steps_per_epoch
+
     # ------------------------------------------------------------------ data
+    def _scst_dataset(self, epoch, skip=0):
+        from trainer import scst
+
+        s = self.s
+
+        def fn(ctx):
+            ds = scst.image_dataset(self.train_files, ctx.get_per_replica_batch_size(s.batch_size) if ctx else
+                                    s.batch_size, feature_shape=self.feature_shape, seed=s.seed * 1000 + epoch,
+                                    input_context=ctx)
+            return ds.skip(skip) if skip else ds
+
+        return self.strategy.distribute_datasets_from_function(fn)
+
     def _dataset(self, files, epoch, shuffle, skip=0):
         s = self.s
 
@@ -234,7 +290,10 @@ class Trainer:
         if not self.val_files:
             return None
         total = {"loss": 0.0, "xent": 0.0, "reg": 0.0, "tokens": 0}
-        for batch in self._dataset(self.val_files, epoch, shuffle=False):
+        batches = self._dataset(self.val_files, epoch, shuffle=False)
+        if self.steps.eval_step is None:  # a job resumed into its SCST stage has not built the cross-entropy steps
+            self.steps.build(batches.element_spec)
+        for batch in batches:
             out = self.steps.eval_step(batch)
             # Each batch's loss is divided by its own token count: weight it back.
             n = int(out["tokens"])
@@ -252,9 +311,11 @@ class Trainer:
             return
         last = self.manager.latest_checkpoint if self.chief else None
         kept = f"the last checkpoint ({os.path.basename(last)}) is intact" if last else "no checkpoint was written"
+        flag = ("--scst-learning-rate", self.s.scst_learning_rate) if self.in_scst() else \
+            ("--learning-rate", self.s.learning_rate)
         raise TrainError(f"step {step}: loss {loss}, gradient norm {norm}: stopped before saving this state "
-                         f"({kept}). Likely causes: a learning rate too high for this model (--learning-rate "
-                         f"{self.s.learning_rate}: lower it and run the command again to go on from the checkpoint), "
+                         f"({kept}). Likely causes: a learning rate too high for this model ({flag[0]} "
+                         f"{flag[1]}: lower it and run the command again to go on from the checkpoint), "
                          f"or features that are not finite (`python -m pipelines.validate {self.s.data} --full`)")
 
     def _restore_newest_intact(self) -> str | None:
@@ -291,18 +352,32 @@ class Trainer:
         start_time, reason = time.time(), None
         self.trained_tokens = 0
         try:
-            while reason is None and int(self.epoch) < self.s.epochs:
+            while reason is None and int(self.epoch) < self.total_epochs:
+                epoch = int(self.epoch)
                 reason = self.train_epoch(actions)
-                if reason is None or int(self.step_in_epoch) >= self.steps_per_epoch:  # its batches are all trained
+                if reason is None or int(self.step_in_epoch) >= self.epoch_steps(epoch):  # its batches are all trained
                     record, val = self.end_epoch(actions)
                     for a in actions:
                         reason = a.end_epoch(self, record, val) or reason
+                    if reason and reason.startswith("early stopping") and self.s.scst_epochs and \
+                            not self.in_scst(epoch):
+                        reason = self._skip_to_scst(reason)
                 elif reason:  # stopped mid-epoch (--max-steps): keep the position for a later run
                     self.save(self.global_step())
         finally:
             for a in actions:
                 a.close()
         return self._finish(reason or "epochs done", time.time() - start_time)
+
+    def _skip_to_scst(self, reason: str) -> None:
+        """Early stopping ended the cross-entropy stage: the job goes on with SCST from here (and a
+        restart does too: the position is saved)."""
+        print(f"{reason}: the cross-entropy stage ends at epoch {int(self.epoch)}; SCST starts",
+              file=sys.stderr)
+        self.epoch.assign(self.s.epochs)
+        self.bad_epochs.assign(0)
+        self.save(self.global_step())
+        return None
 
     def _start(self) -> str | None:
         """Restore (every worker, from the chief's checkpoints: the only real ones), record the
@@ -326,7 +401,6 @@ class Trainer:
         self.initial_val = None
         if not restored and self.val_files:
             # Where the loss starts: the yardstick for "learned" in metrics.json.
-            self.steps.build(self._dataset(self.val_files, 0, shuffle=False).element_spec)
             self.initial_val = self.validate(0)
             if self.chief:
                 fileio.write_json(initial_path, self.initial_val)
@@ -346,7 +420,7 @@ class Trainer:
                                                     s.samples if self.chief else 0)
             found.append(actions_lib.EpochCaptions(evaluation, log))
         if sys.stderr.isatty() if s.progress is None else s.progress:
-            found.append(actions_lib.ProgressBar(s.epochs, self.steps_per_epoch))
+            found.append(actions_lib.ProgressBar(self.total_epochs))
         if s.checkpoint_every:
             found.append(actions_lib.PeriodicCheckpoint(s.checkpoint_every))
         found.append(actions_lib.StopOnSigterm())
@@ -360,25 +434,34 @@ class Trainer:
         """Step through the rest of the current epoch, accumulating its loss. -> the reason
         an action stopped it early, or None when its batches ran out."""
         epoch, skip = int(self.epoch), int(self.step_in_epoch)
-        ds = self._dataset(self.train_files, epoch, shuffle=True, skip=skip)
-        if self.steps.train_step is None:
-            self.steps.build(ds.element_spec)
+        scst = self.in_scst(epoch)
+        if scst:  # self.scst exists: total_epochs counts SCST epochs only with --scst-epochs
+            ds = self._scst_dataset(epoch, skip)
+            if self.scst.train_step is None:
+                self.scst.build(ds.element_spec, self.s.batch_size // self.strategy.num_replicas_in_sync)
+        else:
+            ds = self._dataset(self.train_files, epoch, shuffle=True, skip=skip)
+            if self.steps.train_step is None:
+                self.steps.build(ds.element_spec)
         for a in actions:
             a.start_epoch(self, epoch, skip)
-        self._epoch_start, self._epoch_tokens_this_run = time.time(), 0
+        self._epoch_start, self._epoch_tokens_this_run, self._epoch_reward_seconds = time.time(), 0, 0.0
         reason = None
         for batch in ds:
-            out = self.steps.train_step(batch)
+            began = time.time()
+            out = self._scst_step(batch) if scst else self.steps.train_step(batch)
             step = self.global_step()
             self._stop_if_not_finite(out, step)
             self.step_in_epoch.assign_add(1)
             n = int(out["tokens"])
             self.epoch_loss_sum.assign_add(float(out["loss"]) * n)
-            self.epoch_xent_sum.assign_add(float(out["xent"]) * n)
+            if not scst:
+                self.epoch_xent_sum.assign_add(float(out["xent"]) * n)
             self.epoch_tokens.assign_add(n)
             self._epoch_tokens_this_run += n
             self.trained_tokens += n
             self.tokens_per_s = self._epoch_tokens_this_run / max(time.time() - self._epoch_start, 1e-9)
+            self.step_seconds = time.time() - began
             for a in actions:
                 reason = a.after_step(self, step, out) or reason
             if reason:
@@ -388,14 +471,37 @@ class Trainer:
             a.stop_epoch(self)
         return reason
 
+    def _scst_step(self, batch) -> dict:
+        """One SCST step, its draws seeded by (--seed, SCST step): a resumed run draws what an
+        uninterrupted one would have. Its reward and baseline (means per sample) go into the epoch's sums."""
+        from trainer import scst
+
+        out = self.scst.train_step(batch, scst.step_seed(self.s.seed, int(self.scst_steps)))
+        self.scst_steps.assign_add(1)
+        samples = int(out["samples"])
+        self.epoch_reward_sum.assign_add(float(out["reward"]) * samples)
+        self.epoch_baseline_sum.assign_add(float(out["baseline"]) * samples)
+        self.epoch_samples.assign_add(samples)
+        self._epoch_reward_seconds += float(out["reward_seconds"])
+        return out
+
     def end_epoch(self, actions=()) -> tuple[dict, dict | None]:
         """Validate, add the actions' figures (the caption metrics), record the epoch in history.json,
         move the position to the next epoch and save it (and checkpoints/best when the epoch is the
         best so far on --early-stopping-metric). -> (the history record, val)."""
         s, epoch, tokens, seconds = self.s, int(self.epoch), max(int(self.epoch_tokens), 1), self._epoch_seconds
-        record = {"epoch": epoch + 1, "step": self.global_step(),
-                  "train_loss": float(self.epoch_loss_sum) / tokens, "train_xent": float(self.epoch_xent_sum) / tokens,
-                  "tokens_per_s": self._epoch_tokens_this_run / max(seconds, 1e-9), "epoch_seconds": seconds}
+        record = {"epoch": epoch + 1, "step": self.global_step()}
+        if self.in_scst(epoch):
+            n = max(int(self.epoch_samples), 1)
+            # loss: the surrogate (advantage-weighted NLL per sampled token); tokens: sampled ones.
+            record.update(stage="scst", scst_loss=float(self.epoch_loss_sum) / tokens,
+                          train_reward=float(self.epoch_reward_sum) / n,
+                          train_baseline=float(self.epoch_baseline_sum) / n,
+                          sample_length=tokens / n, reward_share=self._epoch_reward_seconds / max(seconds, 1e-9))
+        else:
+            record.update(train_loss=float(self.epoch_loss_sum) / tokens,
+                          train_xent=float(self.epoch_xent_sum) / tokens)
+        record.update(tokens_per_s=self._epoch_tokens_this_run / max(seconds, 1e-9), epoch_seconds=seconds)
         start = time.time()
         val = self.validate(epoch)
         if val:
@@ -403,7 +509,7 @@ class Trainer:
                           val_seconds=time.time() - start)
         for a in actions:
             record.update(a.epoch_figures(self, epoch))
-        print(_epoch_line(record, s.epochs), file=sys.stderr)
+        print(_epoch_line(record, self.total_epochs), file=sys.stderr)
         improved = self._track_best(record)
         self.history.append(record)
         # history.json before the checkpoint: a job stopped between the two has a record that its
@@ -415,6 +521,9 @@ class Trainer:
         self.epoch_loss_sum.assign(0.0)
         self.epoch_xent_sum.assign(0.0)
         self.epoch_tokens.assign(0)
+        self.epoch_reward_sum.assign(0.0)
+        self.epoch_baseline_sum.assign(0.0)
+        self.epoch_samples.assign(0)
         self.save(self.global_step())
         if improved:
             self.save(self.global_step(), best=True)
@@ -447,17 +556,21 @@ class Trainer:
         return metrics
 
     def global_step(self) -> int:
+        """Steps of both stages: cross-entropy (the optimizer's iterations) and SCST."""
         # iterations is a mirrored variable under a strategy: read it as a tensor.
-        return int(tf.convert_to_tensor(self.optimizer.iterations.value))
+        return int(tf.convert_to_tensor(self.optimizer.iterations.value)) + int(self.scst_steps)
 
     def current_lr(self):
-        lr = self.optimizer.learning_rate
-        return lr(self.optimizer.iterations) if callable(lr) else lr
+        optimizer = self.scst.optimizer if self.scst is not None and self.in_scst() else self.optimizer
+        lr = optimizer.learning_rate
+        return lr(optimizer.iterations) if callable(lr) else lr
 
     def _final_metrics(self, history, tokens, seconds, reason):
         last = history[-1] if history else {}
+        xent = [h for h in history if "train_loss" in h]
         return {"steps": self.global_step(), "epochs_completed": int(self.epoch),
-                "final_train_loss": last.get("train_loss"), "final_val_loss": last.get("val_loss"),
+                "final_train_loss": xent[-1]["train_loss"] if xent else None, "final_val_loss": last.get("val_loss"),
+                "final_train_reward": last.get("train_reward"), "scst_steps": int(self.scst_steps),
                 "best_val_loss": None if math.isinf(float(self.best_val)) else float(self.best_val),
                 "best_val_cider": None if math.isinf(float(self.best_cider)) else float(self.best_cider),
                 "early_stopping_metric": self.s.early_stopping_metric,

@@ -25,13 +25,12 @@ One step, per replica, for b images:
      the samples (differentiable; the draw itself is not), with dropout off, so the gradient
      is that of the policy that drew the samples (a test checks the two log-probabilities agree).
 
-Sampling is stateless: the draws depend only on the seed a step is given (and the replica),
-so a resumed run that passes the same (run seed, step) draws the same captions. Exact resume
-then needs the model, `ScstSteps.optimizer` (its own Adam, apart from the cross-entropy one)
-and the loop's counters in the checkpoint; dropout is off here, so no RNG state is involved.
-With N replicas the images of a step are drawn with other random numbers than on one device
-(each replica folds its id into the seed), so 1 and N replicas agree in expectation and in the
-loss's scale, not sample for sample.
+Sampling is stateless: the draws depend only on the seed a step is given and each image's
+place in the step's global batch, so a resumed run that passes the same (run seed, step) draws
+the same captions, and N replicas on one machine (each a slice of the global batch) draw what
+one device draws (model.decoding.sample's `rows`) and take the same step. Exact resume then
+needs the model, `ScstSteps.optimizer` (its own Adam, apart from the cross-entropy one) and
+the loop's counters in the checkpoint; dropout is off here, so no RNG state is involved.
 """
 from __future__ import annotations
 
@@ -155,18 +154,23 @@ class ScstSteps:
         with self.strategy.scope():
             self.optimizer = StepAdam(learning_rate=learning_rate, name="scst_adam")
             self.optimizer.build(self.model.trainable_variables)
-        self.train_step = None
+        self.train_step, self._replica_batch = None, None
         self._greedy = tf.function(self._greedy_tokens, reduce_retracing=True)
 
     # -------------------------------------------------------------- the pieces of a step
-    def draw(self, features, seed):
+    def draw(self, features, seed, first_image=0, batch_images=None):
         """K sampled captions per image: (tokens [b*K, T] int32, image-major, <pad> after <end>;
-        lengths [b*K] int32, <end> included; the sampler's log-probabilities [b*K])."""
+        lengths [b*K] int32, <end> included; the sampler's log-probabilities [b*K]).
+
+        first_image, batch_images: these b images are images first_image.. of a global batch of
+        batch_images (a replica's share): the draws of an image depend on the seed and its place
+        in the global batch, not on the split (default: the whole batch, b images)."""
         state = _repeat_state(self.model.init_state(features), self.samples)
         rows = tf.shape(features)[0] * self.samples
         shape_only = tf.zeros([rows, features.shape[1], 0], features.dtype)
+        placed = None if batch_images is None else (first_image * self.samples, batch_images * self.samples)
         out = decoding.sample(_SharedImageState(self.model, state), shape_only, self.max_length,
-                              temperature=self.temperature, seed=seed)
+                              temperature=self.temperature, seed=seed, rows=placed)
         return out.tokens, out.lengths, out.scores
 
     def sequence_nll(self, features, tokens):
@@ -225,8 +229,11 @@ class ScstSteps:
     # -------------------------------------------------------------- the compiled step
     def _replica_train(self, features, references, counts, seed):
         ctx = tf.distribute.get_replica_context()
-        seed = tf.random.experimental.stateless_fold_in(seed, ctx.replica_id_in_sync_group)
-        tokens, lengths, _ = self.draw(features, seed)
+        if self._replica_batch is None:
+            tokens, lengths, _ = self.draw(features, seed)
+        else:  # the replica's images are a slice of the global batch: draw as one device would
+            tokens, lengths, _ = self.draw(features, seed, ctx.replica_id_in_sync_group * self._replica_batch,
+                                           ctx.num_replicas_in_sync * self._replica_batch)
         greedy = self._greedy_tokens(features) if self.baseline == "greedy" else (None, None)
         rewards, baselines, seconds = self.rewards(tokens, lengths, references, counts, *greedy)
         advantages = tf.reshape(rewards - baselines, [-1])
@@ -244,12 +251,18 @@ class ScstSteps:
         return (loss, tf.reduce_sum(tf.cast(rewards, tf.float64)), tf.reduce_sum(tf.cast(baselines, tf.float64)),
                 tf.cast(tf.size(lengths), tf.int64), local_tokens, tf.cast(seconds, tf.float64), norm)
 
-    def build(self, element_spec) -> None:
+    def build(self, element_spec, replica_batch: int | None = None) -> None:
         """Compile the step for batches shaped like `element_spec` (image_dataset's, or a distributed
         one's). train_step(batch, seed [2] int64) -> {loss, reward, baseline, length (mean tokens of
         a draw, <end> included), samples, tokens (global), reward_seconds (host time scoring, summed
-        over replicas), grad_norm}."""
+        over replicas), grad_norm}.
+
+        replica_batch: the images of a full batch on one replica, with several replicas: replica r's
+        images are then taken as images r * replica_batch.. of the step's global batch, as they are
+        where one input pipeline feeds the replicas in turn (one machine), so the step draws and
+        updates exactly as one device does on the whole batch."""
         strategy = self.strategy
+        self._replica_batch = replica_batch if strategy.num_replicas_in_sync > 1 else None
 
         def total(v):
             return strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from model import fused_attention
 from trainer import distribute
+from trainer.scst import BASELINES as SCST_BASELINES
 
 JIT_CHOICES = ("auto", "on", "off")
 METRIC_CHOICES = ("loss", "cider")
@@ -43,6 +44,15 @@ class Settings:
     data: str = _setting(None, "data directory from pipelines.preprocess (local or gs://)")
     job_dir: str = _setting(None, "where checkpoints, logs, metrics and the export go")
     epochs: int = _setting(10, "epochs of cross-entropy training", low=1)
+    scst_epochs: int = _setting(
+        0, "epochs of self-critical training (SCST) on the CIDEr-D of sampled captions after the --epochs of "
+        "cross-entropy, from their last weights; each step takes --batch-size images (0: none)", low=0)
+    scst_samples: int = _setting(5, "captions sampled per image in an SCST step", low=1, flag="K")
+    scst_baseline: str = _setting(
+        "mean", "the reward a sample is compared with: the mean of the image's other samples, or the reward of "
+        "its greedy caption", choices=SCST_BASELINES)
+    scst_learning_rate: float = _setting(5e-5, "Adam's learning rate in the SCST stage (its own optimizer)",
+                                         positive=True)
     batch_size: int = _setting(64, "global batch, over all replicas", low=1)
     learning_rate: float = _setting(1e-3, "Adam's learning rate (the peak, with a schedule)", positive=True)
     lr_schedule: str = _setting("constant", "constant, or cosine decay to 1% over the run",
@@ -70,7 +80,8 @@ class Settings:
                                      low=0)
     keep_checkpoints: int = _setting(3, "newest checkpoints kept (the best one is kept apart)", low=1)
     early_stopping: int = _setting(0, "stop after this many epochs without a better --early-stopping-metric "
-                                      "(0: off)", low=0, flag="PATIENCE")
+                                      "(0: off); it ends the cross-entropy stage, and --scst-epochs then run",
+                                   low=0, flag="PATIENCE")
     early_stopping_metric: str = _setting(
         "loss", "what early stopping and checkpoints/best follow: the val loss (the default; lower is better) or the "
         "val CIDEr of the --eval-images captions (higher is better)", choices=METRIC_CHOICES)
@@ -120,6 +131,9 @@ class Settings:
                                 "--eval-images above 0, and validation on")
         if self.export == "best" and not self.validate:
             raise SettingsError("--export best needs validation (--no-validate keeps no best checkpoint)")
+        if self.scst_epochs and self.scst_baseline == "mean" and self.scst_samples < 2:
+            raise SettingsError(f"--scst-samples {self.scst_samples}: the mean baseline needs at least 2 samples "
+                                "an image (or --scst-baseline greedy)")
         if self.eval_images and self.samples > self.eval_images:
             raise SettingsError(f"--samples {self.samples}: at most --eval-images ({self.eval_images}), "
                                 "the samples are the first of those images")

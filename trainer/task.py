@@ -72,6 +72,8 @@ def main(argv=None) -> int:
     train, val = metrics.get("final_train_loss"), metrics.get("final_val_loss")
     losses = ("no epoch completed, so no epoch loss yet" if train is None else
               f"final train loss {train:.4f}" + (f", val loss {val:.4f}" if val is not None else ""))
+    if metrics.get("final_train_reward") is not None:
+        losses += f"; {metrics['scst_steps']} SCST steps, final sample reward {metrics['final_train_reward']:.3f}"
     print(f"trained {metrics['steps']} steps ({metrics['stopped']}); {losses}; {settings.job_dir}")
     return 0
 
