@@ -15,10 +15,12 @@ from trainer import data, scst
 from trainer.steps import CaptionSteps
 
 XENT_EPOCHS = 3        # a model that names some of a scene: room for the reward to work on
-SCST_STEPS = 40        # one step = all 14 training images
+SCST_STEPS = 60        # one step = all 14 training images
 SAMPLES = 8
-SCST_LR = 5e-4
-CIDER_GAIN = 0.15      # greedy CIDEr on the training images must rise by this much (measured: 0.26 -> 0.55)
+SCST_LR = 1e-3
+# Greedy CIDEr on the training images must rise by this much. Measured from 0.265, after 60 steps with
+# the run seeds 0, 1, 2: 0.852, 0.654, 0.751 (at 40 steps 0.341-0.701, and at lr 5e-4 as low as 0.344).
+CIDER_GAIN = 0.15
 
 
 @pytest.fixture(scope="module")
