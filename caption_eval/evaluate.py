@@ -89,11 +89,12 @@ def object_evaluators(boxes: dict | None) -> dict:
 
 # ------------------------------------------------------------------------- the evaluation run
 def caption_split(model, files: list[str], beam_size: int, max_length: int, batch_size: int = 32,
-                  limit: int | None = None):
+                  limit: int | None = None, controls: dict | None = None):
     """Per image of the shards, in order (the first `limit` alone, when given): {"image_id",
     "file_name", "references", "caption", "words", "attention" [len(words), 64]}. Streams: a
     COCO-sized split never holds more than one batch of feature maps. `model` is a loaded
-    export, or anything with its caption_features signature (the trainer's in-training one)."""
+    export, or anything with its caption_features signature (the trainer's in-training one);
+    controls: decoding controls beside the beam (client.CONTROL_DEFAULTS' names)."""
     import tensorflow as tf
 
     from caption_io import records
@@ -105,7 +106,7 @@ def caption_split(model, files: list[str], beam_size: int, max_length: int, batc
     ds = ds.batch(batch_size).map(records.parse_examples)
     for batch in ds:
         texts = batch["caption_text"].to_list()
-        rows = client.caption_features(model, batch["features"], beam_size, max_length)
+        rows = client.caption_features(model, batch["features"], beam_size, max_length, **(controls or {}))
         for i, (image_id, row) in enumerate(zip(batch["image_id"].numpy(), rows)):
             yield {"image_id": int(image_id), "file_name": batch["file_name"][i].numpy().decode("utf-8"),
                    "references": [t.decode("utf-8") for t in texts[i]], "caption": row["caption"],
@@ -115,7 +116,7 @@ def caption_split(model, files: list[str], beam_size: int, max_length: int, batc
 def evaluate(model_dir: str, data_dir: str | None = None, split: str = "val", beam_size: int = 3,
              max_length: int | None = None, output: str | None = None, images_dir: str | None = None,
              instances: str | None = None, gallery_size: int = 12, spice: bool = False,
-             batch_size: int = 32) -> dict:
+             batch_size: int = 32, controls: dict | None = None) -> dict:
     """Run the whole evaluation, write its files, return metrics.json's content."""
     from caption_eval import gallery
     from caption_eval.evaluators import coco_metrics
@@ -146,7 +147,7 @@ def evaluate(model_dir: str, data_dir: str | None = None, split: str = "val", be
     shown = []
     total = meta.splits[split].images.written or None
     start = time.time()
-    for n, item in enumerate(caption_split(model, files, beam_size, max_length, batch_size), 1):
+    for n, item in enumerate(caption_split(model, files, beam_size, max_length, batch_size, controls=controls), 1):
         for evaluator in evaluators:
             evaluator.add(item)
         if len(shown) < gallery_size:
@@ -159,7 +160,8 @@ def evaluate(model_dir: str, data_dir: str | None = None, split: str = "val", be
         metrics = coco.summary()
     except ValueError as e:  # the shards hold an image twice, or one without captions
         raise UsageError(f"--data {data_dir}, {split} split: {e}") from None
-    metrics.update({"split": split, "beam_size": beam_size, "max_length": max_length, "model": model_dir,
+    metrics.update({"split": split, "beam_size": beam_size, "max_length": max_length, "decoding": controls or {},
+                    "model": model_dir,
                     "data": data_dir, "text_normalisation": "caption_io.text.normalize (tensorflow-text)",
                     "caption_seconds": round(caption_seconds, 1),
                     "score_seconds": round(time.time() - start - caption_seconds, 1)})
@@ -217,15 +219,23 @@ def main(argv=None) -> int:
     ap.add_argument("--gallery", type=int, default=12, metavar="N", help="images in the gallery (default 12, 0: none)")
     ap.add_argument("--spice", action="store_true", help="also SPICE (downloads Stanford CoreNLP on first use)")
     ap.add_argument("--batch-size", type=int, default=32, help="images a model call (default 32)")
+    from caption_serving import client
+
+    client.add_decoding_flags(ap)  # the best caption is the one scored; --num-captions changes nothing here
     a = ap.parse_args(argv)
     if a.beam_size < 1 or a.max_length < 0 or a.gallery < 0 or a.batch_size < 1:
         ap.error("--beam-size and --batch-size must be >= 1, --max-length and --gallery >= 0")
+    try:
+        controls = client.decoding_controls(a, a.beam_size)
+    except ValueError as e:
+        ap.error(str(e))
+    controls = {k: v for k, v in controls.items() if v != client.CONTROL_DEFAULTS[k]}  # an older export takes none
 
     from caption_serving.client import ModelError
 
     try:
         metrics = evaluate(a.model, a.data, a.split, a.beam_size, a.max_length or None, a.output, a.images_dir,
-                           a.instances, a.gallery, a.spice, a.batch_size)
+                           a.instances, a.gallery, a.spice, a.batch_size, controls)
     except ModelError as e:  # the line names the flag; exit 2 (ModelError's)
         raise ModelError(f"--model {a.model}: {e}") from None
     print(table(metrics))

@@ -26,7 +26,8 @@ def main():
                          "--batch-size", "8", "--dropout", "0", "--epochs", "1", "--max-steps", "11" if scst else "3",
                          "--strategy", mode, "--no-validate", "--no-progress", "--seed", "4", "--no-eval"]
                         + ([] if export else ["--no-export"])
-                        + (["--scst-epochs", "1", "--scst-samples", "3", "--scst-learning-rate", "1e-3"] if scst else []))
+                        + (["--scst-epochs", "1", "--scst-samples", "3", "--scst-learning-rate", "1e-3"]
+                           if scst else []))
     t = loop.Trainer(s)
     t.run()
     exported = task.finish(t, s) or ""

@@ -251,3 +251,15 @@ def test_missing_model_is_one_line(tmp_path, capsys):
     assert evaluate.main(["--model", str(tmp_path / "no-such-export")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "no such directory" in err
+
+
+def test_decoding_controls_reach_the_evaluated_captions(trained_job, small_data, tmp_path):
+    """--no-repeat-ngram and the other controls are applied to the captions scored, and recorded."""
+    metrics = evaluate.evaluate(os.path.join(trained_job, "export"), small_data, beam_size=2, gallery_size=0,
+                                output=str(tmp_path / "ev"), controls={"no_repeat_ngram": 1, "min_length": 3})
+    assert metrics["decoding"] == {"no_repeat_ngram": 1, "min_length": 3}
+    with open(tmp_path / "ev" / "results.json") as f:
+        captions = [r["caption"].split() for r in json.load(f)]
+    assert captions and all(len(set(words)) == len(words) and len(words) >= 3 for words in captions), captions
+    with pytest.raises(SystemExit):
+        evaluate.main(["--model", "x", "--no-repeat-ngram", "-1"])
