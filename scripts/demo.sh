@@ -23,8 +23,9 @@ rm -rf "$OUT/job"  # a fresh job each demo (a kept job dir would resume)
 # "Model flags"). The demo weakens it; on photos keep the default.
 ATTENTION_REG=${DEMO_ATTENTION_REG:-0.1}
 echo "attention regulariser: lambda $ATTENTION_REG (the trainer's default is 1.0; DEMO_ATTENTION_REG=1 to compare)"
+# DEMO_SCST_EPOCHS=1: one epoch of self-critical training on CIDEr-D after them (README, "Training").
 "$PY" -m trainer.task --data "$OUT/data" --job-dir "$OUT/job" --epochs "${DEMO_EPOCHS:-6}" --batch-size 64 \
-  --attention-reg "$ATTENTION_REG"
+  --attention-reg "$ATTENTION_REG" --scst-epochs "${DEMO_SCST_EPOCHS:-0}"
 
 echo "job directory: $OUT/job (checkpoints/, logs/ for TensorBoard, loss.png, metrics.json, export/,"
 echo "               eval-val/: results.json, metrics.json, gallery/index.html)"
