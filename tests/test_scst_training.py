@@ -96,3 +96,16 @@ def test_the_mean_baseline_needs_two_samples(small_data, tmp_path, capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert "--scst-samples 1" in err[-1] and "greedy" in err[-1]
+
+
+def test_early_stopping_ends_the_cross_entropy_stage_and_scst_follows(small_data, tmp_path, monkeypatch, capsys):
+    """A val loss that only gets worse stops cross-entropy after --early-stopping epochs; the job
+    then goes on to its SCST epochs (numbered after --epochs) instead of ending."""
+    losses = iter([5.0, 6.0, 7.0, 8.0])
+    monkeypatch.setattr(loop.Trainer, "validate",
+                        lambda self, epoch: dict.fromkeys(("loss", "xent", "reg"), next(losses)))
+    _, m = _run(small_data, tmp_path / "job", "--epochs", "4", "--early-stopping", "1", "--scst-epochs", "1",
+                "--scst-samples", "2")
+    assert [(h["epoch"], h.get("stage")) for h in m["history"]] == [(1, None), (2, None), (5, "scst")]
+    assert m["stopped"] == "epochs done" and m["scst_steps"] == SCST_STEPS_PER_EPOCH
+    assert "the cross-entropy stage ends at epoch 2; SCST starts" in capsys.readouterr().err
