@@ -32,7 +32,7 @@ def main():
     t.run()
     exported = task.finish(t, s) or ""
     np.savez(out, replicas=t.strategy.num_replicas_in_sync, steps=t.global_step(), exported=exported,
-             scst_steps=int(t.scst_steps), record=json.dumps(t.history[-1] if t.history else {}),
+             scst_steps=int(t.scst_steps), history=json.dumps(t.history),
              **{v.path.replace("/", "__"): np.asarray(tf.convert_to_tensor(v.value))
                 for v in t.model.trainable_variables})
 

@@ -31,41 +31,27 @@ def _weights(path):
         return {k: z[k] for k in z.files}
 
 
-def test_two_mirrored_replicas_make_the_same_update_as_one_device(small_data, tmp_path):
-    one, two = _run("default", small_data, tmp_path / "one", tmp_path / "one.npz"), None
-    _finish(one)
-    two = _run("mirrored", small_data, tmp_path / "two", tmp_path / "two.npz")
-    _finish(two)
-    a, b = _weights(tmp_path / "one.npz"), _weights(tmp_path / "two.npz")
-    assert int(a.pop("replicas")) == 1 and int(b.pop("replicas")) == 2
-    assert int(a.pop("steps")) == int(b.pop("steps")) == 3
-    assert str(a.pop("exported")) == str(b.pop("exported")) == ""  # --export not asked
-    _same_weights(a, b)
-
-
-def _same_weights(a, b):
-    for k in ("scst_steps", "record"):
-        a.pop(k), b.pop(k)
-    assert a.keys() == b.keys()
-    for k in a:
-        np.testing.assert_allclose(a[k], b[k], rtol=1e-4, atol=1e-5, err_msg=k)
-
-
-def test_two_mirrored_replicas_take_the_same_scst_steps_as_one_device(small_data, tmp_path):
-    """Each replica draws its images' samples as one device draws them (their place in the global
-    batch), and the loss divides by the global count of sampled tokens: the same update."""
+def test_two_mirrored_replicas_make_the_same_updates_as_one_device(small_data, tmp_path):
+    """A cross-entropy epoch then two SCST steps, on one device and on two replicas. Cross-entropy:
+    the loss over the global token count and gradients clipped after the all-reduce. SCST: each
+    replica draws its images' samples as one device draws them (their place in the global batch),
+    and the loss divides by the global count of sampled tokens. The same updates, so the same weights."""
     _finish(_run("default", small_data, tmp_path / "one", tmp_path / "one.npz", scst=True))
     _finish(_run("mirrored", small_data, tmp_path / "two", tmp_path / "two.npz", scst=True))
     a, b = _weights(tmp_path / "one.npz"), _weights(tmp_path / "two.npz")
     assert int(a.pop("replicas")) == 1 and int(b.pop("replicas")) == 2
-    assert int(a.pop("steps")) == int(b.pop("steps")) == 11 and int(a["scst_steps"]) == int(b["scst_steps"]) == 2
-    a.pop("exported"), b.pop("exported")
-    one, two = json.loads(str(a["record"])), json.loads(str(b["record"]))  # the SCST epoch's record
-    assert one["stage"] == two["stage"] == "scst" and one["train_reward"] > 0
+    assert int(a.pop("steps")) == int(b.pop("steps")) == 11
+    assert int(a.pop("scst_steps")) == int(b.pop("scst_steps")) == 2
+    assert str(a.pop("exported")) == str(b.pop("exported")) == ""  # --export not asked
+    one, two = json.loads(str(a.pop("history"))), json.loads(str(b.pop("history")))
+    assert [h.get("stage") for h in one] == [h.get("stage") for h in two] == [None, "scst"]
+    assert one[1]["train_reward"] > 0
+    np.testing.assert_allclose(two[0]["train_loss"], one[0]["train_loss"], rtol=1e-5)  # the cross-entropy epoch
     for k in ("train_reward", "train_baseline", "scst_loss", "sample_length"):
-        np.testing.assert_allclose(two[k], one[k], rtol=1e-4, atol=1e-6, err_msg=k)
-    _same_weights(a, b)
-
+        np.testing.assert_allclose(two[1][k], one[1][k], rtol=1e-4, atol=1e-6, err_msg=k)
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_allclose(a[k], b[k], rtol=1e-4, atol=1e-5, err_msg=k)
 
 
 @pytest.mark.slow
@@ -80,7 +66,7 @@ def test_two_workers_on_localhost_end_with_the_same_weights(small_data, tmp_path
     a, b = _weights(tmp_path / "w0.npz"), _weights(tmp_path / "w1.npz")
     assert int(a["replicas"]) == 2 and int(a["steps"]) == 3
     exported = [str(a.pop("exported")), str(b.pop("exported"))]
-    for k in ("scst_steps", "record"):
+    for k in ("scst_steps", "history"):
         a.pop(k), b.pop(k)
     for k in a:
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)

@@ -205,7 +205,7 @@ def run_cli(*args):
 def evaluated(trained_job, small_data, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("eval"))
     proc = run_cli("--model", os.path.join(trained_job, "export"), "--data", small_data, "--output", out,
-                   "--gallery", "3", "--beam-size", "2")
+                   "--gallery", "3", "--beam-size", "2", "--no-repeat-ngram", "1", "--min-length", "3")
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out, proc
 
@@ -219,12 +219,16 @@ def test_cli_writes_results_metrics_and_gallery(evaluated, small_data):
         results = json.load(f)
     assert sorted(r["image_id"] for r in results) == val_ids  # every val image, once
     assert all(set(r) == {"image_id", "caption"} and isinstance(r["caption"], str) for r in results)
+    # The decoding flags reached the captions scored: no word twice, none shorter than 3 words.
+    words = [r["caption"].split() for r in results]
+    assert all(len(set(w)) == len(w) and len(w) >= 3 for w in words), words
 
     with open(os.path.join(out, "metrics.json")) as f:
         metrics = json.load(f)
     for key in coco_metrics.METRIC_KEYS:
         assert 0.0 <= metrics[key] <= 10.0, key
     assert metrics["n_images"] == len(val_ids) and metrics["beam_size"] == 2
+    assert metrics["decoding"] == {"no_repeat_ngram": 1, "min_length": 3}
     # The scene set writes boxes, so both object figures are there.
     att = metrics["attention_correctness"]
     assert att["chance"] is None or 0 < att["chance"] < 1
@@ -239,12 +243,14 @@ def test_cli_writes_results_metrics_and_gallery(evaluated, small_data):
     assert "BLEU-4" in proc.stdout  # the table
 
 
-def test_bad_flag_is_one_line(capsys):
+@pytest.mark.parametrize("args, flag", [(["--split", "train"], "--split"), (["--no-repeat-ngram", "-1"],
+                                                                             "--no-repeat-ngram")])
+def test_bad_flag_is_one_line(args, flag, capsys):
     with pytest.raises(SystemExit) as e:
-        evaluate.main(["--model", "x", "--split", "train"])
+        evaluate.main(["--model", "x", *args])
     assert e.value.code != 0
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "--split" in err
+    assert len(err.splitlines()) == 1 and flag in err
 
 
 def test_missing_model_is_one_line(tmp_path, capsys):
@@ -252,14 +258,3 @@ def test_missing_model_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "no such directory" in err
 
-
-def test_decoding_controls_reach_the_evaluated_captions(trained_job, small_data, tmp_path):
-    """--no-repeat-ngram and the other controls are applied to the captions scored, and recorded."""
-    metrics = evaluate.evaluate(os.path.join(trained_job, "export"), small_data, beam_size=2, gallery_size=0,
-                                output=str(tmp_path / "ev"), controls={"no_repeat_ngram": 1, "min_length": 3})
-    assert metrics["decoding"] == {"no_repeat_ngram": 1, "min_length": 3}
-    with open(tmp_path / "ev" / "results.json") as f:
-        captions = [r["caption"].split() for r in json.load(f)]
-    assert captions and all(len(set(words)) == len(words) and len(words) >= 3 for words in captions), captions
-    with pytest.raises(SystemExit):
-        evaluate.main(["--model", "x", "--no-repeat-ngram", "-1"])
