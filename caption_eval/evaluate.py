@@ -229,7 +229,8 @@ def main(argv=None) -> int:
         controls = client.decoding_controls(a, a.beam_size)
     except ValueError as e:
         ap.error(str(e))
-    controls = {k: v for k, v in controls.items() if v != client.CONTROL_DEFAULTS[k]}  # an older export takes none
+    # Only the controls asked for: metrics.json's "decoding" then says how this run differs from the defaults.
+    controls = {k: v for k, v in controls.items() if v != client.CONTROL_DEFAULTS[k]}
 
     from caption_serving.client import ModelError
 

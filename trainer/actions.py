@@ -249,7 +249,8 @@ class MaxSteps(Action):
 
 class EarlyStopping(Action):
     """Stop after `patience` epochs without a better --early-stopping-metric (the loop keeps the
-    count, and the best value, in the checkpoint, so a restarted job stops where it would have)."""
+    count, and the best value, in the checkpoint, so a restarted job stops where it would have).
+    It ends the cross-entropy stage: with --scst-epochs the job goes on to them instead."""
 
     def __init__(self, patience: int, metric: str = "loss"):
         self.patience = patience
@@ -258,6 +259,10 @@ class EarlyStopping(Action):
     def end_epoch(self, trainer, record, val):
         if record.get("stage") == "scst":  # early stopping ends the cross-entropy stage only
             return None
-        if val and int(trainer.bad_epochs) >= self.patience:
-            return f"early stopping: no {self.what} in {self.patience} epochs"
-        return None
+        if not (val and int(trainer.bad_epochs) >= self.patience):
+            return None
+        reason = f"early stopping: no {self.what} in {self.patience} epochs"
+        if trainer.s.scst_epochs:
+            trainer.end_cross_entropy(reason)
+            return None
+        return reason

@@ -16,6 +16,7 @@ uninterrupted run would have seen.
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import sys
@@ -243,8 +244,6 @@ class Trainer:
         s, split = self.s, self.meta.splits["train"]
         digest = None
         if split.files:
-            import hashlib
-
             digest = hashlib.sha256(" ".join(f.sha256 for f in split.files).encode()).hexdigest()
         cache = fileio.join(s.job_dir, jobdir.CIDER_DF) if self.chief else None
         scorer = cider_d.build_scorer(cache, lambda: cider_d.read_references(self.train_files), digest=digest)
@@ -359,9 +358,6 @@ class Trainer:
                     record, val = self.end_epoch(actions)
                     for a in actions:
                         reason = a.end_epoch(self, record, val) or reason
-                    if reason and reason.startswith("early stopping") and self.s.scst_epochs and \
-                            not self.in_scst(epoch):
-                        reason = self._skip_to_scst(reason)
                 elif reason:  # stopped mid-epoch (--max-steps): keep the position for a later run
                     self.save(self.global_step())
         finally:
@@ -369,15 +365,14 @@ class Trainer:
                 a.close()
         return self._finish(reason or "epochs done", time.time() - start_time)
 
-    def _skip_to_scst(self, reason: str) -> None:
-        """Early stopping ended the cross-entropy stage: the job goes on with SCST from here (and a
-        restart does too: the position is saved)."""
+    def end_cross_entropy(self, reason: str) -> None:
+        """End the cross-entropy stage before its --epochs (early stopping): the job goes on with
+        SCST from here, and a restart does too (the position is saved)."""
         print(f"{reason}: the cross-entropy stage ends at epoch {int(self.epoch)}; SCST starts",
               file=sys.stderr)
         self.epoch.assign(self.s.epochs)
         self.bad_epochs.assign(0)
         self.save(self.global_step())
-        return None
 
     def _start(self) -> str | None:
         """Restore (every worker, from the chief's checkpoints: the only real ones), record the
