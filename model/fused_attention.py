@@ -5,9 +5,9 @@ TensorFlow computes tanh(keys + query) . v in three ops and its gradient in six,
 over memory, plus the softmax and the context around them. kernels/additive_attention.cc
 does each direction in one pass. It is C++ against TensorFlow's own headers (tf.sysconfig),
 compiled on first use with the machine's C++ compiler and cached per source, TensorFlow
-version and CPU (`-march=native`); where that is not possible (no compiler, a GPU, bfloat16)
-training uses the TensorFlow ops, which compute the same numbers
-(tests/test_fused_attention.py checks both against autodiff).
+version, compiler and CPU: tuned for this CPU where that compiles, else a portable build;
+where neither is possible (no compiler, a GPU, bfloat16) training uses the TensorFlow ops,
+which compute the same numbers (tests/test_fused_attention.py checks both against autodiff).
 
     use = fused_attention.resolve("auto", "float32")   # True where the kernels serve
     context, weights, hidden = fused_attention.attend(features, keys, query, v)
@@ -17,6 +17,7 @@ so an export runs anywhere.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -32,10 +33,18 @@ from caption_io import cli
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels", "additive_attention.cc")
 CHOICES = ("auto", "fused", "ops")
+# The builds tried, in order. "tuned" targets this CPU (-march=native) but leaves out
+# AVX512-FP16: with it on (Xeon Sapphire Rapids and later) TensorFlow's bundled Eigen headers
+# stop g++ 12, and float32 kernels have no use for half-precision instructions. "portable" is
+# the compiler's default target, for a CPU or compiler on which the tuned build still fails.
+TUNED, PORTABLE = "tuned", "portable"
+BUILDS = (TUNED, PORTABLE)
+_BUILD_NAMES = {TUNED: "built for this CPU", PORTABLE: "portable build: the build for this CPU failed"}
 log = logging.getLogger(__name__)
 
 _lock = threading.Lock()
 _module = None
+_loaded_build: str | None = None
 _error: str | None = None
 
 
@@ -61,54 +70,102 @@ def _cpu() -> str:
         return platform.processor() or platform.machine()
 
 
-def _command(output: str) -> list[str]:
-    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
-    if not cxx:
-        raise KernelError("no C++ compiler found (install g++ or set CXX)")
-    return ([cxx, "-shared", "-fPIC", "-O3", "-march=native", "-DNDEBUG", "-Wno-deprecated-declarations"]
+def compiler() -> str | None:
+    """The C++ compiler the kernels are built with: $CXX, else g++, else c++ (None: none here)."""
+    return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+
+
+@functools.lru_cache(maxsize=None)
+def _accepts(cxx: str, flag: str) -> bool:
+    """Whether the compiler knows a flag (g++ learnt -mno-avx512fp16 in version 12)."""
+    try:
+        return subprocess.run([cxx, flag, "-x", "c++", "-E", "-o", os.devnull, os.devnull],
+                              capture_output=True, timeout=60).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
+def target_flags(cxx: str, build: str, march: str = "native") -> list[str]:
+    """The code-generation flags of one build (march: the CPU a tuned build is for)."""
+    if build == PORTABLE:
+        return []
+    return [f"-march={march}"] + (["-mno-avx512fp16"] if _accepts(cxx, "-mno-avx512fp16") else [])
+
+
+def _command(cxx: str, target: list[str], output: str) -> list[str]:
+    return ([cxx, "-shared", "-fPIC", "-O3", *target, "-DNDEBUG", "-Wno-deprecated-declarations"]
             + tf.sysconfig.get_compile_flags() + [SOURCE, "-o", output] + tf.sysconfig.get_link_flags())
 
 
-def library_path() -> str:
-    """The built kernel library for this source, TensorFlow and CPU (built if missing)."""
-    with open(SOURCE, "rb") as f:
-        source = f.read()
-    key = hashlib.sha256(b"\0".join([source, tf.__version__.encode(), " ".join(_command("-")).encode(),
-                                     _cpu().encode()])).hexdigest()[:16]
-    path = os.path.join(cache_dir(), f"additive_attention-{key}.so")
-    if os.path.exists(path):
-        return path
-    os.makedirs(cache_dir(), exist_ok=True)
-    # Build beside the target and rename: processes that start together (the workers of
-    # one job) each build their own file and none loads a half-written one.
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache_dir())
+def compile_library(cxx: str, target: list[str], output: str) -> str | None:
+    """Compile the kernels into output (written beside it and renamed, so processes that start
+    together, the workers of one job, never load a half-written file). -> None, or the
+    compiler's messages when it failed (output then absent)."""
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=os.path.dirname(output) or ".")
     os.close(fd)
     try:
-        done = subprocess.run(_command(tmp), capture_output=True, text=True, timeout=600)
+        done = subprocess.run(_command(cxx, target, tmp), capture_output=True, text=True, timeout=600)
         if done.returncode:
-            lines = [line for line in done.stderr.splitlines() if "error" in line] or done.stderr.splitlines()[-1:]
-            raise KernelError(f"compiling {os.path.basename(SOURCE)} failed: {lines[0].strip() if lines else '?'}")
-        os.replace(tmp, path)
+            return done.stderr.strip() or f"{cxx} exited with status {done.returncode}"
+        os.replace(tmp, output)
+        return None
+    except (OSError, subprocess.SubprocessError) as e:
+        return str(e)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-    return path
+
+
+def library_path() -> str:
+    """The built kernel library for this source, TensorFlow, compiler and CPU (built if missing:
+    each build of BUILDS in turn until one compiles)."""
+    cxx = compiler()
+    if not cxx:
+        raise KernelError("no C++ compiler found (install g++ or set CXX)")
+    with open(SOURCE, "rb") as f:
+        source = f.read()
+    tuned = " ".join(_command(cxx, target_flags(cxx, TUNED), "-"))
+    key = hashlib.sha256(b"\0".join([source, tf.__version__.encode(), tuned.encode(),
+                                     _cpu().encode()])).hexdigest()[:16]
+    paths = {build: os.path.join(cache_dir(), f"additive_attention-{key}-{build}.so") for build in BUILDS}
+    for build in BUILDS:   # a machine whose tuned build failed once keeps its portable one
+        if os.path.exists(paths[build]):
+            return paths[build]
+    os.makedirs(cache_dir(), exist_ok=True)
+    for build in BUILDS:
+        messages = compile_library(cxx, target_flags(cxx, build), paths[build])
+        if messages is None:
+            return paths[build]
+        log.debug("the %s build of %s failed:\n%s", build, os.path.basename(SOURCE), messages)
+    raise KernelError(f"the fused CPU kernels did not compile with {cxx}; --verbose shows its messages")
+
+
+def build_of(path: str) -> str:
+    """Which of BUILDS a library from library_path is."""
+    return os.path.splitext(path)[0].rsplit("-", 1)[-1]
 
 
 def load():
     """The kernels' op module; raises KernelError (with the reason) where they cannot be built."""
-    global _module, _error
+    global _module, _error, _loaded_build
     with _lock:
         if _module is None and _error is None:
             try:
-                _module = tf.load_op_library(library_path())
+                path = library_path()
+                _module, _loaded_build = tf.load_op_library(path), build_of(path)
             except KernelError as e:
                 _error = str(e)
-            except (OSError, subprocess.SubprocessError, tf.errors.OpError) as e:
-                _error = f"the fused attention kernels did not build or load: {e}".splitlines()[0]
+            except (OSError, tf.errors.OpError) as e:
+                _error = f"the fused CPU kernels did not load: {e}".splitlines()[0]
         if _module is None:
             raise KernelError(_error)
         return _module
+
+
+def describe() -> str:
+    """The loaded kernels in a few words, for the line that says what a job trains with."""
+    load()
+    return f"fused CPU kernels ({_BUILD_NAMES[_loaded_build]})"
 
 
 def unsupported_reason(compute_dtype: str) -> str | None:
@@ -130,7 +187,7 @@ def resolve(choice: str, compute_dtype: str) -> bool:
     reason = unsupported_reason(compute_dtype)
     if reason is None:
         try:
-            load()
+            log.info("attention: %s", describe())
             return True
         except KernelError as e:
             reason = str(e)

@@ -5,6 +5,7 @@ import json
 import os
 import shutil
 import socket
+import tempfile
 
 import pytest
 from PIL import Image
@@ -97,14 +98,21 @@ def faulty_scene(scene_dir, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def fused_kernels():
-    """The fused CPU attention kernels' op module (built on first use), or a skip saying why:
-    make test installs g++ where missing, a machine that still has none is told so."""
+    """The fused CPU attention kernels' op module (built on first use). make test installs g++
+    where missing: a machine that still has no compiler skips, saying so; where a compiler is
+    present, kernels that do not build or load fail the test (with --verbose's messages)."""
     from model import fused_attention
 
     try:
         return fused_attention.load()
     except fused_attention.KernelError as e:
-        pytest.skip(f"fused attention kernels not available here: {e}")
+        cxx = fused_attention.compiler()
+        if cxx is None:
+            pytest.skip(f"fused attention kernels not available here: {e}")
+        with tempfile.TemporaryDirectory() as scratch:  # the compiler's own words, into the failure
+            said = fused_attention.compile_library(cxx, fused_attention.target_flags(cxx, fused_attention.TUNED),
+                                                   os.path.join(scratch, "kernels.so"))
+        pytest.fail(f"the fused attention kernels did not build or load with {cxx}: {e}\n{said or ''}")
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,9 @@
 """The fused CPU attention kernels (model/fused_attention.py) against TensorFlow's ops and
 autodiff, and their fallback where they cannot be built."""
+import logging
 import os
+import platform
+import shutil
 
 import numpy as np
 import pytest
@@ -126,17 +129,65 @@ def test_without_a_compiler_auto_falls_back_and_fused_says_why(tmp_path, monkeyp
     monkeypatch.setenv("CXX", "/bin/false")                      # a compiler that fails
     monkeypatch.setattr(fused_attention, "_module", None)
     monkeypatch.setattr(fused_attention, "_error", None)
+    caplog.set_level(logging.DEBUG, logger=fused_attention.__name__)
     assert fused_attention.resolve("auto", "float32") is False
-    assert "attention: TensorFlow ops (compiling additive_attention.cc failed" in caplog.text
+    # One short line at the default level; the compiler's own words only under --verbose (DEBUG).
+    shown = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO]
+    assert shown == ["attention: TensorFlow ops (the fused CPU kernels did not compile with /bin/false; "
+                     "--verbose shows its messages)"]
+    debug = [r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG]
+    assert [m.splitlines()[0] for m in debug] == [f"the {b} build of additive_attention.cc failed:"
+                                                  for b in fused_attention.BUILDS]
     with pytest.raises(fused_attention.KernelError, match="--attention-kernel fused: not available"):
         fused_attention.resolve("fused", "float32")
     assert list(tmp_path.iterdir()) == []                        # no half-built file left
+
+
+def test_a_failed_tuned_build_falls_back_to_the_portable_one(fused_kernels, tmp_path, monkeypatch, caplog):
+    # Forced: a compiler that refuses every tuned (-march) build; the portable one is a copy of
+    # the library this session built, so no second compile is paid for.
+    built = fused_attention.library_path()
+    tried = []
+
+    def compile_library(cxx, target, output):
+        tried.append(target)
+        if any(flag.startswith("-march=") for flag in target):
+            return "error: this CPU is not supported"
+        shutil.copyfile(built, output)
+        return None
+
+    monkeypatch.setenv("SAT_KERNEL_CACHE", str(tmp_path))
+    monkeypatch.setattr(fused_attention, "compile_library", compile_library)
+    for name, value in (("_module", None), ("_error", None), ("_loaded_build", None)):
+        monkeypatch.setattr(fused_attention, name, value)
+    caplog.set_level(logging.INFO, logger=fused_attention.__name__)
+    assert fused_attention.resolve("auto", "float32") is True
+    assert tried[1] == [] and tried[0][0] == "-march=native"          # tuned first, then portable
+    assert [p.name.rsplit("-", 1)[-1] for p in tmp_path.iterdir()] == ["portable.so"]
+    assert "attention: fused CPU kernels (portable build: the build for this CPU failed)" in caplog.text
+    tried.clear()
+    assert fused_attention.library_path().endswith("-portable.so") and tried == []   # kept, not rebuilt
+
+
+def test_the_tuned_build_compiles_for_a_cpu_with_avx512_fp16(fused_kernels, tmp_path):
+    # Sapphire Rapids has AVX512-FP16, with which TensorFlow's Eigen headers stop g++ 12; the
+    # tuned build must compile for it from any x86-64 machine (the library is not loaded: it
+    # may hold instructions this CPU lacks).
+    cxx = fused_attention.compiler()
+    if platform.machine() not in ("x86_64", "AMD64") or not fused_attention._accepts(cxx, "-march=sapphirerapids"):
+        pytest.skip(f"{cxx} on {platform.machine()} cannot target Sapphire Rapids")
+    out = str(tmp_path / "spr.so")
+    target = fused_attention.target_flags(cxx, fused_attention.TUNED, march="sapphirerapids")
+    messages = fused_attention.compile_library(cxx, target, out)
+    assert messages is None, messages
+    assert os.path.getsize(out) > 0 and os.listdir(tmp_path) == ["spr.so"]
 
 
 def test_build_is_cached_per_source(fused_kernels, tmp_path, monkeypatch):
     # fused_kernels: skipped, saying why, where they cannot be built (no C++ compiler).
     monkeypatch.setenv("SAT_KERNEL_CACHE", str(tmp_path))
     first = fused_attention.library_path()                        # built into the empty cache
+    assert first.endswith("-tuned.so")                            # this CPU's build compiles here
     assert os.path.dirname(first) == str(tmp_path) and os.listdir(tmp_path) == [os.path.basename(first)]
     mtime = os.stat(first).st_mtime_ns
     assert fused_attention.library_path() == first                # second call: no rebuild
