@@ -150,8 +150,14 @@ def main():
     ap.add_argument("--skip-reference", action="store_true")
     args = ap.parse_args()
 
+    from model import fused_attention
+
     peak = matmul_peak()
     print(f"float32 matmul peak on this machine: {peak / 1e9:,.1f} GFLOP/s")
+    try:
+        print(f"train step's attention: {fused_attention.describe()}")
+    except fused_attention.KernelError as e:
+        print(f"train step's attention: TensorFlow ops ({e})")
     results = {"matmul_gflops": peak / 1e9, "lengths": {}}
     for length in [int(x) for x in args.lengths.split(",")]:
         # Alternate ours and the tutorial's over a few rounds and keep the medians:
@@ -171,7 +177,8 @@ def main():
                 rounds["eager"].append(reference(length, max(3, args.steps // 2), False)["tokens_per_s"])
         med = {k: statistics.median(v) for k, v in rounds.items() if v}
         row = {"ours": med["ours"], "ours_real_tokens_per_s": med["real"], "ours_traces": o["traces"],
-               "attention": "fused kernels" if o["fused_attention"] else "TensorFlow ops", "rounds": rounds}
+               "attention": fused_attention.describe() if o["fused_attention"] else "TensorFlow ops",
+               "attention_build": fused_attention.loaded_build() if o["fused_attention"] else None, "rounds": rounds}
         if args.mixed_precision:
             row["ours_bf16"] = ours(length, args.steps, args.warmup, mixed=True, jit=False)["tokens_per_s"]
         fpt = o["flops_per_real_token"]

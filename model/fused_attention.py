@@ -162,10 +162,15 @@ def load():
         return _module
 
 
+def loaded_build() -> str:
+    """Which of BUILDS the loaded kernels are (loading them if need be)."""
+    load()
+    return _loaded_build
+
+
 def describe() -> str:
     """The loaded kernels in a few words, for the line that says what a job trains with."""
-    load()
-    return f"fused CPU kernels ({_BUILD_NAMES[_loaded_build]})"
+    return f"fused CPU kernels ({_BUILD_NAMES[loaded_build()]})"
 
 
 def unsupported_reason(compute_dtype: str) -> str | None:

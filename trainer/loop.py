@@ -575,6 +575,7 @@ class Trainer:
                 "tokens_per_s_this_run": round(tokens / max(seconds, 1e-9), 1),
                 "replicas": self.strategy.num_replicas_in_sync,
                 "attention_kernel": "fused" if self.steps.fused_attention else "ops",
+                "attention_kernel_build": fused_attention.loaded_build() if self.steps.fused_attention else None,
                 "jit_compile": self.jit_compile, "history": history}
 
     def save_weights(self) -> str:
