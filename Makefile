@@ -38,9 +38,11 @@ chromium:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null \
 	  || echo "could not install chromium: the browser test will be skipped"; }
 
-# The linter first (settings in pyproject.toml): a finding fails the run before the tests start.
+# The linter first (settings in pyproject.toml), then the docs site built strictly (a broken link or
+# a page missing from mkdocs.yml fails), into a scratch folder: a finding fails the run before the tests.
 lint: $(STAMP)
 	$(PY) -m ruff check .
+	@site=$$(mktemp -d); NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --site-dir "$$site"; status=$$?; rm -rf "$$site"; exit $$status
 
 test: lint java cxx chromium
 	$(PY) -m pytest -q -rs
