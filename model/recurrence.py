@@ -191,6 +191,34 @@ def _forward(layout, features, keys, h0, word_gates, w, gate, fused):
     return (layout.join(arrays[0]), layout.join(arrays[1])), arrays[2:]
 
 
+def _gru_grad(pre, gx, hp, dh, u):
+    """One step's GRU gradient from d h_t, where h_t = n + z (h - n): -> (z, r, dz, dr, dn, d_gx)."""
+    z, r, n = _gates(pre, gx, u)
+    hn = pre[:, 3 * u:4 * u]
+    dn = tf.raw_ops.TanhGrad(y=n, dy=dh * (1 - z))                      # d(xn + r hn)
+    dz = tf.raw_ops.SigmoidGrad(y=z, dy=dh * (hp - n))
+    dr = tf.raw_ops.SigmoidGrad(y=r, dy=dn * hn)
+    return z, r, dz, dr, dn, tf.concat([dz, dr, dn], -1)
+
+
+def _attention_grad(layout, features, t, att, a, d_ctx, d_a, v, d_keys):
+    """One step's attention gradient with TensorFlow ops (context = sum_p a_p f_p; softmax;
+    scores = tanh(keys + q) . v): -> (d_query, d_v of this step, d_keys with it added)."""
+    dt, u = att.dtype, att.shape[-1]
+    da = tf.matmul(layout.first(features, t), d_ctx[:, :, None])[:, :, 0]  # [n, P]
+    da = tf.cast(da, tf.float32) + d_a
+    ds = tf.cast(a * (da - tf.reduce_sum(a * da, -1, keepdims=True)), dt)
+    # ds (x) v as a K=1 matmul and the sum over positions as a matmul with ones: both
+    # faster than Eigen's broadcast multiply and middle-axis reduction (docs/ARCHITECTURE.md).
+    rows = tf.shape(ds)[0]
+    ds_v = tf.reshape(tf.matmul(tf.reshape(ds, [-1, 1]), v[None, :]), tf.shape(att))
+    d_score_in = tf.raw_ops.TanhGrad(y=att, dy=ds_v)                  # [n, P, U]
+    d_keys = layout.update_first(d_keys, d_score_in, t)
+    d_v = tf.matmul(tf.reshape(att, [-1, u]), tf.reshape(ds, [-1, 1]), transpose_a=True)[:, 0]
+    d_query = tf.matmul(tf.ones(tf.stack([rows, 1, tf.shape(ds)[1]]), dt), d_score_in)[:, 0]
+    return d_query, d_v, d_keys
+
+
 def _backward(layout, features, keys, h0, w, gate, outputs, saved, d_hidden, d_attention,
               fused):
     hidden, alpha = outputs                                                 # packed
@@ -212,13 +240,7 @@ def _backward(layout, features, keys, h0, w, gate, outputs, saved, d_hidden, d_a
         pre, gx, ctx, att = pre_ta.read(t), gx_ta.read(t), ctx_ta.read(t), att_ta.read(t)
         a, d_a, d_h, hp = (layout.at(x, t) for x in views)
         dh_all, dh = dh, layout.first(dh, t) + d_h
-        z, r, n = _gates(pre, gx, u)
-        hn = pre[:, 3 * u:4 * u]
-        # h_t = n + z (h - n)
-        dn = tf.raw_ops.TanhGrad(y=n, dy=dh * (1 - z))                      # d(xn + r hn)
-        dz = tf.raw_ops.SigmoidGrad(y=z, dy=dh * (hp - n))
-        dr = tf.raw_ops.SigmoidGrad(y=r, dy=dn * hn)
-        d_gx = tf.concat([dz, dr, dn], -1)
+        z, r, dz, dr, dn, d_gx = _gru_grad(pre, gx, hp, dh, u)
         d_gated = tf.matmul(d_gx, ctx_kernel_t)                              # [n, E]
         if gate:
             beta = tf.sigmoid(pre[:, 4 * u:])
@@ -227,37 +249,29 @@ def _backward(layout, features, keys, h0, w, gate, outputs, saved, d_hidden, d_a
                 y=beta, dy=tf.reduce_sum(d_gated * ctx, -1, keepdims=True))
         else:
             d_ctx = d_gated
-        # context = sum_p a_p f_p; softmax; scores = tanh(keys + q) . v
         if fused:  # one pass; d_keys[:n] += d(keys + query) in place
             d_query, d_v_t, d_keys = fused_attention.attend_grad(
                 layout.first(features, t), att, a, d_ctx, d_a, v, d_keys)
-            d_v = d_v + d_v_t
         else:
-            da = tf.matmul(layout.first(features, t), d_ctx[:, :, None])[:, :, 0]  # [n, P]
-            da = tf.cast(da, tf.float32) + d_a
-            ds = tf.cast(a * (da - tf.reduce_sum(a * da, -1, keepdims=True)), dt)
-            # ds (x) v as a K=1 matmul and the sum over positions as a matmul with ones: both
-            # faster than Eigen's broadcast multiply and middle-axis reduction (docs/ARCHITECTURE.md).
-            rows = tf.shape(ds)[0]
-            ds_v = tf.reshape(tf.matmul(tf.reshape(ds, [-1, 1]), v[None, :]), tf.shape(att))
-            d_score_in = tf.raw_ops.TanhGrad(y=att, dy=ds_v)                  # [n, P, U]
-            d_keys = layout.update_first(d_keys, d_score_in, t)
-            d_v = d_v + tf.matmul(tf.reshape(att, [-1, u]), tf.reshape(ds, [-1, 1]),
-                                  transpose_a=True)[:, 0]
-            d_query = tf.matmul(tf.ones(tf.stack([rows, 1, tf.shape(ds)[1]]), dt),
-                                d_score_in)[:, 0]
-        d_pre = [d_query, dz, dr, dn * r] + ([d_beta] if gate else [])
-        d_pre = tf.concat(d_pre, -1)
+            d_query, d_v_t, d_keys = _attention_grad(layout, features, t, att, a, d_ctx, d_a, v, d_keys)
+        d_pre = tf.concat([d_query, dz, dr, dn * r] + ([d_beta] if gate else []), -1)
         dh = layout.merge(dh * z + tf.matmul(d_pre, kernel_t), dh_all, t)
         arrays = tuple(x.write(t, y) for x, y in zip(arrays, (d_pre, d_gx, d_ctx)))
-        return t - 1, dh, d_keys, d_v, arrays
+        return t - 1, dh, d_keys, d_v + d_v_t, arrays
 
     loop_vars = (layout.steps - 1, tf.zeros_like(h0), tf.zeros_like(keys), tf.zeros_like(v),
                  arrays)
     _, dh0, d_keys, d_v, arrays = tf.while_loop(lambda t, *_: t >= 0, body, loop_vars,
                                                 maximum_iterations=layout.steps)
+    d_features, d_gx, d_rec_kernel, d_rec_bias, d_ctx_kernel = _weight_grads(
+        layout, alpha, h_prev, pre_ta, ctx_ta, arrays, gate, u)
+    return (d_features, d_keys, dh0, d_gx, d_rec_kernel, d_rec_bias, d_ctx_kernel, d_v)
 
-    # Everything not recurrent: one big matmul each, over all packed rows at once.
+
+def _weight_grads(layout, alpha, h_prev, pre_ta, ctx_ta, arrays, gate, u):
+    """Everything not recurrent, one big matmul each over all packed rows at once: -> (d_features,
+    d_gx packed, d_recurrent_kernel, d_recurrent_bias, d_context_kernel). arrays: the loop's
+    d_pre, d_gx, d_ctx."""
     d_pre, d_gx, d_ctx = (layout.join(x) for x in arrays)
     ctx = layout.join(ctx_ta)
     if gate:
@@ -266,6 +280,6 @@ def _backward(layout, features, keys, h0, w, gate, outputs, saved, d_hidden, d_a
     d_rec_bias = tf.reduce_sum(d_pre, 0)
     d_ctx_kernel = tf.matmul(ctx, d_gx, transpose_a=True)
     # d features[b] = sum_t alpha[b, t] d_ctx[b, t]: one batched [P, T] x [T, E] matmul.
-    d_features = tf.matmul(layout.per_caption(tf.cast(alpha, dt)), layout.per_caption(d_ctx),
+    d_features = tf.matmul(layout.per_caption(tf.cast(alpha, d_ctx.dtype)), layout.per_caption(d_ctx),
                            transpose_a=True)
-    return (d_features, d_keys, dh0, d_gx, d_rec_kernel, d_rec_bias, d_ctx_kernel, d_v)
+    return d_features, d_gx, d_rec_kernel, d_rec_bias, d_ctx_kernel
