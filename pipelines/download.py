@@ -12,10 +12,9 @@ Leaves the standard layout that `pipelines` reads:
 
 Each zip goes through three steps, and each step can be repeated safely:
 
-1. Fetch: stream to `DIR/.downloads/NAME.zip.part` in 1 MiB chunks. A `.part` left by an
-   interrupted run is continued with an HTTP Range request; a server that ignores Range
-   (answers 200) restarts it from zero. Only when the byte count equals the server's size
-   (Content-Length, or the total of Content-Range on resume) is it renamed to `NAME.zip`.
+1. Fetch (pipelines/fetch.py): stream to `DIR/.downloads/NAME.zip.part`, continuing a `.part`
+   left by an interrupted run with an HTTP Range request; renamed to `NAME.zip` only when every
+   byte the server announced has arrived.
 2. Verify and extract in one pass. Opening the zip reads its central directory (a truncated
    or wrong file fails here); every member name is checked before anything is written (no
    absolute paths, no `..`, no symlinks), then each member is streamed to disk, and zipfile
@@ -39,191 +38,28 @@ if __name__ == "__main__":  # the quiet start, as every command has it (see capt
     quiet.install()
 
 import argparse
-import http.client
 import json
 import logging
 import os
 import re
 import shutil
 import sys
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
 import zipfile
 import zlib
 
-from tqdm import tqdm
-
 from caption_io import cli
+from pipelines import fetch as fetch_lib
 
 DEFAULT_BASE_URL = "http://images.cocodataset.org/"
-DEFAULT_TIMEOUT = 60.0  # seconds for connecting and for each read, not for the whole file
 YEARS = (2014, 2017)
 SPLITS = ("train", "val")
-CHUNK = 1 << 20  # bytes per read/write; the zips never sit in memory
-RETRIES = 3  # reconnects (with Range) after a connection drops mid-body
-RETRY_WAIT_S = 2.0  # times the attempt number
-USER_AGENT = "show-attend-tell-downloader/0.1 (+urllib)"
 
 log = logging.getLogger(__name__)
-
-
-class DownloadError(cli.UserError):
-    """A failure to report to the user in one line (the message names the URL or file).
-    Exit 1: the flags were fine, the server, the network or the disk was not."""
-
-    exit_code = 1
-
-
-class _Incomplete(Exception):
-    """The connection ended before the announced number of bytes arrived (worth a retry)."""
-
-
-def _one_line(text: object) -> str:
-    return " ".join(str(text).split())
-
-
-def _reason(err: BaseException) -> str:
-    """'Connection refused' rather than '<urlopen error [Errno 111] Connection refused>'."""
-    if isinstance(err, urllib.error.URLError) and not isinstance(err, urllib.error.HTTPError):
-        if not isinstance(err.reason, BaseException):
-            return _one_line(err.reason)
-        err = err.reason
-    if isinstance(err, TimeoutError):  # socket.timeout is TimeoutError since Python 3.10
-        return "timed out"
-    if isinstance(err, OSError) and err.strerror:
-        return err.strerror
-    return _one_line(err) or type(err).__name__
-
-
-def _progress(total: int | None, initial: int, desc: str) -> tqdm:
-    # A bar is noise in logs and CI output: only draw it for a person at a terminal.
-    return tqdm(total=total, initial=initial, desc=desc, unit="B", unit_scale=True,
-                unit_divisor=1024, disable=not sys.stderr.isatty(), leave=False)
-
-
-def _check_free_space(folder: str, needed: int, what: str) -> None:
-    free = shutil.disk_usage(folder).free
-    if needed > free:
-        raise DownloadError(f"not enough disk space in {folder} to {what}: "
-                            f"need {needed / 2**30:.2f} GiB, {free / 2**30:.2f} GiB free")
-
-
-def _parse_content_range(value: str | None) -> tuple[int | None, int | None]:
-    """'bytes 100-199/1000' -> (100, 1000); 'bytes */1000' -> (None, 1000)."""
-    m = re.fullmatch(r"\s*bytes\s+(?:(\d+)-\d+|\*)/(\d+|\*)\s*", value or "")
-    if not m:
-        return None, None
-    start = int(m.group(1)) if m.group(1) is not None else None
-    total = int(m.group(2)) if m.group(2) != "*" else None
-    return start, total
-
-
-def _open(url: str, offset: int, timeout: float):
-    headers = {"User-Agent": USER_AGENT, "Accept-Encoding": "identity"}
-    if offset:
-        headers["Range"] = f"bytes={offset}-"
-    return urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout)
-
-
-def _fetch_once(url: str, part: str, timeout: float) -> int | None:
-    """One HTTP exchange that appends to (or restarts) `part`. Returns the total size the
-    server announced (None if it did not say). Raises _Incomplete on a short body."""
-    offset = os.path.getsize(part) if os.path.exists(part) else 0
-    try:
-        resp = _open(url, offset, timeout)
-    except urllib.error.HTTPError as e:
-        if e.code != 416 or not offset:
-            raise
-        # Range Not Satisfiable: the .part is already complete (an earlier run stopped
-        # before renaming it) or is longer than the file and cannot be a prefix of it.
-        _, total = _parse_content_range(e.headers.get("Content-Range"))
-        e.close()
-        if total == offset:
-            return total
-        log.info("%s: %d-byte .part does not fit the %s-byte file; starting again",
-                 url, offset, total)
-        os.remove(part)
-        return _fetch_once(url, part, timeout)
-
-    with resp:
-        length = resp.headers.get("Content-Length")
-        length = int(length) if length and length.isdigit() else None
-        if offset and resp.status == 206:
-            start, total = _parse_content_range(resp.headers.get("Content-Range"))
-            if start != offset:  # not the range we asked for: do not stitch it on
-                log.info("%s: server answered Range %s with %r; starting again", url,
-                         offset, resp.headers.get("Content-Range"))
-                resp.close()
-                os.remove(part)
-                return _fetch_once(url, part, timeout)
-            mode = "ab"
-            log.info("resuming %s at byte %d of %s", url, offset, total)
-        else:
-            if offset:
-                log.info("%s: server ignored the Range request (HTTP %d); starting again from "
-                         "byte 0", url, resp.status)
-            offset, total, mode = 0, length, "wb"
-            log.info("downloading %s (%s bytes)", url, total if total is not None else "unknown")
-        if total is not None:
-            _check_free_space(os.path.dirname(part) or ".", total - offset, f"download {url}")
-
-        written = offset
-        with open(part, mode) as f, _progress(total, offset, os.path.basename(url)) as bar:
-            while True:
-                chunk = resp.read(CHUNK)
-                if not chunk:
-                    break
-                f.write(chunk)
-                written += len(chunk)
-                bar.update(len(chunk))
-            f.flush()
-            os.fsync(f.fileno())  # the rename below must not outrun the data
-    if total is not None and written < total:
-        raise _Incomplete(f"connection closed after byte {written} of {total}")
-    if total is not None and written > total:  # cannot come from http.client, but be sure
-        os.remove(part)
-        raise DownloadError(f"{url}: received {written} bytes, server announced {total}; "
-                            f"deleted {part}, rerun to download again")
-    return total
-
-
-def fetch(url: str, dest: str, timeout: float = DEFAULT_TIMEOUT, retries: int = RETRIES) -> int:
-    """Download `url` to `dest` through `dest + '.part'`, resuming a .part left behind.
-
-    `dest` appears only once the byte count matches the size the server announced. A
-    connection that drops mid-file is resumed up to `retries` times; after that the .part
-    is kept so the next call resumes it. Returns the size of `dest` in bytes. Raises
-    DownloadError with a one-line message naming the URL.
-    """
-    part = dest + ".part"
-    os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
-    attempt = 0
-    while True:
-        try:
-            total = _fetch_once(url, part, timeout)
-            break
-        except urllib.error.HTTPError as e:
-            raise DownloadError(f"{url}: HTTP {e.code} {_one_line(e.reason)}") from None
-        except urllib.error.URLError as e:  # DNS, refused, unreachable: nothing to resume
-            raise DownloadError(f"cannot reach {url}: {_reason(e)}") from None
-        except (_Incomplete, http.client.HTTPException, ConnectionError, TimeoutError) as e:
-            have = os.path.getsize(part) if os.path.exists(part) else 0
-            if attempt >= retries:
-                what = (f"timed out after {timeout:g} s" if isinstance(e, TimeoutError)
-                        else _reason(e))
-                keep = f"; kept {have} bytes in {part}, rerun to resume" if have else ""
-                raise DownloadError(f"{url}: download incomplete: {what}{keep}") from None
-            attempt += 1
-            log.info("%s: %s; reconnecting to resume at byte %d (retry %d of %d)",
-                     url, _reason(e), have, attempt, retries)
-            time.sleep(RETRY_WAIT_S * attempt)
-    size = os.path.getsize(part)
-    if total is None:
-        log.warning("%s: server sent no size; relying on the zip check alone", url)
-    os.replace(part, dest)
-    return size
+# The download's one error: a fetch's failure, or a zip's, in one line (exit 1).
+DownloadError = fetch_lib.FetchError
 
 
 # --- verification and extraction -------------------------------------------------------
@@ -270,10 +106,10 @@ def _extract(zip_path: str, root: str, required: list[str]) -> tuple[list[str], 
         unpacked = sum(info.file_size for info in infos)
         # Files left by an interrupted extraction get overwritten, not added to.
         overwritten = sum(os.path.getsize(t) for t in targets if os.path.isfile(t))
-        _check_free_space(root, unpacked - overwritten, f"extract {zip_path}")
+        fetch_lib.check_free_space(root, unpacked - overwritten, f"extract {zip_path}")
 
         tops: list[str] = []
-        with _progress(unpacked, 0, f"extract {os.path.basename(zip_path)}") as bar:
+        with fetch_lib.progress(unpacked, 0, f"extract {os.path.basename(zip_path)}") as bar:
             for info, target in zip(infos, targets):
                 top = os.path.relpath(target, root).split(os.sep)[0]
                 if top not in tops:
@@ -287,7 +123,7 @@ def _extract(zip_path: str, root: str, required: list[str]) -> tuple[list[str], 
                 tmp = target + ".extracting"
                 try:
                     with zf.open(info) as src, open(tmp, "wb") as dst:
-                        shutil.copyfileobj(src, dst, CHUNK)  # reads to EOF: CRC-32 checked
+                        shutil.copyfileobj(src, dst, fetch_lib.CHUNK)  # reads to EOF: CRC-32 checked
                     os.replace(tmp, target)
                 except BaseException:
                     if os.path.exists(tmp):
@@ -334,17 +170,17 @@ def _ensure(url: str, output_dir: str, required: list[str], timeout: float,
         os.remove(marker_path)
 
     if os.path.exists(zip_path):
-        # Only fetch() creates it, after the size check; so only the zip check is left.
+        # Only fetch.fetch() creates it, after the size check; so only the zip check is left.
         log.info("%s: found the downloaded zip; verifying and extracting", zip_name)
     else:
-        fetch(url, zip_path, timeout=timeout)
+        fetch_lib.fetch(url, zip_path, timeout=timeout)
     size = os.path.getsize(zip_path)
     log.info("verifying and extracting %s into %s", zip_name, output_dir)
     try:
         tops, members = _extract(zip_path, output_dir, required)
     except _BAD_ZIP as e:
         os.remove(zip_path)
-        raise DownloadError(f"{zip_path} (from {url}) failed verification: {_one_line(e)}; "
+        raise DownloadError(f"{zip_path} (from {url}) failed verification: {cli.one_line(e)}; "
                             f"deleted it, rerun to download it again") from None
     _write_marker(marker_path, {"url": url, "size": size, "members": members,
                                 "extracted": tops, "verified": "size + central directory + "
@@ -369,7 +205,7 @@ def _check_base_url(base_url: str) -> str:
 
 
 def download(output_dir: str, year: int = 2014, splits=SPLITS, base_url: str = DEFAULT_BASE_URL,
-             images: bool = True, timeout: float = DEFAULT_TIMEOUT,
+             images: bool = True, timeout: float = fetch_lib.DEFAULT_TIMEOUT,
              delete_zips: bool = False) -> list[str]:
     """Download, verify and extract COCO `year` into local `output_dir`.
 
@@ -439,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="only the caption annotations")
     parser.add_argument("--delete-zips", action="store_true",
                         help="delete each zip once it is verified and extracted")
-    parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, metavar="SECONDS",
+    parser.add_argument("--timeout", type=float, default=fetch_lib.DEFAULT_TIMEOUT, metavar="SECONDS",
                         help="connect/read timeout (default: %(default)s)")
     args = parser.parse_args(argv)
     if args.timeout <= 0:
@@ -449,13 +285,16 @@ def main(argv: list[str] | None = None) -> int:
     # one error line (and the progress bar, on a terminal). Same format as every command's log.
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(logging.Formatter(cli.VERBOSE_LOG_FORMAT if cli.is_verbose() else cli.LOG_FORMAT))
-    log.addHandler(handler)
-    log.propagate = False  # not a second time on stderr through the root logger
+    loggers = (log, fetch_lib.log)
+    for logger in loggers:
+        logger.addHandler(handler)
+        logger.propagate = False  # not a second time on stderr through the root logger
     try:
         return _run(args)
     finally:
-        log.removeHandler(handler)
-        log.propagate = True
+        for logger in loggers:
+            logger.removeHandler(handler)
+            logger.propagate = True
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -463,7 +302,7 @@ def _run(args: argparse.Namespace) -> int:
         paths = download(args.output, year=args.year, splits=args.splits, base_url=args.base_url,
                          images=args.images, timeout=args.timeout, delete_zips=args.delete_zips)
     except OSError as e:  # disk full, permission denied, ...: one line, exit 1 (DownloadError's)
-        raise DownloadError(_one_line(e)) from None
+        raise DownloadError(cli.one_line(e)) from None
     for path in paths:
         print(path)
     return 0

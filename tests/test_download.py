@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from pipelines import download as dl
+from pipelines import fetch
 
 REPO = Path(__file__).resolve().parents[1]
 ANN = "/annotations/annotations_trainval2014.zip"
@@ -150,7 +151,7 @@ def server(coco):
 
 @pytest.fixture(autouse=True)
 def no_retry_wait(monkeypatch):
-    monkeypatch.setattr(dl, "RETRY_WAIT_S", 0.0)
+    monkeypatch.setattr(fetch, "RETRY_WAIT_S", 0.0)
 
 
 def _closed_port() -> int:
@@ -249,7 +250,7 @@ def test_server_that_ignores_range_restarts_from_zero(coco, server, tmp_path):
     part = tmp_path / "train2014.zip.part"
     part.write_bytes(b"\xff" * 1000)  # wrong bytes: appending to them would corrupt the zip
 
-    size = dl.fetch(server.url + TRAIN[1:], str(tmp_path / "train2014.zip"))
+    size = fetch.fetch(server.url + TRAIN[1:], str(tmp_path / "train2014.zip"))
 
     [get] = server.gets(TRAIN)
     assert get["range"] == "bytes=1000-" and get["status"] == 200
@@ -262,7 +263,7 @@ def test_part_longer_than_the_file_is_restarted(coco, server, tmp_path):
     _, zips = coco
     (tmp_path / "val2014.zip.part").write_bytes(b"\0" * (len(zips[VAL]) + 10))
 
-    dl.fetch(server.url + VAL[1:], str(tmp_path / "val2014.zip"))
+    fetch.fetch(server.url + VAL[1:], str(tmp_path / "val2014.zip"))
 
     assert [r["status"] for r in server.gets(VAL)] == [416, 200]
     assert (tmp_path / "val2014.zip").read_bytes() == zips[VAL]
@@ -272,7 +273,7 @@ def test_complete_part_is_kept_when_server_answers_416(coco, server, tmp_path):
     _, zips = coco  # an earlier run stopped between the last byte and the rename
     (tmp_path / "val2014.zip.part").write_bytes(zips[VAL])
 
-    assert dl.fetch(server.url + VAL[1:], str(tmp_path / "val2014.zip")) == len(zips[VAL])
+    assert fetch.fetch(server.url + VAL[1:], str(tmp_path / "val2014.zip")) == len(zips[VAL])
     assert [r["status"] for r in server.gets(VAL)] == [416]
     assert (tmp_path / "val2014.zip").read_bytes() == zips[VAL]
 
@@ -281,7 +282,7 @@ def test_dropped_connection_is_resumed_within_one_call(coco, server, tmp_path):
     _, zips = coco
     server.cut[TRAIN] = [500]
 
-    dl.fetch(server.url + TRAIN[1:], str(tmp_path / "train2014.zip"), retries=1)
+    fetch.fetch(server.url + TRAIN[1:], str(tmp_path / "train2014.zip"), retries=1)
 
     assert [(r["range"], r["sent"]) for r in server.gets(TRAIN)] == [
         (None, 500), ("bytes=500-", len(zips[TRAIN]) - 500)]
@@ -294,12 +295,12 @@ def test_short_body_keeps_the_part_and_reports_it(coco, server, tmp_path):
     dest = tmp_path / "train2014.zip"
 
     with pytest.raises(dl.DownloadError, match=r"incomplete.*700 of .*rerun to resume") as err:
-        dl.fetch(server.url + TRAIN[1:], str(dest), retries=0)
+        fetch.fetch(server.url + TRAIN[1:], str(dest), retries=0)
 
     assert server.url + "zips/train2014.zip" in str(err.value)
     assert not dest.exists()  # never renamed before the size matches
     assert Path(str(dest) + ".part").read_bytes() == zips[TRAIN][:700]
-    dl.fetch(server.url + TRAIN[1:], str(dest))  # the next run picks up from byte 700
+    fetch.fetch(server.url + TRAIN[1:], str(dest))  # the next run picks up from byte 700
     assert server.gets(TRAIN)[-1]["range"] == "bytes=700-"
     assert dest.read_bytes() == zips[TRAIN]
 
@@ -404,7 +405,7 @@ def test_silent_server_times_out(tmp_path):
         listener.listen(1)
         url = f"http://127.0.0.1:{listener.getsockname()[1]}/x.zip"
         with pytest.raises(dl.DownloadError, match=r"timed out after 0.3 s"):
-            dl.fetch(url, str(tmp_path / "x.zip"), timeout=0.3, retries=0)
+            fetch.fetch(url, str(tmp_path / "x.zip"), timeout=0.3, retries=0)
 
 
 @pytest.mark.parametrize("args, flag", [
