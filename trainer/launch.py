@@ -42,7 +42,14 @@ def parse_args(argv):
     # Everything after `--` belongs to the trainer; argparse would try to read it as ours.
     trainer_args = argv[argv.index("--") + 1:] if "--" in argv else []
     own = argv[:argv.index("--")] if "--" in argv else argv
+    ap = _parser()
+    a = ap.parse_args(own)
+    _check_launch(ap, a)
+    a.trainer_args = _trainer_args(ap, a, trainer_args)
+    return a
 
+
+def _parser() -> cli.Parser:
     ap = cli.Parser(prog="python -m trainer.launch", description=__doc__.split("\n\n")[0])
     ap.add_argument("--project", required=True)
     ap.add_argument("--region", required=True, help="e.g. us-central1")
@@ -61,8 +68,11 @@ def parse_args(argv):
     ap.add_argument("--staging-bucket", help="default: the bucket of --job-dir")
     ap.add_argument("--dry-run", action="store_true", help="print the job spec as JSON, submit nothing")
     ap.add_argument("--wait", action="store_true", help="block until the job ends")
-    a = ap.parse_args(own)
+    return ap
 
+
+def _check_launch(ap: cli.Parser, a) -> None:
+    """The launcher's own flags, checked together (ap.error: one line, exit 2)."""
     # Vertex replicas run on Google's machines: a path on this one means nothing there.
     for flag, value in (("--data", a.data), ("--job-dir", a.job_dir), ("--package-uri", a.package_uri),
                         ("--staging-bucket", a.staging_bucket)):
@@ -83,7 +93,10 @@ def parse_args(argv):
     if bool(a.package_uri) != bool(a.executor_image):
         ap.error("--package-uri and --executor-image go together (use --image for a container)")
 
-    # A trainer flag that is wrong should fail here, in seconds, not after the cluster starts.
+
+def _trainer_args(ap: cli.Parser, a, trainer_args: list[str]) -> list[str]:
+    """The trainer's command line on every replica, its flags checked here: a trainer flag that is
+    wrong should fail in seconds, not after the cluster starts."""
     from trainer import task  # imports TensorFlow: its start-up lines are filtered (caption_io.quiet)
     settings = task.parse_args(["--data", _UNSET, "--job-dir", _UNSET, *trainer_args])
     if settings.data != _UNSET or settings.job_dir != _UNSET:
@@ -93,8 +106,7 @@ def parse_args(argv):
                  "train together (use auto or multi_worker)")
     # The trainer's own choice when the user made one, else auto (TF_CONFIG decides).
     strategy = [] if _has_flag(trainer_args, "--strategy") else ["--strategy", "auto"]
-    a.trainer_args = ["--data", a.data, "--job-dir", a.job_dir, *trainer_args, *strategy]
-    return a
+    return ["--data", a.data, "--job-dir", a.job_dir, *trainer_args, *strategy]
 
 
 def _has_flag(args, flag):
