@@ -2,7 +2,7 @@
 # The project on a GPU, measured in one run:
 #   bash benchmarks/gpu.sh
 # On a machine without a GPU it says so and exits 0. With one, it installs the wheels
-# carried in .whl/ (if any; see README "GPU"), then prints the encoder's images/s, the train
+# carried in .whl/ (if any), then prints the encoder's images/s, the train
 # step's real tokens/s with and without XLA and its MFU (benchmarks/gpu_throughput.py), and the
 # SavedModel's greedy and beam-3 latency on a small export it trains for the purpose
 # (benchmarks/serving_latency.py). Every figure comes with the command that printed it.

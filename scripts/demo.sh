@@ -19,11 +19,12 @@ echo "== 3/4 training -> $OUT/job"
 rm -rf "$OUT/job"  # a fresh job each demo (a kept job dir would resume)
 # The paper's attention regulariser asks every caption to cover the whole grid over its words;
 # a scene is one to three shapes on a blank background, so at the trainer's default (lambda 1)
-# it spreads the attention onto the background (2.9x chance on the shapes, 3.5x at 0.1: README,
-# "Model flags"). The demo weakens it; on photos keep the default.
+# it spreads the attention onto the background (2.9x chance on the shapes, 3.5x at 0.1:
+# docs/benchmarks.md, "The attention regulariser's λ"). The demo weakens it; on photos keep the default.
 ATTENTION_REG=${DEMO_ATTENTION_REG:-0.1}
 echo "attention regulariser: lambda $ATTENTION_REG (the trainer's default is 1.0; DEMO_ATTENTION_REG=1 to compare)"
-# DEMO_SCST_EPOCHS=1: one epoch of self-critical training on CIDEr-D after them (README, "Training").
+# DEMO_SCST_EPOCHS=1: one epoch of self-critical training on CIDEr-D after them
+# (docs/training.md, "Self-critical training").
 "$PY" -m trainer.task --data "$OUT/data" --job-dir "$OUT/job" --epochs "${DEMO_EPOCHS:-6}" --batch-size 64 \
   --attention-reg "$ATTENTION_REG" --scst-epochs "${DEMO_SCST_EPOCHS:-0}"
 

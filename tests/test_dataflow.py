@@ -1,4 +1,4 @@
-"""The pipeline translated for Dataflow, with the README's flags, without submitting.
+"""The pipeline translated for Dataflow, with the flags docs/scaling.md gives, without submitting.
 
 Beam's `--dry_run=True` makes DataflowRunner do everything up to the submission:
 validate the options, pickle every step, build the SDK dependencies (--setup_file
@@ -21,7 +21,7 @@ IMAGE = "us-central1-docker.pkg.dev/my-project/captioner/worker:2.77"
 
 
 def _dataflow_flags(gcs, *extra):
-    # As README.md's "Scaling out" gives them.
+    # As docs/scaling.md ("Preprocess on Dataflow") gives them.
     return ["--runner", "DataflowRunner", "--project", "my-project", "--region", "us-central1",
             "--temp_location", f"{gcs}/tmp", "--dry_run=True", *extra]
 

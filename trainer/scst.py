@@ -1,4 +1,4 @@
-"""Self-critical sequence training (SCST, Rennie et al. 2017), the second stage of issue 17:
+"""Self-critical sequence training (SCST, Rennie et al. 2017), the trainer's second stage:
 after cross-entropy, the captioner is trained on the CIDEr-D of its own sampled captions.
 
     scorer = cider_d.build_scorer(df_cache_path, lambda: cider_d.read_references(train_files))
