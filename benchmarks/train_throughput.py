@@ -139,6 +139,56 @@ def input_rate(data_dir: str | None, batch: int) -> dict:
     return {"captions_per_s": n / (time.perf_counter() - t), "data": data_dir}
 
 
+def _rounds(length: int, args) -> tuple[dict, dict]:
+    """Ours and the tutorial's, alternated over a few rounds (the machine is shared and noisy:
+    ratios from neighbouring runs hold). -> (each figure's list over the rounds, ours' last run)."""
+    rounds = {"ours": [], "real": [], "flops": [], "ops": [], "eager": [], "compiled": []}
+    for _ in range(args.rounds):
+        o = ours(length, args.steps, args.warmup, mixed=False, jit=False)
+        if o["fused_attention"]:  # what the kernels add: the same step with TensorFlow ops
+            rounds["ops"].append(ours(length, args.steps, args.warmup, mixed=False, jit=False,
+                                      attention_kernel="ops")["tokens_per_s"])
+        rounds["ours"].append(o["tokens_per_s"])
+        rounds["real"].append(o["real_tokens_per_s"])
+        rounds["flops"].append(o["flops_per_s"])
+        if not args.skip_reference:
+            rounds["compiled"].append(reference(length, args.steps, True)["tokens_per_s"])
+            # Every round: the eager loop's rate moves with the machine as much as ours.
+            rounds["eager"].append(reference(length, max(3, args.steps // 2), False)["tokens_per_s"])
+    return rounds, o
+
+
+def _row(length: int, rounds: dict, o: dict, peak: float, args) -> tuple[dict, str]:
+    """One caption length's medians and ratios -> (its RESULT entry, its printed line)."""
+    from model import fused_attention
+
+    med = {k: statistics.median(v) for k, v in rounds.items() if v}
+    row = {"ours": med["ours"], "ours_real_tokens_per_s": med["real"], "ours_traces": o["traces"],
+           "attention": fused_attention.describe() if o["fused_attention"] else "TensorFlow ops",
+           "attention_build": fused_attention.loaded_build() if o["fused_attention"] else None, "rounds": rounds}
+    if args.mixed_precision:
+        row["ours_bf16"] = ours(length, args.steps, args.warmup, mixed=True, jit=False)["tokens_per_s"]
+    fpt = o["flops_per_real_token"]
+    row["flops_per_real_token"] = fpt
+    # The step packs captions by length and skips padding, so its arithmetic is counted on what
+    # it computes: the batch's images and real tokens (counting padded positions would pass 100%).
+    row["mfu"] = med["flops"] / peak
+    line = f"length {length}: ours {row['ours']:,.0f} tokens/s ({med['real']:,.0f} real; attention: {row['attention']})"
+    if "ops" in med:
+        row["ours_tensorflow_ops"] = med["ops"]
+        line += f" | with TensorFlow ops instead {med['ops']:,.0f} ({med['ours'] / med['ops']:.2f}x from the kernels)"
+    if "eager" in med:
+        row["tutorial_eager"], row["tutorial_compiled"] = med["eager"], med["compiled"]
+        row["x_eager"] = statistics.median([o / e for o, e in zip(rounds["ours"], rounds["eager"])])
+        row["x_compiled"] = statistics.median([o / c for o, c in zip(rounds["ours"], rounds["compiled"])])
+        line += (f" | tutorial eager {med['eager']:,.0f} ({row['x_eager']:.2f}x, target 6x)"
+                 f" | tutorial tf.function {med['compiled']:,.0f} ({row['x_compiled']:.2f}x, target 2.5x)")
+    line += f" | {fpt / 1e6:.1f} MFLOP/real token, MFU {100 * row['mfu']:.1f}% (target 55%)"
+    if "ours_bf16" in row:
+        line += f" | bf16 {row['ours_bf16']:,.0f} tokens/s"
+    return row, line
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--lengths", default="24,49")
@@ -160,50 +210,9 @@ def main():
         print(f"train step's attention: TensorFlow ops ({e})")
     results = {"matmul_gflops": peak / 1e9, "lengths": {}}
     for length in [int(x) for x in args.lengths.split(",")]:
-        # Alternate ours and the tutorial's over a few rounds and keep the medians:
-        # the machine is shared and noisy, ratios from neighbouring runs hold.
-        rounds = {"ours": [], "real": [], "flops": [], "ops": [], "eager": [], "compiled": []}
-        for _ in range(args.rounds):
-            o = ours(length, args.steps, args.warmup, mixed=False, jit=False)
-            if o["fused_attention"]:  # what the kernels add: the same step with TensorFlow ops
-                rounds["ops"].append(ours(length, args.steps, args.warmup, mixed=False, jit=False,
-                                          attention_kernel="ops")["tokens_per_s"])
-            rounds["ours"].append(o["tokens_per_s"])
-            rounds["real"].append(o["real_tokens_per_s"])
-            rounds["flops"].append(o["flops_per_s"])
-            if not args.skip_reference:
-                rounds["compiled"].append(reference(length, args.steps, True)["tokens_per_s"])
-                # Every round: the eager loop's rate moves with the machine as much as ours.
-                rounds["eager"].append(reference(length, max(3, args.steps // 2), False)["tokens_per_s"])
-        med = {k: statistics.median(v) for k, v in rounds.items() if v}
-        row = {"ours": med["ours"], "ours_real_tokens_per_s": med["real"], "ours_traces": o["traces"],
-               "attention": fused_attention.describe() if o["fused_attention"] else "TensorFlow ops",
-               "attention_build": fused_attention.loaded_build() if o["fused_attention"] else None, "rounds": rounds}
-        if args.mixed_precision:
-            row["ours_bf16"] = ours(length, args.steps, args.warmup, mixed=True, jit=False)["tokens_per_s"]
-        fpt = o["flops_per_real_token"]
-        row["flops_per_real_token"] = fpt
-        # The step packs captions by length and skips padding, so its arithmetic is
-        # counted on what it computes: the batch's images and real tokens (counting
-        # padded positions would pass 100%).
-        row["mfu"] = med["flops"] / peak
-        line = (f"length {length}: ours {row['ours']:,.0f} tokens/s "
-                f"({med['real']:,.0f} real; attention: {row['attention']})")
-        if "ops" in med:
-            row["ours_tensorflow_ops"] = med["ops"]
-            line += (f" | with TensorFlow ops instead {med['ops']:,.0f} "
-                     f"({med['ours'] / med['ops']:.2f}x from the kernels)")
-        if "eager" in med:
-            row["tutorial_eager"], row["tutorial_compiled"] = med["eager"], med["compiled"]
-            row["x_eager"] = statistics.median([o / e for o, e in zip(rounds["ours"], rounds["eager"])])
-            row["x_compiled"] = statistics.median([o / c for o, c in zip(rounds["ours"], rounds["compiled"])])
-            line += (f" | tutorial eager {med['eager']:,.0f} ({row['x_eager']:.2f}x, target 6x)"
-                     f" | tutorial tf.function {med['compiled']:,.0f} ({row['x_compiled']:.2f}x, target 2.5x)")
-        line += f" | {fpt / 1e6:.1f} MFLOP/real token, MFU {100 * row['mfu']:.1f}% (target 55%)"
-        if "ours_bf16" in row:
-            line += f" | bf16 {row['ours_bf16']:,.0f} tokens/s"
+        rounds, o = _rounds(length, args)
+        results["lengths"][length], line = _row(length, rounds, o, peak, args)
         print(line, flush=True)
-        results["lengths"][length] = row
     rate = input_rate(args.data, BATCH)
     shortest = results["lengths"][min(results["lengths"])]
     step_rate = shortest["ours_real_tokens_per_s"] / 14.0  # the reference's captions: ~14 real targets each
