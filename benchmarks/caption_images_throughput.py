@@ -22,6 +22,8 @@ import sys
 import tempfile
 import time
 
+from caption_io import decoding_defaults, savedmodel
+
 
 def direct(model_dir: str, paths: list[str], batch_size: int, beam_size: int) -> dict:
     """The baseline: one process, a loop over batches of files."""
@@ -31,7 +33,7 @@ def direct(model_dir: str, paths: list[str], batch_size: int, beam_size: int) ->
     t0 = time.perf_counter()
     loaded, info = client.load_model(model_dir)
     loaded_at = time.perf_counter()
-    max_length = int(info.get("default_max_length", 20))
+    max_length = savedmodel.export_max_length(info)
     captioned = 0
     for i in range(0, len(paths), batch_size):
         blobs = []
@@ -68,7 +70,7 @@ def main():
     ap.add_argument("--model", required=True, help="an export directory")
     ap.add_argument("--images", type=int, default=256, help="scene images to caption")
     ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--beam-size", type=int, default=3)
+    ap.add_argument("--beam-size", type=int, default=decoding_defaults.BEAM_SIZE)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--workdir")
     ap.add_argument("--one", choices=["direct", "pipeline"], help=argparse.SUPPRESS)

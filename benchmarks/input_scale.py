@@ -35,7 +35,7 @@ def rss_mb() -> float:
 
 
 def write_split(data_dir: str, images: int, n_shards: int, seed: int = 0) -> dict:
-    from caption_io import records
+    from caption_io import datadir, records
     from caption_io import vocab as vocab_lib
     from pipelines import shards
 
@@ -52,7 +52,7 @@ def write_split(data_dir: str, images: int, n_shards: int, seed: int = 0) -> dic
     for e in entries:
         k = e["shard"]
         if k not in writers:
-            writers[k] = shards.ShardWriter(os.path.join(data_dir, records.shard_name("train", k, n_shards)))
+            writers[k] = shards.ShardWriter(os.path.join(data_dir, datadir.shard_name("train", k, n_shards)))
         features = rng.standard_normal((64, 2048), dtype=np.float32).astype(np.float16)
         lengths = rng.integers(8, 21, CAPTIONS_PER_IMAGE)
         ids = [(rng.choice(VOCAB_WORDS, n, p=p) + len(vocab_lib.SPECIALS)).tolist() for n in lengths]

@@ -22,6 +22,8 @@ import sys
 import tempfile
 import time
 
+from caption_io import datadir
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROJECTED = (20_000, 123_287)
 
@@ -93,7 +95,7 @@ def main():
     from benchmarks.pipeline_throughput import bare_encoder_rate
 
     paths = sorted(glob.glob(os.path.join(b["coco"], "train2014", "*.jpg")))[:400]
-    encoder_rate = bare_encoder_rate(os.path.join(b["data"], "encoder", "inception_v3.weights.h5"), paths,
+    encoder_rate = bare_encoder_rate(os.path.join(b["data"], datadir.ENCODER_FILE), paths,
                                      args.batch_size)
     projected = {n: b["peak_mb"] + max(per_image, 0.0) * (n - b["images"]) for n in PROJECTED}
 

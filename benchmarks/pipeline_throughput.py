@@ -43,7 +43,7 @@ def main():
     ap.add_argument("--workdir", default=None)
     args = ap.parse_args()
 
-    from caption_io import records
+    from caption_io import datadir, records
     from pipelines import preprocess, synthetic
 
     work = args.workdir or tempfile.mkdtemp(prefix="bench-pipeline-")
@@ -77,8 +77,8 @@ def main():
     paths = sorted(glob.glob(os.path.join(coco, "train2014", "*.jpg")))
     encoder_rate = bare_encoder_rate(opts["encoder_path"], paths, args.batch_size)
 
-    shard_bytes = sum(os.path.getsize(p) for p in glob.glob(records.shard_glob(data, "train")))
-    recs = records.read_records(glob.glob(records.shard_glob(data, "train")))
+    shard_bytes = sum(os.path.getsize(p) for p in glob.glob(datadir.shard_glob(data, "train")))
+    recs = records.read_records(glob.glob(datadir.shard_glob(data, "train")))
     feature_bytes = int(np.prod(records.FEATURE_SHAPE)) * 2
     # The captions' payload: their UTF-8 text plus one byte per token id (varint).
     caption_bytes = sum(len(t.encode()) for r in recs for t in r["caption_text"]) + \

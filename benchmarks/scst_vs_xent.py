@@ -27,6 +27,8 @@ import subprocess
 import sys
 import time
 
+from caption_io import decoding_defaults
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -72,7 +74,7 @@ def main(argv=None) -> int:
     ap.add_argument("--scst-epochs", type=int, default=2)
     ap.add_argument("--scst-learning-rate", type=float, default=None)
     ap.add_argument("--scst-baseline", default="mean", choices=("mean", "greedy"))
-    ap.add_argument("--beam-size", type=int, default=3)
+    ap.add_argument("--beam-size", type=int, default=decoding_defaults.BEAM_SIZE)
     ap.add_argument("--max-xent-epochs", type=int, default=30, help="the most cross-entropy epochs added")
     ap.add_argument("flags", nargs=argparse.REMAINDER, help="-- then trainer flags for both runs")
     a = ap.parse_args(argv)

@@ -163,6 +163,7 @@ def main():
     ap.add_argument("--images", help="a directory of JPEG/PNG images (default: 16 generated scene images)")
     args = ap.parse_args()
 
+    from caption_io import savedmodel
     from caption_serving.client import CONTROL_DEFAULTS, ModelError, caption_batch, load_model
 
     paths = (sorted(glob.glob(os.path.join(args.images, "*.jpg")) + glob.glob(os.path.join(args.images, "*.png")))
@@ -177,7 +178,7 @@ def main():
             loaded, info = load_model(args.model)
         except ModelError as e:
             sys.exit(f"error: --model {args.model}: {e}")
-        beam, max_length = int(info.get("default_beam_size", 3)), int(info.get("default_max_length", 20))
+        beam, max_length = savedmodel.export_beam_size(info), savedmodel.export_max_length(info)
         expected = [caption_batch(loaded, [b], beam, max_length)[0]["caption"] for b in blobs]  # warms it up too
         bodies = [json.dumps({"signature_name": "caption_images", "inputs": {
             "images": [{"b64": base64.b64encode(b).decode("ascii")}], "beam_size": beam,

@@ -1,4 +1,4 @@
-"""CIDEr-D over token ids, vectorised with numpy: the reward of self-critical training (issue 17).
+"""CIDEr-D over token ids, vectorised with numpy: the reward of self-critical training.
 
 The reward is pycocoevalcap's `Cider` (which is CIDEr-D) computed on the ids the model
 generates and the records store, rather than on strings: a caption's words are the ids

@@ -31,7 +31,7 @@ import time
 import typing
 
 from caption_eval.evaluators.coco_metrics import METRIC_KEYS
-from caption_io import cli, fileio
+from caption_io import cli, decoding_defaults, fileio
 
 if typing.TYPE_CHECKING:  # (imported where used: it brings TensorFlow)
     from caption_io import metadata
@@ -92,8 +92,9 @@ def caption_split(model, files: list[str], beam_size: int, max_length: int, batc
                   limit: int | None = None, controls: dict | None = None):
     """Per image of the shards, in order (the first `limit` alone, when given): {"image_id",
     "file_name", "references", "caption", "words", "attention" [len(words), 64]}. Streams: a
-    COCO-sized split never holds more than one batch of feature maps. `model` is a loaded
-    export, or anything with its caption_features signature (the trainer's in-training one);
+    COCO-sized split never holds more than one batch of feature maps. `model` is a
+    client.Captioner with the caption_features signature: a loaded export, or the trainer's
+    client.CaptionFunctions around the model in training;
     controls: decoding controls beside the beam (client.CONTROL_DEFAULTS' names)."""
     import tensorflow as tf
 
@@ -113,14 +114,15 @@ def caption_split(model, files: list[str], beam_size: int, max_length: int, batc
                    "words": row["words"], "attention": row["attention"]}
 
 
-def evaluate(model_dir: str, data_dir: str | None = None, split: str = "val", beam_size: int = 3,
+def evaluate(model_dir: str, data_dir: str | None = None, split: str = "val",
+             beam_size: int = decoding_defaults.BEAM_SIZE,
              max_length: int | None = None, output: str | None = None, images_dir: str | None = None,
              instances: str | None = None, gallery_size: int = 12, spice: bool = False,
              batch_size: int = 32, controls: dict | None = None) -> dict:
     """Run the whole evaluation, write its files, return metrics.json's content."""
     from caption_eval import gallery
     from caption_eval.evaluators import coco_metrics
-    from caption_io import jobdir, metadata
+    from caption_io import jobdir, metadata, savedmodel
     from caption_io.savedmodel import CAPTION_FEATURES, EXPORT_INFO
     from caption_serving.client import load_model
 
@@ -134,7 +136,7 @@ def evaluate(model_dir: str, data_dir: str | None = None, split: str = "val", be
             raise UsageError(str(e)) from None
     meta = metadata.read(data_dir)
     files = metadata.shard_files(data_dir, split, meta)
-    max_length = max_length or int(info.get("default_max_length", 20))
+    max_length = max_length or savedmodel.export_max_length(info)
     # Beside the export: JOB_DIR/export -> JOB_DIR/eval-val.
     parent = model_dir.rstrip("/").rsplit("/", 1)[0] if "/" in model_dir.rstrip("/") else "."
     output = output or fileio.join(parent, jobdir.eval_dir(split))
@@ -210,7 +212,8 @@ def main(argv=None) -> int:
     ap.add_argument("--model", required=True, help="the SavedModel directory (JOB_DIR/export)")
     ap.add_argument("--data", help="the data directory (default: the one named in the export)")
     ap.add_argument("--split", default="val", choices=("val", "test"))
-    ap.add_argument("--beam-size", type=int, default=3, help="1 is greedy decoding (default 3)")
+    ap.add_argument("--beam-size", type=int, default=decoding_defaults.BEAM_SIZE,
+                    help=f"1 is greedy decoding (default {decoding_defaults.BEAM_SIZE})")
     ap.add_argument("--max-length", type=int, default=0, help="most tokens a caption (default: the export's)")
     ap.add_argument("--output", help="default: EXPORT_DIR/../eval-SPLIT")
     ap.add_argument("--images-dir", help="where the split's images are (default: from the data's metadata.json)")

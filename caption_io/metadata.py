@@ -29,10 +29,10 @@ import typing
 import numpy as np
 import tensorflow as tf
 
-from caption_io import cli, fileio, records
+from caption_io import cli, datadir, fileio
 from caption_io import vocab as vocab_lib
 
-FILE_NAME = records.METADATA_FILE
+FILE_NAME = datadir.METADATA_FILE
 # The layout this code writes and reads. A change that an older reader would misread
 # (a key renamed, removed or given another meaning) comes with a new version.
 FORMAT_VERSION = 1
@@ -273,9 +273,9 @@ def shard_files(data_dir: str, split: str, meta: Metadata | None = None) -> list
                     if len(problems) > 1 else "")
             raise MetadataError(problems[0] + more)
         return [f.path(data_dir) for f in listed]
-    files = sorted(tf.io.gfile.glob(records.shard_glob(data_dir, split)))
+    files = sorted(tf.io.gfile.glob(datadir.shard_glob(data_dir, split)))
     if not files:
-        raise MetadataError(f"--data {data_dir}: no {split} shards ({records.shard_glob(data_dir, split)})")
+        raise MetadataError(f"--data {data_dir}: no {split} shards ({datadir.shard_glob(data_dir, split)})")
     return files
 
 

@@ -12,8 +12,8 @@ command's main() run as the process entry, and each command module does it first
 under `if __name__ == "__main__":`), points fd 2 at a pipe, or, when stderr is a terminal,
 at a pseudo-terminal of the same size, so that isatty() stays true and progress bars still
 draw. A small filter process reads the other end and writes everything to the real stderr
-as it arrives, byte for byte, except whole lines that match START_UP (those lines and no
-others). A partial line (a progress bar's \\r update, a prompt) is passed on at once unless
+as it arrives, byte for byte, except whole lines that is_start_up recognises (those lines
+and no others). A partial line (a progress bar's \\r update, a prompt) is passed on at once unless
 it could be the start of a start-up line; then it waits for its newline, HOLD_S at most.
 
 A process rather than a thread, because it outlives the command's own ending: a C++ abort

@@ -8,7 +8,7 @@ shards; token ids are a flat int64 list plus one length per caption (a ragged
 
 The pipeline writes with `make_example` and `frame`; the trainer, evaluator and
 tests read with `parse_examples` (batched, inside tf.data). Nothing else spells
-the keys or the shard names.
+the keys; the shards' names are caption_io.datadir's (imported here for the readers of shards).
 """
 from __future__ import annotations
 
@@ -19,6 +19,15 @@ import numpy as np
 import tensorflow as tf
 
 from caption_io import geometry
+from caption_io.datadir import (  # noqa: F401  (the shards' names, read through this module too)
+    METADATA_FILE,
+    SHARD_SUFFIX,
+    SHARD_TEMPLATE,
+    SPLITS,
+    shard_glob,
+    shard_name,
+    shard_prefix,
+)
 
 FEATURE_SHAPE = geometry.FEATURE_SHAPE
 FEATURE_DTYPE = np.float16
@@ -29,28 +38,6 @@ FEATURES = "image/features"
 CAPTION_IDS = "caption/ids"
 CAPTION_LENGTHS = "caption/lengths"
 CAPTION_TEXT = "caption/text"
-
-SPLITS = ("train", "val", "test")
-METADATA_FILE = "metadata.json"  # beside the shards: what the data directory holds (preprocess writes it)
-
-
-def shard_prefix(data_dir: str, split: str) -> str:
-    return f"{data_dir.rstrip('/')}/{split}"
-
-
-SHARD_SUFFIX = ".tfrecord"
-SHARD_TEMPLATE = "-SSSSS-of-NNNNN"  # Beam's template: train-00000-of-00004.tfrecord
-
-
-def shard_name(split: str, index: int, count: int) -> str:
-    """train-00003-of-00016.tfrecord: the file name of shard `index` of `count`."""
-    if not 0 <= index < count:
-        raise ValueError(f"shard {index} of {count} does not exist")
-    return f"{split}-{index:05d}-of-{count:05d}{SHARD_SUFFIX}"
-
-
-def shard_glob(data_dir: str, split: str) -> str:
-    return f"{shard_prefix(data_dir, split)}-?????-of-?????{SHARD_SUFFIX}"
 
 
 def _masked_crc(data: bytes) -> int:

@@ -6,13 +6,13 @@ order the pipeline saw the captions in).
 """
 from __future__ import annotations
 
-from caption_io import cli, fileio
+from caption_io import cli, datadir, fileio
 
 PAD, UNK, START, END = "<pad>", "<unk>", "<start>", "<end>"
 SPECIALS = (PAD, UNK, START, END)
 PAD_ID, UNK_ID, START_ID, END_ID = range(4)
 FIRST_WORD_ID = len(SPECIALS)  # ids below it are the specials: never a word of a caption shown or scored
-FILE_NAME = "vocab.txt"
+FILE_NAME = datadir.VOCAB_FILE
 
 
 class VocabError(ValueError, cli.UserError):

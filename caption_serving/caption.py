@@ -35,7 +35,7 @@ import warnings
 import numpy as np
 from PIL import Image
 
-from caption_io import cli, fileio, images
+from caption_io import cli, decoding_defaults, fileio, images, savedmodel
 from caption_serving.client import (
     ModelError,
     add_decoding_flags,
@@ -133,7 +133,8 @@ def main(argv=None) -> int:
     ap = cli.Parser(prog="caption", description=__doc__.split("\n\n")[0])
     ap.add_argument("inputs", nargs="+", metavar="IMAGE_OR_URL")
     ap.add_argument("--model", required=True, help="the SavedModel directory (JOB_DIR/export)")
-    ap.add_argument("--beam-size", type=int, default=3, help="1 is greedy decoding (default 3)")
+    ap.add_argument("--beam-size", type=int, default=decoding_defaults.BEAM_SIZE,
+                    help=f"1 is greedy decoding (default {decoding_defaults.BEAM_SIZE})")
     ap.add_argument("--max-length", type=int, default=0,
                     help="most tokens to generate, <end> included (default: the export's)")
     ap.add_argument("--plot", metavar="OUT_DIR", help="write OUT_DIR/<name>.attention.png per image")
@@ -158,7 +159,7 @@ def main(argv=None) -> int:
         model, info = load_model(a.model)
     except ModelError as e:  # the line names the flag; exit 2 (ModelError's)
         raise ModelError(f"--model {a.model}: {e}") from None
-    max_length = a.max_length or int(info.get("default_max_length", 20))
+    max_length = a.max_length or savedmodel.export_max_length(info)
     if a.plot:
         from caption_serving import plot
 

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import io
 import os
+import typing
+from collections.abc import Callable, Mapping
 
 import numpy as np
 from PIL import Image
 
-from caption_io import cli, fileio, savedmodel, vocab
+from caption_io import cli, decoding_defaults, fileio, savedmodel, vocab
 
 # Formats TensorFlow's decode_image reads the same way PIL does: these bytes go to the
 # model untouched, so a caption here equals the SavedModel's for the same file. BMP is
@@ -18,6 +20,23 @@ TF_FORMATS = {"JPEG", "PNG", "GIF", "WEBP"}
 
 class ModelError(ValueError, cli.UserError):
     """A --model that cannot be used; str() is the reason."""
+
+
+class Captioner(typing.Protocol):
+    """What caption_batch and caption_features call: `signatures` maps signature names
+    (caption_io/savedmodel.py) to functions that take the signature's inputs by name and return
+    its outputs. A loaded export (load_model's) is one; so is a CaptionFunctions."""
+
+    signatures: Mapping[str, Callable[..., dict]]
+
+
+class CaptionFunctions:
+    """A Captioner made of functions rather than loaded from an export: each is a tf.function
+    with its signature's input_signature (the trainer's caption_features around the model in
+    training), given by signature name."""
+
+    def __init__(self, signatures: Mapping[str, Callable[..., dict]]):
+        self.signatures = dict(signatures)
 
 
 def export_info(path: str) -> dict:
@@ -46,10 +65,12 @@ def load_model(path: str):
     return loaded, info
 
 
-# Decoding's settings beside beam_size and max_length, with the values that leave decoding as
-# it was before they existed (caption_io/savedmodel.py: OPTIONS). 0.7 is model.decoding's alpha.
-CONTROL_DEFAULTS = {savedmodel.NUM_CAPTIONS: 1, savedmodel.NO_REPEAT_NGRAM: 0, savedmodel.MIN_LENGTH: 0,
-                    savedmodel.LENGTH_ALPHA: 0.7}
+# Decoding's settings beside beam_size and max_length (caption_io/savedmodel.py: OPTIONS), at
+# their defaults: an export whose signatures do not take them decodes with these values.
+CONTROL_DEFAULTS = {savedmodel.NUM_CAPTIONS: decoding_defaults.NUM_CAPTIONS,
+                    savedmodel.NO_REPEAT_NGRAM: decoding_defaults.NO_REPEAT_NGRAM,
+                    savedmodel.MIN_LENGTH: decoding_defaults.MIN_LENGTH,
+                    savedmodel.LENGTH_ALPHA: decoding_defaults.LENGTH_ALPHA}
 
 
 def option_inputs(beam_size: int, max_length: int, **controls) -> dict:
@@ -74,9 +95,9 @@ def _input_names(fn) -> set[str]:
 
 
 def _call(fn, data_inputs: dict, beam_size: int, max_length: int, controls: dict) -> list[dict]:
-    """Call an option signature with exactly the inputs it takes. An export made before the
-    decoding controls takes beam_size and max_length only: asking it for another value of a
-    control is a ModelError saying to re-export; leaving them at their defaults works."""
+    """Call an option signature with exactly the inputs it takes. An export whose signatures
+    lack the decoding controls takes beam_size and max_length only: asking it for another value
+    of a control is a ModelError saying to re-export; leaving them at their defaults works."""
     options = option_inputs(beam_size, max_length, **controls)
     takes = _input_names(fn)
     missing = [k for k in controls if k not in takes and controls[k] not in (None, CONTROL_DEFAULTS[k])]
@@ -93,27 +114,33 @@ def rows(out: dict) -> list[dict]:
     tokens that are words (vocab.is_word), in order, so their attention rows line up with them.
     "nbest" (with the option signatures) holds the num_captions best captions, best first, each
     a dict of the same four keys; the first is the caption itself."""
+    best, nbest = savedmodel.BEST, savedmodel.NBEST
     found = []
-    for i, text in enumerate(out[savedmodel.CAPTIONS]):
-        found.append(_row(text, out[savedmodel.SCORES][i], out[savedmodel.TOKENS][i], out[savedmodel.ATTENTION][i]))
-        if savedmodel.NBEST_CAPTIONS in out:
-            found[-1]["nbest"] = [
-                _row(out[savedmodel.NBEST_CAPTIONS][i][k], out[savedmodel.NBEST_SCORES][i][k],
-                     out[savedmodel.NBEST_TOKENS][i][k], out[savedmodel.NBEST_ATTENTION][i][k])
-                for k in range(out[savedmodel.NBEST_CAPTIONS].shape[1])
-                if out[savedmodel.NBEST_LENGTHS][i][k] > 0]  # length 0: an empty place
+    for i in range(len(out[best.captions])):
+        found.append(_row(out, best, i))
+        if nbest.captions in out:
+            found[-1]["nbest"] = [_row(out, nbest, i, k) for k in range(out[nbest.captions].shape[1])
+                                  if out[nbest.lengths][i][k] > 0]  # length 0: an empty place
     return found
 
 
-def _row(text: bytes, score, tokens, attention) -> dict:
-    caption = text.decode("utf-8")
+def _row(out: dict, names: savedmodel.Outputs, *at: int) -> dict:
+    """One caption of a batch output: the family `names`' values at image `at[0]` (and place `at[1]`)."""
+    def value(name):
+        found = out[name]
+        for i in at:  # one index at a time: a column may be a list (rest.rows_of's captions)
+            found = found[i]
+        return found
+
+    caption = value(names.captions).decode("utf-8")
     words = caption.split()
-    attention = attention[vocab.is_word(tokens)]
+    tokens = value(names.tokens)
+    attention = value(names.attention)[vocab.is_word(tokens)]
     assert len(words) == len(attention), (caption, tokens)
-    return {"caption": caption, "score": float(score), "words": words, "attention": attention}
+    return {"caption": caption, "score": float(value(names.scores)), "words": words, "attention": attention}
 
 
-def caption_batch(loaded, blobs: list[bytes], beam_size: int, max_length: int, **controls) -> list[dict]:
+def caption_batch(loaded: Captioner, blobs: list[bytes], beam_size: int, max_length: int, **controls) -> list[dict]:
     """Caption image bytes with the caption_images signature; per image as `rows` gives.
     controls: num_captions, no_repeat_ngram, min_length, length_alpha (CONTROL_DEFAULTS)."""
     import tensorflow as tf
@@ -123,7 +150,7 @@ def caption_batch(loaded, blobs: list[bytes], beam_size: int, max_length: int, *
                  beam_size, max_length, controls)
 
 
-def caption_features(loaded, features, beam_size: int, max_length: int, **controls) -> list[dict]:
+def caption_features(loaded: Captioner, features, beam_size: int, max_length: int, **controls) -> list[dict]:
     """Caption stored feature maps [B, POSITIONS, CHANNELS] with the caption_features signature."""
     import tensorflow as tf
 
@@ -134,13 +161,15 @@ def caption_features(loaded, features, beam_size: int, max_length: int, **contro
 def add_decoding_flags(parser) -> None:
     """The decoding controls as command-line flags (caption, caption_images), defined once."""
     g = parser.add_argument_group("decoding")
-    g.add_argument("--num-captions", type=int, default=1, help="the N best captions of the beam, best first "
-                   "(at most --beam-size; default 1)")
-    g.add_argument("--no-repeat-ngram", type=int, default=0, metavar="N",
-                   help="never generate the same N-gram twice in a caption (default 0: off)")
-    g.add_argument("--min-length", type=int, default=0, help="no <end> before this many tokens (default 0)")
-    g.add_argument("--length-alpha", type=float, default=CONTROL_DEFAULTS[savedmodel.LENGTH_ALPHA],
-                   help="beam search's length normalisation ((5 + n) / 6)^alpha (default 0.7; 0: none)")
+    d = decoding_defaults
+    g.add_argument("--num-captions", type=int, default=d.NUM_CAPTIONS, help="the N best captions of the beam, "
+                   f"best first (at most --beam-size; default {d.NUM_CAPTIONS})")
+    g.add_argument("--no-repeat-ngram", type=int, default=d.NO_REPEAT_NGRAM, metavar="N",
+                   help=f"never generate the same N-gram twice in a caption (default {d.NO_REPEAT_NGRAM}: off)")
+    g.add_argument("--min-length", type=int, default=d.MIN_LENGTH,
+                   help=f"no <end> before this many tokens (default {d.MIN_LENGTH})")
+    g.add_argument("--length-alpha", type=float, default=d.LENGTH_ALPHA,
+                   help=f"beam search's length normalisation ((5 + n) / 6)^alpha (default {d.LENGTH_ALPHA}; 0: none)")
 
 
 def decoding_controls(args, beam_size: int) -> dict:

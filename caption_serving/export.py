@@ -25,7 +25,7 @@ import sys
 
 import tensorflow as tf
 
-from caption_io import checkpoints, cli, fileio, jobdir, metadata, savedmodel
+from caption_io import checkpoints, cli, decoding_defaults, fileio, jobdir, metadata, savedmodel
 from caption_io import vocab as vocab_lib
 from caption_io.jobdir import CONFIG_FILE
 from caption_io.savedmodel import EXPORT_INFO
@@ -65,18 +65,12 @@ class CaptionModule(tf.Module):
 
     def _decode(self, features, beam_size, max_length, nbest=False, **controls):
         out = decoding.decode(self.captioner, features, max_length, beam_size=beam_size, **controls)
-        outputs = {savedmodel.CAPTIONS: self._text(out.tokens), savedmodel.TOKENS: out.tokens,
-                   savedmodel.SCORES: out.scores, savedmodel.ATTENTION: out.attention,
-                   savedmodel.LENGTHS: out.lengths}
+        outputs = savedmodel.BEST.named(out.best, captions=self._text(out.best.tokens))
         if nbest:
             # An empty place (fewer distinct hypotheses than asked) has length 0; its score is
             # 0 rather than decoding's -inf, which JSON (TF Serving's REST answers) cannot carry.
-            real = out.nbest_lengths > 0
-            outputs.update({savedmodel.NBEST_CAPTIONS: self._text(out.nbest_tokens),
-                            savedmodel.NBEST_TOKENS: out.nbest_tokens,
-                            savedmodel.NBEST_SCORES: tf.where(real, out.nbest_scores, 0.0),
-                            savedmodel.NBEST_ATTENTION: out.nbest_attention,
-                            savedmodel.NBEST_LENGTHS: out.nbest_lengths})
+            outputs.update(savedmodel.NBEST.named(out.nbest, captions=self._text(out.nbest.tokens),
+                                                  scores=tf.where(out.nbest.lengths > 0, out.nbest.scores, 0.0)))
         return outputs
 
     def _pixels(self, images):
@@ -137,7 +131,7 @@ def _restore(captioner: Captioner, job_dir: str, which: str) -> str:
     return path
 
 
-def build_module(job_dir: str, data_dir: str | None = None, beam_size: int = 3,
+def build_module(job_dir: str, data_dir: str | None = None, beam_size: int = decoding_defaults.BEAM_SIZE,
                  max_length: int | None = None, checkpoint: str = "last") -> tuple[CaptionModule, dict]:
     cfg_path = fileio.join(job_dir, CONFIG_FILE)
     if not fileio.exists(cfg_path):
@@ -162,12 +156,13 @@ def build_module(job_dir: str, data_dir: str | None = None, beam_size: int = 3,
     longest = meta.max_tokens
     max_length = max_length or savedmodel.default_max_length(longest)  # generated tokens (<end> included)
     info = {"checkpoint": fileio.absolute(ckpt), "encoder": meta.encoder.to_dict(), "config": config.to_dict(),
-            "vocab_size": len(tokens), "default_beam_size": beam_size, "default_max_length": max_length,
+            "vocab_size": len(tokens), savedmodel.INFO_BEAM_SIZE: beam_size, savedmodel.INFO_MAX_LENGTH: max_length,
             "signatures": list(savedmodel.SIGNATURES), "data": data_dir}
     return CaptionModule(captioner, encoder, tokens, beam_size, max_length), info
 
 
-def export(job_dir: str, output: str | None = None, data_dir: str | None = None, beam_size: int = 3,
+def export(job_dir: str, output: str | None = None, data_dir: str | None = None,
+           beam_size: int = decoding_defaults.BEAM_SIZE,
            max_length: int | None = None, checkpoint: str = "last") -> str:
     """Write the SavedModel to `output` (default JOB_DIR/export). Locally it is written beside
     and renamed into place whole; on gs:// export.json, written last, marks it complete. A
@@ -218,7 +213,7 @@ def main(argv=None) -> int:
     ap.add_argument("--checkpoint", default="last", metavar="last|best|PATH",
                     help="last: the newest intact checkpoint; best: the best epoch's (on the job's "
                          "--early-stopping-metric); or a checkpoint path")
-    ap.add_argument("--beam-size", type=int, default=3, help="serving_default's beam size")
+    ap.add_argument("--beam-size", type=int, default=decoding_defaults.BEAM_SIZE, help="serving_default's beam size")
     ap.add_argument("--max-length", type=int, default=0, help="serving_default's longest caption (0: from the data)")
     a = ap.parse_args(argv)
     if a.beam_size < 1 or a.max_length < 0:

@@ -96,8 +96,8 @@ class Served:
         """What the page needs to know: the endpoint, the defaults, the limits, what the export takes."""
         return {"model": self.name, "predict": f"/v1/models/{self.name}:predict",
                 "signature": savedmodel.CAPTION_IMAGES,
-                "beam_size": int(self.info.get("default_beam_size", 3)),
-                "max_length": int(self.info.get("default_max_length", 20)),
+                "beam_size": savedmodel.export_beam_size(self.info),
+                "max_length": savedmodel.export_max_length(self.info),
                 "num_captions": savedmodel.NUM_CAPTIONS in self.specs[savedmodel.CAPTION_IMAGES],
                 # The decoding controls the page does not offer go at decoding's defaults (a
                 # signature's every input must be sent; older exports take none of them).
@@ -146,16 +146,14 @@ def trimmed(out: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     who shared its batch; with it, the same request gets the same answer however it was batched
     (TF Serving's answer can have more trailing <pad> columns: `lengths` says where each caption ends)."""
     out = dict(out)
-    for lengths_key, tokens_key, attention_key, ndim in (
-            (savedmodel.LENGTHS, savedmodel.TOKENS, savedmodel.ATTENTION, 1),
-            (savedmodel.NBEST_LENGTHS, savedmodel.NBEST_TOKENS, savedmodel.NBEST_ATTENTION, 2)):
-        lengths, tokens, attention = (out.get(k) for k in (lengths_key, tokens_key, attention_key))
+    for names, ndim in ((savedmodel.BEST, 1), (savedmodel.NBEST, 2)):
+        lengths, tokens, attention = (out.get(k) for k in (names.lengths, names.tokens, names.attention))
         if lengths is None or tokens is None or attention is None or lengths.ndim != ndim \
                 or tokens.ndim != ndim + 1:
             continue
         steps = int(lengths.max()) if lengths.size else 0
-        out[tokens_key] = tokens[..., :steps]
-        out[attention_key] = attention[..., :steps, :]
+        out[names.tokens] = tokens[..., :steps]
+        out[names.attention] = attention[..., :steps, :]
     return out
 
 

@@ -13,7 +13,8 @@ alpha and temperature float32): one trace of a tf.function with input_signature 
 serves every batch size, max_length, beam size and control value. An empty batch or
 max_length 0 gives empty captions (T = 0).
 
-Decoding controls (keyword-only; the defaults are today's decoding, bit for bit):
+Decoding controls (keyword-only; defaults in caption_io/decoding_defaults.py: one caption and
+no bans; bans off as Python 0 add nothing to the graph):
     num_captions     K, 1 <= K <= beam_size (decode, beam_search; default 1): the K best
                      hypotheses of the beam in the nbest_* fields, best first by normalised
                      score. They are distinct token sequences by construction: every live
@@ -27,7 +28,7 @@ Decoding controls (keyword-only; the defaults are today's decoding, bit for bit)
                      tokens have been generated, so an ended caption has at least M words
                      (lengths >= M + 1, <end> counted). One cut at max_length may be shorter
                      only if max_length <= M.
-    length_penalty_alpha  the length normalisation below (already an argument; default 0.7).
+    length_penalty_alpha  the length normalisation below (default 0.7).
 A banned token is treated like <pad>: never chosen, but its probability stays in the softmax
 that scores come from (scores remain the model's log-probabilities; bans only remove
 candidates, so beam search's stopping bound below still holds). If the bans leave a
@@ -36,121 +37,74 @@ bans <end>), its <end> is allowed again: it ends short rather than emit <pad>. O
 values raise ValueError for Python numbers and fail a tf.debugging assertion
 (InvalidArgumentError) at run time for tensors. Cost: benchmarks/decoding_controls.py.
 
-Every function returns a `Decoded`; fields (T <= max_length: the longest caption returned, all
-k hypotheses counted for beams, so `tokens` may end in columns of 0):
-    tokens            [B, T] int32    the caption without <start>; ends with <end> where it
-                                      ended (a caption cut at max_length has none); 0 after
-    scores            [B] float32     its log-probability under the model: the sum of the
-                                      chosen tokens' log_softmax, <end> included
-    normalized_scores [B] float32     scores / length_penalty(lengths) (what beams rank by)
-    attention         [B, T, P] float32  the attention weights that produced each token; each
-                                      row of a generated token sums to 1, rows after it are 0
-    lengths           [B] int32       generated tokens, <end> included
-    beam_tokens       [B, k, T]       all k hypotheses, best first (greedy/sample: k = 1)
-    beam_scores       [B, k]          their raw log-probabilities
-    beam_normalized_scores [B, k]     their ranking scores, non-increasing along k
-    beam_lengths      [B, k]
-    nbest_tokens      [B, K, T'] int32  the first K of beam_tokens (K = num_captions; greedy
-                                      and sampling: K = 1, the caption); T' <= T, the
-                                      longest of the K. A place that no hypothesis filled
-                                      (fewer than K came back: only when the model or the
-                                      bans leave fewer than K allowed sequences) is blank:
-    nbest_scores      [B, K] float32    tokens 0, length 0, score and normalised score -inf,
-    nbest_normalized_scores [B, K]      attention 0. Real ones come first (scores sorted).
-    nbest_attention   [B, K, T', P] float32
-    nbest_lengths     [B, K] int32
-
-Length normalisation (GNMT, Wu et al. 2016): a hypothesis of n tokens (<end> included) with
-log-probability s ranks by s / lp(n), lp(n) = ((5 + n) / 6) ** alpha. alpha = 0 ranks by raw
-log-probability (which favours short captions); larger alpha favours longer ones. Greedy and
-sampling report normalized_scores with alpha = DEFAULT_ALPHA, for comparison only.
+Every function returns a `Decoded` (model/decoded.py): the best caption of each image (`best`,
+or flat: tokens, scores, normalized_scores, attention, lengths), the beam's hypotheses (`beam`,
+beam_*) and the first num_captions of them (`nbest`, nbest_*); greedy and sampling return
+their caption as a beam and an n-best of one. Length normalisation is model.decoded's
+length_penalty; beam search's workings are model/beam_search.py's.
 
 Tokens that are never a word, <pad> and <start>, are never chosen (so 0 in `tokens` always
 means "after the end"); they still count in the softmax that scores are taken from.
 
-Beam search (k beams) keeps finished hypotheses aside. Each step takes the k best one-token
-extensions of the live beams; those ending with <end> leave the beam for a finished set of k,
-ranked by normalised score, and are never extended again (their slot is empty for that step;
-the next step's k best extensions of the remaining beams fill the beam again). An image is
-done when its finished set is full and its worst member beats the best score any live beam
-could still reach, or when no live beam is left. Log-probabilities only fall as a hypothesis
-grows, so that bound is s_best / lp(n) at the length n (from the next one to max_length) that
-favours it most. At max_length the live beams join the finished set unended, so k hypotheses
-always come back. The loop stops once every image is done. With k = 1 this is exactly greedy
-decoding (same tokens, same score), whatever alpha.
-
-The recurrent state comes from model.init_state (per-image work, once) and model.step. The
-beams of an image share its encoded features and attention keys: they are tiled k times once
-and never reordered; only the GRU state is gathered by beam parent each step.
+The recurrent state comes from model.init_state (per-image work, once) and model.step.
 """
-import collections
-
 import numpy as np
 import tensorflow as tf
 
+from caption_io import decoding_defaults as defaults
 from caption_io.vocab import END_ID, PAD_ID, START_ID
-
-DEFAULT_ALPHA = 0.7
-
-# DecoderState fields that hold per-image values, identical across the beams of an image:
-# reordering beams within an image leaves them unchanged, so the per-step gather skips them
-# ([B*k, 64, 512] keys would otherwise be copied at every word).
-_PER_IMAGE_FIELDS = ("features", "keys")
-
-Decoded = collections.namedtuple("Decoded", [
-    "tokens", "scores", "normalized_scores", "attention", "lengths",
-    "beam_tokens", "beam_scores", "beam_normalized_scores", "beam_lengths",
-    "nbest_tokens", "nbest_scores", "nbest_normalized_scores", "nbest_attention", "nbest_lengths"])
-
-# The bans in force, as int32 scalar tensors; None when both are off by Python constants, so
-# that the decoders build exactly the graph they built before the controls existed.
-Controls = collections.namedtuple("Controls", ["no_repeat_ngram", "min_length"])
-
-
-def length_penalty(lengths, alpha):
-    """GNMT's lp(n) = ((5 + n) / 6) ** alpha, float32."""
-    n = tf.cast(lengths, tf.float32)
-    return tf.pow((5.0 + n) / 6.0, tf.cast(alpha, tf.float32))
+from model.beam_search import search as search_beams
+from model.decoded import DEFAULT_ALPHA, Beam, Decoded, Hypotheses, length_penalty
+from model.decoding_steps import (
+    apply_controls,
+    checked_controls,
+    checked_num_captions,
+    forbidden,
+    pick,
+    relaxed,
+)
 
 
 # ---------------------------------------------------------------------------------- front door
 def decode(model, features, max_length, beam_size=1, length_penalty_alpha=DEFAULT_ALPHA,
-           start_id=START_ID, end_id=END_ID, *, num_captions=1, no_repeat_ngram=0, min_length=0):
+           start_id=START_ID, end_id=END_ID, *, num_captions=defaults.NUM_CAPTIONS,
+           no_repeat_ngram=defaults.NO_REPEAT_NGRAM, min_length=defaults.MIN_LENGTH):
     """Greedy for beam_size 1, beam search above (beam search with k = 1 gives the same
     result; greedy's loop is just leaner). A tensor beam_size picks with tf.cond at run time
     (both loops traced once), so an exported signature can take it as an input; so can the
     controls (module docstring): num_captions <= beam_size, no_repeat_ngram, min_length."""
-    controls = _controls(no_repeat_ngram, min_length)
+    controls = checked_controls(no_repeat_ngram, min_length)
     if isinstance(beam_size, int):
         if beam_size < 1:
             raise ValueError(f"beam_size must be >= 1, got {beam_size}")
-        num_captions = _num_captions(num_captions, beam_size)
+        num_captions = checked_num_captions(num_captions, beam_size)
         if beam_size == 1:
             return _one_path(model, features, max_length, _argmax, start_id, end_id,
                              length_penalty_alpha, controls)
-        return _beam_search(model, features, beam_size, max_length, length_penalty_alpha,
+        return search_beams(model, features, beam_size, max_length, length_penalty_alpha,
                             start_id, end_id, num_captions, controls)
     beam_size = tf.convert_to_tensor(beam_size, tf.int32)
     check = tf.debugging.assert_positive(beam_size, message="beam_size must be >= 1")
     with tf.control_dependencies([check]):
         beam_size = tf.identity(beam_size)
-    num_captions = _num_captions(num_captions, beam_size)
+    num_captions = checked_num_captions(num_captions, beam_size)
     with tf.control_dependencies([num_captions]):   # checked, even when greedy runs
         beam_size = tf.identity(beam_size)
     return tf.cond(
         beam_size <= 1,
         lambda: _one_path(model, features, max_length, _argmax, start_id, end_id,
                           length_penalty_alpha, controls),
-        lambda: _beam_search(model, features, beam_size, max_length, length_penalty_alpha,
+        lambda: search_beams(model, features, beam_size, max_length, length_penalty_alpha,
                              start_id, end_id, num_captions, controls))
 
 
 # ---------------------------------------------------------------------------- greedy, sampling
 def greedy(model, features, max_length, start_id=START_ID, end_id=END_ID,
-           length_penalty_alpha=DEFAULT_ALPHA, *, no_repeat_ngram=0, min_length=0):
+           length_penalty_alpha=DEFAULT_ALPHA, *, no_repeat_ngram=defaults.NO_REPEAT_NGRAM,
+           min_length=defaults.MIN_LENGTH):
     """The most likely next word at each step (that the controls allow)."""
     return _one_path(model, features, max_length, _argmax, start_id, end_id,
-                     length_penalty_alpha, _controls(no_repeat_ngram, min_length))
+                     length_penalty_alpha, checked_controls(no_repeat_ngram, min_length))
 
 
 def _argmax(t, logits, allowed_log_probs):
@@ -160,8 +114,8 @@ def _argmax(t, logits, allowed_log_probs):
 
 
 def sample(model, features, max_length, temperature=1.0, seed=None, start_id=START_ID,
-           end_id=END_ID, length_penalty_alpha=DEFAULT_ALPHA, *, no_repeat_ngram=0, min_length=0,
-           rows=None):
+           end_id=END_ID, length_penalty_alpha=DEFAULT_ALPHA, *, no_repeat_ngram=defaults.NO_REPEAT_NGRAM,
+           min_length=defaults.MIN_LENGTH, rows=None):
     """Each word drawn from softmax(logits / temperature) (the tutorial's decoding), over the
     words the controls allow.
 
@@ -197,7 +151,7 @@ def sample(model, features, max_length, temperature=1.0, seed=None, start_id=STA
         greedy_word = tf.argmax(allowed_log_probs, -1, output_type=tf.int32)
         return tf.where(temperature > 0, drawn, greedy_word)
     return _one_path(model, features, max_length, choose, start_id, end_id,
-                     length_penalty_alpha, _controls(no_repeat_ngram, min_length))
+                     length_penalty_alpha, checked_controls(no_repeat_ngram, min_length))
 
 
 def _one_path(model, features, max_length, choose, start_id, end_id, alpha, controls=None):
@@ -206,18 +160,18 @@ def _one_path(model, features, max_length, choose, start_id, end_id, alpha, cont
     state = model.init_state(features)
     batch = tf.shape(features)[0]
     positions = features.shape[1]
-    forbidden = _forbidden(model.config.vocab_size, start_id)
+    never = forbidden(model.config.vocab_size, start_id)
 
     def body(t, state, words, ended, scores, lengths, tokens, attention):
         logits, state, alpha_t = model.step(state, words)
         logits = tf.cast(logits, tf.float32)
         log_probs = tf.nn.log_softmax(logits)
-        allowed = log_probs + forbidden
+        allowed = log_probs + never
         if controls is not None:
-            allowed = _apply_controls(allowed, tokens, t, controls, end_id)
+            allowed = apply_controls(allowed, tokens, t, controls, end_id)
         chosen = choose(t, logits, allowed)
         live = tf.logical_not(ended)
-        scores += tf.where(live, _pick(log_probs, chosen), 0.0)
+        scores += tf.where(live, pick(log_probs, chosen), 0.0)
         lengths += tf.cast(live, tf.int32)
         chosen = tf.where(live, chosen, PAD_ID)
         alpha_t = tf.where(live[:, None], tf.cast(alpha_t, tf.float32), 0.0)
@@ -231,249 +185,20 @@ def _one_path(model, features, max_length, choose, start_id, end_id, alpha, cont
     _, _, _, _, scores, lengths, tokens, attention = tf.while_loop(
         lambda t, _s, _w, ended, *_: tf.logical_and(t < max_length,
                                                     tf.logical_not(tf.reduce_all(ended))),
-        body, loop_vars, shape_invariants=_relaxed(loop_vars), maximum_iterations=max_length)
-    normalized = scores / length_penalty(lengths, alpha)
-    one = lambda x: x[:, None]   # the k = 1 "beam" and n-best of this path
-    return Decoded(tokens, scores, normalized, attention, lengths, one(tokens), one(scores),
-                   one(normalized), one(lengths), one(tokens), one(scores), one(normalized),
-                   one(attention), one(lengths))
+        body, loop_vars, shape_invariants=relaxed(loop_vars), maximum_iterations=max_length)
+    best = Hypotheses(tokens, scores, scores / length_penalty(lengths, alpha), attention, lengths)
+    one = lambda: Hypotheses(*(x[:, None] for x in best))   # the k = 1 "beam" and n-best of this path
+    return Decoded.of(best, Beam.of(one()), one())
 
 
 # ------------------------------------------------------------------------------- beam search
 def beam_search(model, features, beam_size, max_length, length_penalty_alpha=DEFAULT_ALPHA,
-                start_id=START_ID, end_id=END_ID, *, num_captions=1, no_repeat_ngram=0,
-                min_length=0):
-    """The k best captions by normalised score (see the module docstring); the first
-    num_captions of them also in the nbest_* fields."""
+                start_id=START_ID, end_id=END_ID, *, num_captions=defaults.NUM_CAPTIONS,
+                no_repeat_ngram=defaults.NO_REPEAT_NGRAM, min_length=defaults.MIN_LENGTH):
+    """The k best captions by normalised score (model/beam_search.py); the first num_captions
+    of them also in the n-best (`nbest`, the nbest_* fields)."""
     if isinstance(beam_size, int) and beam_size < 1:
         raise ValueError(f"beam_size must be >= 1, got {beam_size}")
-    return _beam_search(model, features, beam_size, max_length, length_penalty_alpha, start_id,
-                        end_id, _num_captions(num_captions, beam_size),
-                        _controls(no_repeat_ngram, min_length))
-
-
-def _beam_search(model, features, beam_size, max_length, length_penalty_alpha, start_id, end_id,
-                 num_captions, controls):
-    """beam_search with checked arguments: num_captions a checked int or int32 tensor,
-    controls a Controls or None."""
-    k = tf.convert_to_tensor(beam_size, tf.int32)
-    max_length = tf.convert_to_tensor(max_length, tf.int32)
-    alpha = tf.cast(length_penalty_alpha, tf.float32)
-    batch = tf.shape(features)[0]
-    positions = features.shape[1]
-    vocab = model.config.vocab_size
-    forbidden = _forbidden(vocab, start_id)
-    neg_inf = tf.constant(-float("inf"))
-    image_rows = k * tf.range(batch)[:, None]              # beam j of image b: row b * k + j
-
-    state = tf.nest.map_structure(lambda x: tf.repeat(x, k, axis=0), model.init_state(features))
-    # All k beams start identical: only beam 0 may expand at the first step.
-    alive_scores = tf.tile(tf.where(tf.range(k) == 0, 0.0, neg_inf)[None], [batch, 1])
-
-    def body(t, done, state, words, alive_tokens, alive_att, alive_scores,
-             fin_tokens, fin_att, fin_scores, fin_norm, fin_lengths):
-        logits, state, att = model.step(state, tf.reshape(words, [-1]))
-        log_probs = tf.nn.log_softmax(tf.cast(logits, tf.float32)) + forbidden
-        if controls is not None:
-            log_probs = _apply_controls(log_probs, tf.reshape(alive_tokens, [batch * k, -1]), t,
-                                        controls, end_id)
-        log_probs = tf.reshape(log_probs, [batch, k, vocab])
-        att = tf.reshape(tf.cast(att, tf.float32), [batch, k, positions])
-
-        # The k best one-token extensions of the live beams (empty beams are at -inf).
-        flat = tf.reshape(alive_scores[:, :, None] + log_probs, [batch, k * vocab])
-        cand_scores, index = tf.math.top_k(flat, k)
-        parent, words = index // vocab, index % vocab
-        cand_tokens = tf.concat([tf.gather(alive_tokens, parent, batch_dims=1),
-                                 words[:, :, None]], 2)
-        cand_att = tf.concat([tf.gather(alive_att, parent, batch_dims=1),
-                              tf.gather(att, parent, batch_dims=1)[:, :, None]], 2)
-        length = t + 1
-        last = length >= max_length
-        ended = tf.equal(words, end_id)
-        real = cand_scores > neg_inf
-
-        # Finished set: the k best of the old set and the candidates that ended now (all
-        # of them at max_length). Images already done take none.
-        finishing = (ended | last) & real & tf.logical_not(done)[:, None]
-        cand_norm = tf.where(finishing, cand_scores / length_penalty(length, alpha), neg_inf)
-        fin_norm, chosen = tf.math.top_k(tf.concat([fin_norm, cand_norm], 1), k)
-        pool = lambda old, new: tf.gather(tf.concat([old, new], 1), chosen, batch_dims=1)
-        fin_tokens = pool(tf.pad(fin_tokens, [[0, 0], [0, 0], [0, 1]]), cand_tokens)
-        fin_att = pool(tf.pad(fin_att, [[0, 0], [0, 0], [0, 1], [0, 0]]), cand_att)
-        fin_scores = pool(fin_scores, cand_scores)
-        fin_lengths = pool(fin_lengths, tf.fill(tf.shape(cand_scores), length))
-
-        # Live beams: the candidates that did not end (an ended one leaves its slot empty).
-        alive_scores = tf.where(ended, neg_inf, cand_scores)
-        state = state._replace(**{
-            name: tf.gather(value, tf.reshape(parent + image_rows, [-1]))
-            for name, value in state._asdict().items() if name not in _PER_IMAGE_FIELDS})
-
-        # Done: the finished set is full and its worst beats anything a live beam can reach.
-        best = tf.reduce_max(alive_scores, 1)
-        reachable = tf.maximum(best / length_penalty(length + 1, alpha),
-                               best / length_penalty(max_length, alpha))
-        worst = fin_norm[:, -1]
-        done = done | last | tf.equal(best, neg_inf) | ((worst > neg_inf) & (worst >= reachable))
-        return (t + 1, done, state, words, cand_tokens, cand_att, alive_scores,
-                fin_tokens, fin_att, fin_scores, fin_norm, fin_lengths)
-
-    empty = tf.fill([batch, k], neg_inf)
-    loop_vars = (tf.constant(0), tf.zeros([batch], tf.bool), state,
-                 tf.fill([batch, k], tf.cast(start_id, tf.int32)),
-                 tf.zeros([batch, k, 0], tf.int32), tf.zeros([batch, k, 0, positions]),
-                 alive_scores, tf.zeros([batch, k, 0], tf.int32),
-                 tf.zeros([batch, k, 0, positions]), empty, empty, tf.zeros([batch, k], tf.int32))
-    out = tf.while_loop(
-        lambda t, done, *_: tf.logical_and(t < max_length, tf.logical_not(tf.reduce_all(done))),
-        body, loop_vars, shape_invariants=_relaxed(loop_vars), maximum_iterations=max_length)
-    fin_tokens, fin_att, fin_scores, fin_norm, fin_lengths = out[7:]
-    # Trim the steps run past the longest hypothesis returned (spent proving it the best).
-    steps = tf.reduce_max(tf.concat([tf.reshape(fin_lengths, [-1]), [0]], 0))
-    fin_tokens, fin_att = fin_tokens[:, :, :steps], fin_att[:, :, :steps]
-    nbest = _nbest(fin_tokens, fin_scores, fin_norm, fin_att, fin_lengths, num_captions)
-    return Decoded(fin_tokens[:, 0], fin_scores[:, 0], fin_norm[:, 0], fin_att[:, 0],
-                   fin_lengths[:, 0], fin_tokens, fin_scores, fin_norm, fin_lengths, *nbest)
-
-
-def _nbest(tokens, scores, normalized, attention, lengths, count):
-    """The first `count` of the best-first finished set, T trimmed to the longest of them.
-
-    A place no hypothesis filled is already blank (tokens and attention 0, length 0, scores
-    -inf): it starts so, and when the set is re-ranked each step, top_k puts the lower index
-    first among equal values (documented), so the -inf places kept are always the old set's
-    blank ones, never a candidate's (whose tokens and raw score are real)."""
-    lengths = lengths[:, :count]
-    steps = tf.reduce_max(tf.concat([tf.reshape(lengths, [-1]), [0]], 0))
-    return (tokens[:, :count, :steps], scores[:, :count], normalized[:, :count],
-            attention[:, :count, :steps], lengths)
-
-
-# ---------------------------------------------------------------------------------- controls
-def _controls(no_repeat_ngram, min_length):
-    """Checked Controls, or None when both are the Python 0 of their defaults: the decoders
-    then add nothing to the graph, so existing callers run exactly the decoding of before."""
-    if isinstance(no_repeat_ngram, int) and isinstance(min_length, int):
-        _at_least(no_repeat_ngram, 0, "no_repeat_ngram")
-        _at_least(min_length, 0, "min_length")
-        if no_repeat_ngram == 0 and min_length == 0:
-            return None
-    return Controls(_at_least(no_repeat_ngram, 0, "no_repeat_ngram"),
-                    _at_least(min_length, 0, "min_length"))
-
-
-def _num_captions(num_captions, beam_size):
-    """num_captions checked against 1 <= K <= beam_size: an int when both are ints (a
-    ValueError now), else an int32 tensor that carries a run-time assertion."""
-    if isinstance(num_captions, int) and isinstance(beam_size, int):
-        if not 1 <= num_captions <= beam_size:
-            raise ValueError(f"num_captions must be in [1, beam_size = {beam_size}], "
-                             f"got {num_captions}")
-        return num_captions
-    count = _at_least(num_captions, 1, "num_captions")
-    check = tf.debugging.assert_less_equal(count, tf.cast(beam_size, tf.int32),
-                                           message="num_captions must be <= beam_size")
-    with tf.control_dependencies([check]):
-        return tf.identity(count)
-
-
-def _at_least(value, minimum, name):
-    """value as an int32 scalar tensor, checked >= minimum: a Python int at once (ValueError),
-    a tensor when the graph runs (a tf.debugging assertion)."""
-    if isinstance(value, int):
-        if value < minimum:
-            raise ValueError(f"{name} must be >= {minimum}, got {value}")
-        return tf.constant(value, tf.int32)
-    value = tf.cast(value, tf.int32)
-    check = tf.debugging.assert_greater_equal(value, minimum, message=f"{name} must be >= {minimum}")
-    with tf.control_dependencies([check]):
-        return tf.identity(value)
-
-
-def _apply_controls(allowed, history, t, controls, end_id):
-    """allowed [R, V]: log-probs, -inf where a token may not be chosen; history [R, t] int32:
-    each row's tokens so far; t: the step. -> allowed with the controls' bans at -inf.
-
-    A tf.cond skips the work at the steps where no control is active (no_repeat_ngram 0 and
-    t >= min_length), so controls passed as tensors cost little when they are off. Both bans
-    go in with one scatter (a min with -inf where banned, +inf elsewhere): a pass over
-    [R, V] costs more here than all the n-gram compares (see benchmarks/decoding_controls.py)."""
-    n, min_length = controls
-    rows = tf.shape(allowed)[0]
-    end_id = tf.cast(end_id, tf.int32)
-
-    def banned():
-        index, repeats = _ngram_completions(history, n)
-        early = tf.fill([rows, 1], t < min_length)
-        ends = tf.stack([tf.range(rows), tf.fill([rows], end_id)], -1)
-        index = tf.concat([index, ends[:, None]], 1)
-        ban = tf.where(tf.concat([repeats, early], 1), -float("inf"), float("inf"))
-        masked = tf.tensor_scatter_nd_min(allowed, tf.reshape(index, [-1, 2]), tf.reshape(ban, [-1]))
-        return tf.cond(t < min_length, lambda: _end_if_nothing_left(masked, allowed, end_id),
-                       lambda: masked)
-    return tf.cond((n > 0) | (t < min_length), banned, lambda: allowed)
-
-
-def _end_if_nothing_left(masked, allowed, end_id):
-    """Rows the bans left without a token get their <end> back: the caption ends rather than
-    emit <pad> (argmax of all -inf) or whatever a categorical draw over nothing returns. Only
-    while min_length bans <end>: otherwise <end> is never banned (no live hypothesis has it
-    in its history), so a row always keeps it."""
-    rows = tf.shape(masked)[0]
-    stuck = tf.equal(tf.reduce_max(masked, -1), -float("inf"))
-    ends = tf.stack([tf.range(rows), tf.fill([rows], end_id)], -1)
-    value = tf.where(stuck, tf.gather(allowed, end_id, axis=1), tf.gather(masked, end_id, axis=1))
-    return tf.tensor_scatter_nd_update(masked, ends, value)
-
-
-def _ngram_completions(history, n):
-    """Where repeating an n-gram would start: -> index [R, t, 2] (row, history[row, q]) and
-    repeats bool [R, t], true where the token at q completes, after the history's last n - 1
-    tokens, an n-gram already in the history (n <= 0: nowhere; n = 1: every q).
-
-    Vectorised, no loop over earlier positions: the token at q is banned when the n - 1 tokens
-    before it equal the history's last n - 1 tokens. The window before every q is gathered at
-    once ([R, t, n-1]) and compared with that suffix: R * t * (n-1) compares a step."""
-    rows, length = tf.shape(history)[0], tf.shape(history)[1]
-    back = tf.range(1, tf.maximum(n, 1))               # offsets of the n - 1 tokens before
-    position = tf.range(length)
-    # Indices before the start are clamped to a column put in front (so that a gather from an
-    # empty history is valid); what it holds never decides a ban: position >= n - 1 below
-    # keeps only windows that lie wholly inside the history, and then so does the suffix.
-    padded = tf.pad(history, [[0, 0], [1, 0]])
-    before = lambda i: tf.maximum(i, -1) + 1
-    window = tf.gather(padded, before(position[:, None] - back), axis=1)   # [R, t, n-1]
-    suffix = tf.gather(padded, before(length - back), axis=1)              # [R, n-1]
-    repeats = (tf.reduce_all(tf.equal(window, suffix[:, None]), -1)
-               & (position >= n - 1)[None] & (n > 0))
-    index = tf.stack([tf.broadcast_to(tf.range(rows)[:, None], [rows, length]), history], -1)
-    return index, repeats
-
-
-# ----------------------------------------------------------------------------------- helpers
-def _forbidden(vocab_size, start_id):
-    """[V] float32: -inf at <pad> and <start> (never a word to emit), 0 elsewhere."""
-    ids = tf.range(vocab_size)
-    never = tf.equal(ids, PAD_ID) | tf.equal(ids, tf.cast(start_id, tf.int32))
-    return tf.where(never, -float("inf"), 0.0)
-
-
-def _pick(log_probs, words):
-    """log_probs [..., V], words [...] -> log_probs[..., words]."""
-    return tf.gather(log_probs, words, batch_dims=words.shape.rank)
-
-
-def _relaxed(loop_vars):
-    """Shape invariants: batch, beam and time dims may change from step to step (tokens and
-    attention grow by one step; a tensor beam size leaves the beam dim unknown). The decoder
-    state (a namedtuple) only relaxes its batch dim: the cell reads its static feature dims.
-    Attention ([..., P] float32, rank >= 3) keeps its positions dim."""
-    def relax(x):
-        if x.shape.rank >= 3 and x.dtype == tf.float32:
-            return tf.TensorShape([None] * (x.shape.rank - 1) + x.shape[-1:])
-        return tf.TensorShape([None] * x.shape.rank)
-    return tuple(
-        tf.nest.map_structure(lambda x: tf.TensorShape([None]) + x.shape[1:], v)
-        if isinstance(v, tuple) else relax(v)
-        for v in loop_vars)
+    return search_beams(model, features, beam_size, max_length, length_penalty_alpha, start_id,
+                        end_id, checked_num_captions(num_captions, beam_size),
+                        checked_controls(no_repeat_ngram, min_length))

@@ -37,7 +37,7 @@ import apache_beam as beam
 from apache_beam.io import fileio as beam_fileio
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from caption_io import cli, fileio
+from caption_io import cli, decoding_defaults, fileio, savedmodel
 from caption_serving import client
 from pipelines import launcher
 from pipelines.launcher import UsageError
@@ -180,7 +180,8 @@ def parse_args(argv):
     src.add_argument("--images-list", metavar="FILE", help="a file of image paths, one a line")
     ap.add_argument("--model", required=True, help="the export directory (JOB_DIR/export), local or gs://")
     ap.add_argument("--output", required=True, help="the folder to write (local or gs://)")
-    ap.add_argument("--beam-size", type=int, default=3, help="1 is greedy decoding (default 3)")
+    ap.add_argument("--beam-size", type=int, default=decoding_defaults.BEAM_SIZE,
+                    help=f"1 is greedy decoding (default {decoding_defaults.BEAM_SIZE})")
     ap.add_argument("--max-length", type=int, default=0, help="most tokens per caption (default: the export's)")
     ap.add_argument("--batch-size", type=int, default=32, help="images per model call (default 32)")
     ap.add_argument("--model-copies", type=int, default=0,
@@ -254,7 +255,7 @@ def prepare(args) -> dict:
     model = args.model if fileio.is_gcs(args.model) else os.path.abspath(args.model)
     out = args.output if fileio.is_gcs(args.output) else os.path.abspath(args.output)
     _prepare_output(out, args.overwrite)
-    max_length = args.max_length or int(info.get("default_max_length", 20))
+    max_length = args.max_length or savedmodel.export_max_length(info)
     static = {"command": " ".join(["python -m pipelines.caption_images"] + list(args.argv)),
               "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
               "model": model, "beam_size": args.beam_size, "max_length": max_length, "decoding": args.controls,

@@ -24,7 +24,6 @@ if __name__ == "__main__":  # the quiet start goes in before TensorFlow is impor
 
     quiet.install()
 
-import fnmatch
 import json
 import logging
 import os
@@ -34,7 +33,7 @@ import time
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from caption_io import cli, fileio, records
+from caption_io import cli, datadir, fileio, records
 from caption_io import metadata as metadata_lib
 from caption_io import vocab as vocab_lib
 from pipelines import launcher, shards, sources
@@ -43,9 +42,10 @@ from pipelines.transforms import check, encode, metadata, stats, vocabulary
 
 log = logging.getLogger("pipelines.preprocess")
 
-ENCODER_FILE = "encoder/inception_v3.weights.h5"
-STATS_FILE = metadata.STATS_FILE
-METADATA_FILE = records.METADATA_FILE
+# The data directory's names are caption_io.datadir's; these keep them readable through this module.
+ENCODER_FILE = datadir.ENCODER_FILE
+STATS_FILE = datadir.STATS_FILE
+METADATA_FILE = datadir.METADATA_FILE
 
 
 # --------------------------------------------------------------------------- the pipeline
@@ -81,7 +81,7 @@ def build(p: beam.Pipeline, opts: dict) -> None:
     rejects = (annotation_rejects, checked["rejected"], written["rejected"]) | "AllRejects" >> beam.Flatten()
     rejects_written = (rejects
                        | "RejectsToJson" >> beam.Map(lambda r: json.dumps(r, sort_keys=True, ensure_ascii=False))
-                       | "WriteRejects" >> beam.io.WriteToText(fileio.join(out, "rejected", "rejected"),
+                       | "WriteRejects" >> beam.io.WriteToText(fileio.join(out, datadir.REJECTS_PREFIX),
                                                                file_name_suffix=".jsonl", num_shards=1))
     events = [annotation_rejects | "SeenAnnotations" >> beam.FlatMap(metadata.annotation_seen_events),
               entries | "Seen" >> beam.FlatMap(metadata.seen_events),
@@ -148,12 +148,12 @@ def _parse_shards(spec: str) -> dict:
     try:
         if "=" not in spec:
             n = int(spec)
-            shards = {s: n for s in records.SPLITS}
+            shards = {s: n for s in datadir.SPLITS}
         else:
             shards = {}
             for part in spec.split(","):
                 split, _, n = part.partition("=")
-                if split.strip() not in records.SPLITS:
+                if split.strip() not in datadir.SPLITS:
                     raise UsageError(f"--num-shards: unknown split {split.strip()!r} (train, val, test)")
                 shards[split.strip()] = int(n)
     except ValueError as e:
@@ -163,10 +163,6 @@ def _parse_shards(spec: str) -> dict:
     if any(n < 1 for n in shards.values()):
         raise UsageError(f"--num-shards: each split needs at least 1 shard, got {spec!r}")
     return shards
-
-
-def _is_shard_name(name: str) -> bool:
-    return any(fnmatch.fnmatch(name, os.path.basename(records.shard_glob("", s))) for s in records.SPLITS)
 
 
 def _prepare_output(out: str, overwrite: bool, planned: set[str]) -> None:
@@ -181,15 +177,15 @@ def _prepare_output(out: str, overwrite: bool, planned: set[str]) -> None:
         return
     files = fileio.list_files(out)
     top = {f: f[len(out) + 1:] for f in files}
-    ours = [f for f, rel in top.items() if _is_shard_name(rel) or rel == METADATA_FILE]
-    started = any(rel.startswith((shards.DONE_DIR + "/", "inputs/")) for rel in top.values())
-    finished = fileio.exists(fileio.join(out, METADATA_FILE))
+    ours = [f for f, rel in top.items() if datadir.is_shard_name(rel) or rel == datadir.METADATA_FILE]
+    started = any(datadir.in_folder(rel, datadir.DONE_DIR, datadir.INPUTS) for rel in top.values())
+    finished = fileio.exists(fileio.join(out, datadir.METADATA_FILE))
     if ours and not overwrite and (finished or not started):
         raise UsageError(f"--output {out} already holds a data set ({os.path.basename(ours[0])}, ...); "
                          "pass --overwrite to replace it")
     if overwrite:
         for f, rel in top.items():
-            if f in ours or rel.startswith(("rejected/", shards.DONE_DIR + "/")):
+            if f in ours or datadir.in_folder(rel, datadir.REJECTED, datadir.DONE_DIR):
                 fileio.remove(f)
         shards.remove_leftovers(out)
         return
@@ -198,13 +194,13 @@ def _prepare_output(out: str, overwrite: bool, planned: set[str]) -> None:
     left = shards.remove_leftovers(out)
     planned_done = {shards.done_path(out, name) for name in planned}
     stale = [f for f, rel in top.items()
-             if (_is_shard_name(rel) and rel not in planned)
-             or (rel.startswith(shards.DONE_DIR + "/") and f not in planned_done)
-             or rel.startswith("rejected/")]
+             if (datadir.is_shard_name(rel) and rel not in planned)
+             or (datadir.in_folder(rel, datadir.DONE_DIR) and f not in planned_done)
+             or datadir.in_folder(rel, datadir.REJECTED)]
     for f in stale:
         if fileio.exists(f):
             fileio.remove(f)
-    done = sum(1 for rel in top.values() if rel.startswith(shards.DONE_DIR + "/") and rel.endswith(".json"))
+    done = sum(1 for rel in top.values() if datadir.in_folder(rel, datadir.DONE_DIR) and rel.endswith(".json"))
     log.info("resuming the unfinished run in %s: %d finished shard(s) are kept where their inputs are "
              "unchanged; removed %d partial file(s) and %d stale file(s)", out, done, left, len(stale))
 
@@ -236,7 +232,7 @@ def prepare(args) -> dict:
         raise UsageError(f"--num-shards names no count for split {missing[0]!r}")
     for split, split_entries in splits.items():
         shards.assign(split_entries, args.num_shards[split])
-    planned = {records.shard_name(s, i, args.num_shards[s]) for s in splits for i in range(args.num_shards[s])}
+    planned = {datadir.shard_name(s, i, args.num_shards[s]) for s in splits for i in range(args.num_shards[s])}
 
     _prepare_output(out, args.overwrite, planned)
     t = time.time()
@@ -244,16 +240,16 @@ def prepare(args) -> dict:
         encoder = inception.build(args.encoder_weights, args.seed)
     except inception.EncoderWeightsError as e:
         raise UsageError(str(e)) from None
-    encoder_path = fileio.join(out, ENCODER_FILE)
+    encoder_path = fileio.join(out, datadir.ENCODER_FILE)
     inception.save(encoder, encoder_path)
     encoder_digest = inception.weights_sha256(encoder)
     log.info("encoder ready in %.1fs: %s", time.time() - t, encoder_path)
 
     manifests = {}
     for split, split_entries in splits.items():
-        manifests[split] = fileio.join(out, "inputs", f"{split}.jsonl")
+        manifests[split] = fileio.join(out, datadir.manifest(split))
         fileio.write_text(manifests[split], "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in split_entries))
-    rejects_path = fileio.join(out, "inputs", "rejected-annotations.jsonl")
+    rejects_path = fileio.join(out, datadir.ANNOTATION_REJECTS)
     fileio.write_text(rejects_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rejects))
 
     # metadata.json but what the pipeline counts (vocab.size, features.stats_count, the splits'
@@ -264,19 +260,18 @@ def prepare(args) -> dict:
         command=" ".join(["python -m pipelines.preprocess"] + list(args.argv)),
         source=metadata_lib.Source(**source, max_captions=max_captions),
         features=metadata_lib.Features(
-            shape=tuple(records.FEATURE_SHAPE), dtype="float16", stats_file=STATS_FILE, stats_count=0,
+            shape=tuple(records.FEATURE_SHAPE), dtype="float16", stats_file=datadir.STATS_FILE, stats_count=0,
             standardise="per channel, (x - mean) / std, statistics over the training split"),
         encoder=metadata_lib.Encoder(
             architecture=inception.ARCHITECTURE, weights=args.encoder_weights,
             seed=args.seed if args.encoder_weights == "random" else None,
-            file=ENCODER_FILE, sha256=fileio.sha256(encoder_path), input_size=inception.INPUT_SIZE,
+            file=datadir.ENCODER_FILE, sha256=fileio.sha256(encoder_path), input_size=inception.INPUT_SIZE,
             input_scaling="bilinear resize to 299x299, then x / 127.5 - 1"),
-        vocab=metadata_lib.Vocab(file=vocab_lib.FILE_NAME, size=0, max_words=args.vocab_size,
+        vocab=metadata_lib.Vocab(file=datadir.VOCAB_FILE, size=0, max_words=args.vocab_size,
                                  min_count=args.min_count, specials=tuple(vocab_lib.SPECIALS), built_from="train"),
-        splits={s: metadata.planned_split(args.num_shards[s], f"{s}{records.SHARD_TEMPLATE}{records.SHARD_SUFFIX}")
-                for s in splits},
-        rejected="rejected/",
-        inputs="inputs/",
+        splits={s: metadata.planned_split(args.num_shards[s], datadir.shard_pattern(s)) for s in splits},
+        rejected=datadir.folder(datadir.REJECTED),
+        inputs=datadir.folder(datadir.INPUTS),
     )
     return {"output": out, "splits": manifests, "annotation_rejects": rejects_path,
             "num_shards": {s: args.num_shards[s] for s in splits}, "batch_size": args.batch_size,
@@ -314,7 +309,7 @@ def summary(meta: dict | metadata_lib.Metadata, seconds: float) -> str:
     rej_i = sum(i.images.rejected for i in meta.splits.values())
     rej_c = sum(i.captions.rejected for i in meta.splits.values())
     return (f"wrote {', '.join(parts)}; vocabulary {meta.vocab.size} tokens; "
-            f"rejected {rej_i} images and {rej_c} captions (see rejected/); {seconds:.0f}s")
+            f"rejected {rej_i} images and {rej_c} captions (see {datadir.folder(datadir.REJECTED)}); {seconds:.0f}s")
 
 
 @cli.command(interrupted="interrupted; run the same command again: it keeps the shards already written "

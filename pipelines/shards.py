@@ -22,10 +22,9 @@ import os
 import shutil
 import uuid
 
-from caption_io import fileio, records
+from caption_io import datadir, fileio, records
+from caption_io.datadir import DONE_DIR, PARTIAL  # noqa: F401  (DONE_DIR: read through this module too)
 
-DONE_DIR = "shards"
-PARTIAL = ".partial-"
 BEAM_TEMP = "beam-temp-"  # Beam's own file sinks (the rejects) stage their output here
 
 
@@ -53,7 +52,7 @@ def fingerprint(entries: list[dict], tokens: list[str], encoder_sha256: str) -> 
 
 
 def done_path(data_dir: str, name: str) -> str:
-    return fileio.join(data_dir, DONE_DIR, name.removesuffix(records.SHARD_SUFFIX) + ".json")
+    return fileio.join(data_dir, datadir.done_name(name))
 
 
 def read_done(data_dir: str, name: str, expected_fingerprint: str) -> dict | None:

@@ -29,21 +29,16 @@ if __name__ == "__main__":  # the quiet start, as every command has it (see capt
 import argparse
 import json
 import os
-import re
 import sys
 
 import numpy as np
 from PIL import Image, ImageDraw
 
 from caption_io import cli
+from caption_io.scenes import COLOURS, COLUMNS, ROWS, SHAPES, SIZES, objects_in_caption  # noqa: F401
 
-COLOURS = ("red", "green", "blue", "yellow", "white", "black")
-SHAPES = ("circle", "square", "triangle")
-SIZES = ("small", "large")
-# Objects sit in the cells of a coarse 3x2 grid, one object per cell, so they
-# never overlap and "where" reduces to a column word and a row word.
-COLUMNS = ("left", "middle", "right")
-ROWS = ("top", "bottom")
+# The scene set's words (COLOURS, SHAPES, SIZES, the grid's COLUMNS and ROWS) and the reading of a
+# caption's objects (objects_in_caption) are caption_io.scenes', where evaluation reads them too.
 
 WIDTH, HEIGHT = 320, 240  # deliberately not 299x299: the pipeline must resize
 JPEG_QUALITY = 90
@@ -171,23 +166,6 @@ def _annotator_style(caption: str, rng: np.random.Generator) -> str:
     if rng.random() < 0.4:
         caption = caption[0].upper() + caption[1:]
     return caption + "." if rng.random() < 0.3 else caption
-
-
-_WORD = re.compile(r"[a-z]+")
-
-
-def objects_in_caption(text: str) -> set[tuple[str, str]]:
-    """The (colour, shape) pairs a caption names: a colour word directly
-    followed by a shape word (the templates always say "red circle"); a plural
-    shape ("red circles") counts as the singular."""
-    words = _WORD.findall(text.lower())
-    pairs = set()
-    for colour, shape in zip(words, words[1:]):
-        if shape not in SHAPES and shape.endswith("s"):
-            shape = shape[:-1]
-        if colour in COLOURS and shape in SHAPES:
-            pairs.add((colour, shape))
-    return pairs
 
 
 def scene_objects(instances_json_path: str) -> dict[int, list[dict]]:

@@ -16,7 +16,6 @@ are drawn while METEOR scores; their pictures are read once.
 from __future__ import annotations
 
 import concurrent.futures
-import types
 
 import numpy as np
 
@@ -52,15 +51,14 @@ class EpochEvaluation:
     """
 
     def __init__(self, model, meta, tokens: list[str], files: list[str], images: int, samples: int):
-        from caption_serving import export
+        from caption_serving import client, export
 
         self.files, self.images, self.samples = files, images, samples
         self.max_length = savedmodel.default_max_length(meta.max_tokens)
         # The export's module around the model in training (no encoder: features are stored), and
-        # what caption_split calls, a loaded export's signatures, made of its caption_features.
+        # what caption_split calls, a Captioner made of its caption_features.
         self._module = export.CaptionModule(model, None, tokens, beam_size=1, max_length=self.max_length)
-        self._captioner = types.SimpleNamespace(signatures={
-            savedmodel.CAPTION_FEATURES: self._module.caption_features})
+        self._captioner = client.CaptionFunctions({savedmodel.CAPTION_FEATURES: self._module.caption_features})
         _, self.boxes = evaluate.split_boxes(meta, SPLIT)
         self.image_dirs = evaluate.default_image_dirs(meta, SPLIT)
         self._pictures: dict[int, np.ndarray] = {}

@@ -1,11 +1,11 @@
 """Exact objects: on the scene set, whether a caption names exactly the image's
-(colour, shape) objects. What counts as a colour or shape word is the scene
-generator's to say, so the evaluator asks pipelines.synthetic."""
+(colour, shape) objects. What counts as a colour or shape word is the scene set's
+vocabulary, caption_io.scenes, which the generator draws with too."""
 from __future__ import annotations
 
 from collections import defaultdict
 
-from pipelines import synthetic
+from caption_io import scenes
 
 
 def has_colours(instances: dict) -> bool:
@@ -31,7 +31,7 @@ class ExactObjects:
         truth = {(o["colour"], o["name"]) for o in image["objects"]}
         row = self.counts[len(image["objects"])]
         row[0] += 1
-        row[1] += synthetic.objects_in_caption(item["caption"]) == truth
+        row[1] += scenes.objects_in_caption(item["caption"]) == truth
 
     def summary(self) -> dict:
         out = {str(n): {"images": t, "exact": e, "share": e / t} for n, (t, e) in sorted(self.counts.items())}

@@ -19,7 +19,7 @@ import apache_beam as beam
 import numpy as np
 from apache_beam.metrics import Metrics
 
-from caption_io import fileio, records
+from caption_io import datadir, fileio, records
 from caption_io import vocab as vocab_lib
 from pipelines import shards
 from pipelines.transforms import NAMESPACE, check, stats
@@ -111,7 +111,7 @@ class EncodeShard(beam.DoFn):
     def process(self, element, tokens):
         (split, index), values = element
         entries = sorted((e for e in values if e is not None), key=lambda e: (e["image_id"], e["file_name"]))
-        name = records.shard_name(split, index, self._counts[split])
+        name = datadir.shard_name(split, index, self._counts[split])
         fingerprint = shards.fingerprint(entries, tokens, self._encoder_sha256)
         done = shards.read_done(self._output, name, fingerprint)
         if done is not None:

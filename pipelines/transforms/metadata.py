@@ -13,12 +13,12 @@ import io
 import apache_beam as beam
 import numpy as np
 
-from caption_io import fileio
+from caption_io import datadir, fileio
 from caption_io import metadata as metadata_lib
 from caption_io import vocab as vocab_lib
 from pipelines import shards
 
-STATS_FILE = "feature_stats.npz"
+STATS_FILE = datadir.STATS_FILE  # the data directory's name for it, readable through this module too
 
 
 def planned_split(shards_: int, pattern: str) -> metadata_lib.Split:
@@ -65,11 +65,11 @@ class WriteMetadata(beam.DoFn):
         # rejects_written: the rejects sink's files, a side input only so that this runs after it.
         if channel_stats is None:
             raise RuntimeError("no training image was written, so there are no feature statistics "
-                               "(see the rejected/ records)")
-        vocab_lib.write(fileio.join(self._output, vocab_lib.FILE_NAME), tokens)
+                               f"(see the {datadir.folder(datadir.REJECTED)} records)")
+        vocab_lib.write(fileio.join(self._output, datadir.VOCAB_FILE), tokens)
         buf = io.BytesIO()
         np.savez(buf, mean=channel_stats["mean"], std=channel_stats["std"], count=np.int64(channel_stats["count"]))
-        fileio.write_bytes(fileio.join(self._output, STATS_FILE), buf.getvalue())
+        fileio.write_bytes(fileio.join(self._output, datadir.STATS_FILE), buf.getvalue())
         static = self._static
         splits = {}
         for split, planned in static.splits.items():
