@@ -17,9 +17,11 @@ from trainer.steps import CaptionSteps
 XENT_EPOCHS = 3        # a model that names some of a scene: room for the reward to work on
 SCST_STEPS = 60        # one step = all 14 training images
 SAMPLES = 8
-SCST_LR = 1e-3
-# Greedy CIDEr on the training images must rise by this much. Measured from 0.265, after 60 steps with
-# the run seeds 0, 1, 2: 0.852, 0.654, 0.751 (at 40 steps 0.341-0.701, and at lr 5e-4 as low as 0.344).
+SCST_LR = 2e-3
+# Greedy CIDEr on the training images must rise by this much. From 0.265, after 60 steps at 2e-3 with
+# the run seeds 0-4 it ended 0.680-0.930 with the fused attention kernels and 0.804-0.941 with
+# TensorFlow's ops (two paths that round differently, so they sample different captions); at 1e-3
+# seed 0 ended at 0.440, too near the bar for a test that must pass on every CPU.
 CIDER_GAIN = 0.15
 
 
