@@ -114,15 +114,11 @@ def caption_split(model, files: list[str], beam_size: int, max_length: int, batc
                    "words": row["words"], "attention": row["attention"]}
 
 
-def evaluate(model_dir: str, data_dir: str | None = None, split: str = "val",
-             beam_size: int = decoding_defaults.BEAM_SIZE,
-             max_length: int | None = None, output: str | None = None, images_dir: str | None = None,
-             instances: str | None = None, gallery_size: int = 12, spice: bool = False,
-             batch_size: int = 32, controls: dict | None = None) -> dict:
-    """Run the whole evaluation, write its files, return metrics.json's content."""
-    from caption_eval import gallery
-    from caption_eval.evaluators import coco_metrics
-    from caption_io import jobdir, metadata, savedmodel
+def _open_export(model_dir: str, data_dir: str | None) -> tuple:
+    """-> (the loaded export, its export.json, the data directory: `data_dir`, else the one the
+    export records). An export without caption_features, or a recorded path that is gone, is a
+    UsageError; one that cannot be loaded, a ModelError."""
+    from caption_io import jobdir
     from caption_io.savedmodel import CAPTION_FEATURES, EXPORT_INFO
     from caption_serving.client import load_model
 
@@ -134,29 +130,68 @@ def evaluate(model_dir: str, data_dir: str | None = None, split: str = "val",
             data_dir = jobdir.recorded_data(info, fileio.join(model_dir, EXPORT_INFO), model_dir)
         except jobdir.RecordedPathError as e:
             raise UsageError(str(e)) from None
-    meta = metadata.read(data_dir)
-    files = metadata.shard_files(data_dir, split, meta)
-    max_length = max_length or savedmodel.export_max_length(info)
-    # Beside the export: JOB_DIR/export -> JOB_DIR/eval-val.
+    return model, info, data_dir
+
+
+def _default_output(model_dir: str, split: str) -> str:
+    """Beside the export: JOB_DIR/export -> JOB_DIR/eval-val."""
+    from caption_io import jobdir
+
     parent = model_dir.rstrip("/").rsplit("/", 1)[0] if "/" in model_dir.rstrip("/") else "."
-    output = output or fileio.join(parent, jobdir.eval_dir(split))
+    return fileio.join(parent, jobdir.eval_dir(split))
 
-    boxes_from, boxes = split_boxes(meta, split, instances)
-    coco = coco_metrics.CocoMetrics(spice=spice)
-    nested = object_evaluators(boxes)
-    evaluators = [coco] + [e for e in nested.values() if e]
 
+def _feed(items, evaluators: list, gallery_size: int, batch_size: int, total: int | None, start: float) -> list:
+    """Every captioned item to every evaluator, with a progress line on stderr every 20 batches.
+    -> the first `gallery_size` items, for the gallery."""
     shown = []
-    total = meta.splits[split].images.written or None
-    start = time.time()
-    for n, item in enumerate(caption_split(model, files, beam_size, max_length, batch_size, controls=controls), 1):
+    for n, item in enumerate(items, 1):
         for evaluator in evaluators:
             evaluator.add(item)
         if len(shown) < gallery_size:
             shown.append(item)
         if n % (batch_size * 20) == 0:
             print(f"captioned {n}{f'/{total}' if total else ''} images ({time.time() - start:.0f}s)", file=sys.stderr)
+    return shown
 
+
+def _write_outputs(output: str, metrics: dict, results: list, shown: list, gallery_size: int,
+                   images_dir: str | None, meta: metadata.Metadata, split: str, boxes: dict | None) -> None:
+    """results.json, the gallery (its path goes into `metrics`), then metrics.json, last."""
+    from caption_eval import gallery
+
+    metrics["output"] = output
+    fileio.write_json(fileio.join(output, "results.json"), results)
+    if gallery_size > 0:
+        dirs = [images_dir] if images_dir else default_image_dirs(meta, split)
+        metrics["gallery"] = gallery.write(fileio.join(output, "gallery"), shown, dirs, gallery.canvas_sizes(boxes),
+                                           table(metrics))
+    fileio.write_json(fileio.join(output, "metrics.json"), metrics)
+
+
+def evaluate(model_dir: str, data_dir: str | None = None, split: str = "val",
+             beam_size: int = decoding_defaults.BEAM_SIZE,
+             max_length: int | None = None, output: str | None = None, images_dir: str | None = None,
+             instances: str | None = None, gallery_size: int = 12, spice: bool = False,
+             batch_size: int = 32, controls: dict | None = None) -> dict:
+    """Run the whole evaluation, write its files, return metrics.json's content."""
+    from caption_eval.evaluators import coco_metrics
+    from caption_io import metadata, savedmodel
+
+    model, info, data_dir = _open_export(model_dir, data_dir)
+    meta = metadata.read(data_dir)
+    files = metadata.shard_files(data_dir, split, meta)
+    max_length = max_length or savedmodel.export_max_length(info)
+    output = output or _default_output(model_dir, split)
+
+    boxes_from, boxes = split_boxes(meta, split, instances)
+    coco = coco_metrics.CocoMetrics(spice=spice)
+    nested = object_evaluators(boxes)
+    evaluators = [coco] + [e for e in nested.values() if e]
+
+    start = time.time()
+    items = caption_split(model, files, beam_size, max_length, batch_size, controls=controls)
+    shown = _feed(items, evaluators, gallery_size, batch_size, meta.splits[split].images.written or None, start)
     caption_seconds = time.time() - start
     try:
         metrics = coco.summary()
@@ -172,14 +207,7 @@ def evaluate(model_dir: str, data_dir: str | None = None, split: str = "val",
         looked = ", ".join(default_instances(meta, split)) or "nowhere: the data's source has no COCO layout"
         metrics["instances_note"] = f"no object boxes, so no attention figures (looked {looked}; pass --instances)"
     metrics.update({key: e.summary() if e else None for key, e in nested.items()})
-
-    metrics["output"] = output
-    fileio.write_json(fileio.join(output, "results.json"), coco.results)
-    if gallery_size > 0:
-        dirs = [images_dir] if images_dir else default_image_dirs(meta, split)
-        metrics["gallery"] = gallery.write(fileio.join(output, "gallery"), shown, dirs, gallery.canvas_sizes(boxes),
-                                           table(metrics))
-    fileio.write_json(fileio.join(output, "metrics.json"), metrics)
+    _write_outputs(output, metrics, coco.results, shown, gallery_size, images_dir, meta, split, boxes)
     return metrics
 
 

@@ -192,7 +192,8 @@ _SCALARS = {int: "an integer", float: "a number", str: "a string"}
 
 
 def _from_json(tp, value, where: str, key: str):
-    """`value` (parsed JSON) as type `tp`, checked all the way down."""
+    """`value` (parsed JSON) as type `tp`, checked all the way down; `key` is its path in the
+    file (`splits.train.files[0]`), which an error names."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
@@ -200,17 +201,7 @@ def _from_json(tp, value, where: str, key: str):
         (tp,) = [a for a in args if a is not type(None)]
         return _from_json(tp, value, where, key)
     if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise MetadataError(f"{where}: {key or 'the file'} is not a JSON object")
-        hints = typing.get_type_hints(tp)
-        kwargs = {}
-        for f in dataclasses.fields(tp):
-            sub = f"{key}.{f.name}" if key else f.name
-            if f.name in value:
-                kwargs[f.name] = _from_json(hints[f.name], value[f.name], where, sub)
-            elif not f.metadata.get("optional"):
-                raise MetadataError(f"{where}: incomplete (no {sub})")
-        return tp(**kwargs)
+        return _dataclass_from_json(tp, value, where, key)
     if origin is dict:
         if not isinstance(value, dict):
             raise MetadataError(f"{where}: {key} is not a JSON object")
@@ -223,6 +214,22 @@ def _from_json(tp, value, where: str, key: str):
     if isinstance(value, bool) or not isinstance(value, kinds):
         raise MetadataError(f"{where}: {key} is {value!r}, not {_SCALARS[tp]}")
     return value
+
+
+def _dataclass_from_json(tp, value, where: str, key: str):
+    """A JSON object as dataclass `tp`: every field it has, checked; a missing field is an error
+    unless the field is optional; keys that are not fields are left out."""
+    if not isinstance(value, dict):
+        raise MetadataError(f"{where}: {key or 'the file'} is not a JSON object")
+    hints = typing.get_type_hints(tp)
+    kwargs = {}
+    for f in dataclasses.fields(tp):
+        sub = f"{key}.{f.name}" if key else f.name
+        if f.name in value:
+            kwargs[f.name] = _from_json(hints[f.name], value[f.name], where, sub)
+        elif not f.metadata.get("optional"):
+            raise MetadataError(f"{where}: incomplete (no {sub})")
+    return tp(**kwargs)
 
 
 def read(data_dir: str) -> Metadata:

@@ -125,11 +125,9 @@ def plot_name(source: str, taken: set[str]) -> str:
     return name
 
 
-@cli.command
-def main(argv=None) -> int:
-    """The `caption` console script: called with no argv it is the process's entry, and
-    cli.command puts the quiet start in before TensorFlow is imported (this module imports
-    it only when a model is loaded)."""
+# ------------------------------------------------------------------------------------ command
+def _parse_flags(argv) -> tuple:
+    """-> (the parsed flags, the decoding controls); a bad flag exits 2 through the parser."""
     ap = cli.Parser(prog="caption", description=__doc__.split("\n\n")[0])
     ap.add_argument("inputs", nargs="+", metavar="IMAGE_OR_URL")
     ap.add_argument("--model", required=True, help="the SavedModel directory (JOB_DIR/export)")
@@ -151,7 +149,12 @@ def main(argv=None) -> int:
         controls = decoding_controls(a, a.beam_size)
     except ValueError as e:
         ap.error(str(e))
+    return a, controls
 
+
+def _load(a) -> tuple:
+    """-> (the model, the caption length cap); a model that cannot be loaded is a ModelError
+    whose line names the flag (exit 2)."""
     # decode() refuses images over its own pixel cap with a clear reason; PIL's warning
     # for the same images would only be a second, noisier line.
     warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -159,22 +162,75 @@ def main(argv=None) -> int:
         model, info = load_model(a.model)
     except ModelError as e:  # the line names the flag; exit 2 (ModelError's)
         raise ModelError(f"--model {a.model}: {e}") from None
-    max_length = a.max_length or savedmodel.export_max_length(info)
-    if a.plot:
-        from caption_serving import plot
+    return model, a.max_length or savedmodel.export_max_length(info)
 
-        fileio.makedirs(a.plot)
+
+def _plotter(a):
+    """The plot module with --plot's directory made, or None without --plot. The module is
+    imported only here: matplotlib is not loaded for a run that draws nothing."""
+    if not a.plot:
+        return None
+    from caption_serving import plot
+
+    fileio.makedirs(a.plot)
+    return plot
+
+
+def _load_inputs(sources: list[str], a) -> tuple[list, int]:
+    """-> ([(source, model bytes, pixels)] of the inputs that loaded, how many failed); each
+    failure gets its `error: INPUT: reason` line on stderr."""
+    good, failed = [], 0
+    for source in sources:
+        try:
+            good.append((source, *load_input(source, a.timeout, a.max_bytes)))
+        except InputError as e:
+            print(f"error: {source}: {e}", file=sys.stderr)
+            failed += 1
+    return good, failed
+
+
+def _write_plot(plot, a, source: str, pixels: np.ndarray, r: dict, taken: set[str]) -> None:
+    """One image's attention plot in --plot's directory, and its line on stderr."""
+    if not r["words"]:
+        print(f"{source}: empty caption, no attention plot", file=sys.stderr)
+        return
+    path = fileio.join(a.plot, plot_name(source, taken))
+    fileio.write_bytes(path, plot.attention_png(pixels, r["words"], r["attention"]))
+    print(f"{source}: attention plot in {path}", file=sys.stderr)
+
+
+def _print_result(a, source: str, r: dict, several: bool) -> None:
+    """One image's caption(s) on stdout: a JSON object, K lines with their scores, or one line."""
+    if a.json:
+        # 6 decimals keep a line readable; rows still sum to 1 within 1e-4.
+        line = {"input": source, "caption": r["caption"], "score": round(r["score"], 6),
+                "tokens": r["words"], "attention": np.round(r["attention"].astype(float), 6).tolist()}
+        if a.num_captions > 1:
+            line["captions"] = [{"caption": n["caption"], "score": round(n["score"], 6)} for n in r["nbest"]]
+        print(json.dumps(line))
+    elif a.num_captions > 1:  # one line a caption, best first, each with its log-probability
+        for n in r["nbest"]:
+            text = f"{n['caption']}\t{n['score']:.3f}"
+            print(f"{source}\t{text}" if several else text)
+    else:
+        print(f"{source}\t{r['caption']}" if several else r["caption"])
+    sys.stdout.flush()
+
+
+@cli.command
+def main(argv=None) -> int:
+    """The `caption` console script: called with no argv it is the process's entry, and
+    cli.command puts the quiet start in before TensorFlow is imported (this module imports
+    it only when a model is loaded)."""
+    a, controls = _parse_flags(argv)
+    model, max_length = _load(a)
+    plot = _plotter(a)
     several, failed, taken = len(a.inputs) > 1, 0, set()
 
     # Inputs go in modest batches: memory stays bounded and captions appear as they come.
     for start in range(0, len(a.inputs), a.batch_size):
-        good = []
-        for source in a.inputs[start:start + a.batch_size]:
-            try:
-                good.append((source, *load_input(source, a.timeout, a.max_bytes)))
-            except InputError as e:
-                print(f"error: {source}: {e}", file=sys.stderr)
-                failed += 1
+        good, n_failed = _load_inputs(a.inputs[start:start + a.batch_size], a)
+        failed += n_failed
         if not good:
             continue
         try:
@@ -182,26 +238,9 @@ def main(argv=None) -> int:
         except ModelError as e:  # an export older than the decoding controls
             raise ModelError(f"--model {a.model}: {e}") from None
         for (source, _, pixels), r in zip(good, results):
-            if a.plot and not r["words"]:
-                print(f"{source}: empty caption, no attention plot", file=sys.stderr)
-            elif a.plot:
-                path = fileio.join(a.plot, plot_name(source, taken))
-                fileio.write_bytes(path, plot.attention_png(pixels, r["words"], r["attention"]))
-                print(f"{source}: attention plot in {path}", file=sys.stderr)
-            if a.json:
-                # 6 decimals keep a line readable; rows still sum to 1 within 1e-4.
-                line = {"input": source, "caption": r["caption"], "score": round(r["score"], 6),
-                        "tokens": r["words"], "attention": np.round(r["attention"].astype(float), 6).tolist()}
-                if a.num_captions > 1:
-                    line["captions"] = [{"caption": n["caption"], "score": round(n["score"], 6)} for n in r["nbest"]]
-                print(json.dumps(line))
-            elif a.num_captions > 1:  # one line a caption, best first, each with its log-probability
-                for n in r["nbest"]:
-                    text = f"{n['caption']}\t{n['score']:.3f}"
-                    print(f"{source}\t{text}" if several else text)
-            else:
-                print(f"{source}\t{r['caption']}" if several else r["caption"])
-            sys.stdout.flush()
+            if plot is not None:
+                _write_plot(plot, a, source, pixels, r, taken)
+            _print_result(a, source, r, several)
     return 1 if failed else 0
 
 

@@ -39,6 +39,7 @@ import socket
 import time
 import warnings
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
@@ -46,6 +47,9 @@ from PIL import Image
 from caption_io import cli, geometry, images, savedmodel, vocab
 from caption_serving import rest
 from caption_serving.client import CONTROL_DEFAULTS, ModelError, load_model, model_bytes
+
+if TYPE_CHECKING:
+    from starlette.responses import Response
 
 log = logging.getLogger(__name__)
 
@@ -169,42 +173,70 @@ def model_error(e: Exception) -> rest.RestError:
 
 
 # -------------------------------------------------------------------------------- the app
-def make_app(served: Served, limits: Limits = Limits()):
-    """The ASGI app (Starlette): the model is `served`, shared by every request."""
-    from starlette.applications import Starlette
-    from starlette.concurrency import run_in_threadpool
-    from starlette.exceptions import HTTPException
-    from starlette.responses import HTMLResponse, JSONResponse, Response
-    from starlette.routing import Route
-
-    from caption_serving.batcher import Batcher
-
+# Starlette and uvicorn are the `serve` extra: they are imported where the app is made or run, so
+# this module imports without them and the command can say what to install.
+def _page(served: Served, limits: Limits) -> str:
+    """The attention page, with what it needs to know about the served model written into it."""
     page = (importlib.resources.files("caption_serving") / PAGE).read_text("utf-8")
     # JSON inside <script>: "<" escaped so no value can close the element.
-    page = page.replace("__CONFIG__", json.dumps(served.page_config(limits)).replace("<", "\\u003c"))
+    return page.replace("__CONFIG__", json.dumps(served.page_config(limits)).replace("<", "\\u003c"))
 
-    def error(message: str, status: int) -> Response:
-        return JSONResponse({"error": message}, status_code=status)
 
-    async def read_body(request) -> bytes:
-        """The body, refused with 413 once it passes the cap (declared or streamed)."""
-        too_big = rest.RestError(f"request body larger than {limits.max_body_bytes} bytes (--max-body-bytes)", 413)
-        declared = request.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > limits.max_body_bytes:
+def _error(message: str, status: int) -> Response:
+    """An error as TF Serving answers one: {"error": message} with the HTTP status."""
+    from starlette.responses import JSONResponse
+
+    return JSONResponse({"error": message}, status_code=status)
+
+
+async def _read_body(request, limits: Limits) -> bytes:
+    """The body, refused with 413 once it passes the cap (declared or streamed)."""
+    too_big = rest.RestError(f"request body larger than {limits.max_body_bytes} bytes (--max-body-bytes)", 413)
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limits.max_body_bytes:
+        raise too_big
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limits.max_body_bytes:
             raise too_big
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limits.max_body_bytes:
-                raise too_big
-            chunks.append(chunk)
-        return b"".join(chunks)
+        chunks.append(chunk)
+    return b"".join(chunks)
 
-    async def predict(request) -> Response:
+
+def _status() -> Response:
+    """The model's status, as TF Serving gives it for a loaded version."""
+    from starlette.responses import JSONResponse
+
+    return JSONResponse({"model_version_status": [
+        {"version": VERSION, "state": "AVAILABLE", "status": {"error_code": "OK", "error_message": ""}}]})
+
+
+async def _rest_error(request, e: rest.RestError) -> Response:
+    return _error(str(e), e.status)
+
+
+async def _http_error(request, e) -> Response:
+    return _error(e.detail, e.status_code)
+
+
+class _Endpoints:
+    """The app's endpoints and lifespan over one served model and its limits, which every
+    request shares; the batcher lives in the app's state from start-up to shut-down."""
+
+    def __init__(self, served: Served, limits: Limits):
+        self.served, self.limits = served, limits
+        self.page = _page(served, limits)
+
+    async def predict(self, request) -> Response:
+        from starlette.concurrency import run_in_threadpool
+        from starlette.responses import Response
+
+        served, limits = self.served, self.limits
         start = time.monotonic()
-        body = await read_body(request)
+        body = await _read_body(request, limits)
         fmt, signature, inputs = await run_in_threadpool(parse_request, served, body, limits)
-        batcher: Batcher = request.app.state.batcher
+        batcher = request.app.state.batcher
         left = limits.timeout - (time.monotonic() - start)
         try:
             out = await batcher.submit(signature, inputs, served.batched(signature), max(left, 0.0))
@@ -215,48 +247,50 @@ def make_app(served: Served, limits: Limits = Limits()):
         payload = await run_in_threadpool(lambda: rest.dumps(rest.response(fmt, trimmed(out))))
         return Response(payload, media_type="application/json")
 
-    def status() -> Response:
-        return JSONResponse({"model_version_status": [
-            {"version": VERSION, "state": "AVAILABLE", "status": {"error_code": "OK", "error_message": ""}}]})
-
-    async def models(request) -> Response:
+    async def models(self, request) -> Response:
         """/v1/models/NAME[/versions/V][:verb]: TF Serving's routes for one model, one version."""
         m = _MODEL_PATH.match(request.path_params["rest"])
         if not m:
-            return error(f"Malformed request: {request.method} {request.url.path}", 404)
+            return _error(f"Malformed request: {request.method} {request.url.path}", 404)
         name, version, verb = m["name"], m["version"], m["verb"]
-        if name != served.name or version not in (None, VERSION):
+        if name != self.served.name or version not in (None, VERSION):
             which = f"Specific({name}, {version})" if version else f"Latest({name})"
-            return error(f"Servable not found for request: {which}", 404)
+            return _error(f"Servable not found for request: {which}", 404)
         if request.method == "GET" and verb is None:
-            return status()
+            return _status()
         if request.method == "POST" and verb == "predict":
-            return await predict(request)
-        return error(f"Malformed request: {request.method} {request.url.path} (caption-serve answers "
-                     "POST ...:predict and GET of the model status)", 404)
+            return await self.predict(request)
+        return _error(f"Malformed request: {request.method} {request.url.path} (caption-serve answers "
+                      "POST ...:predict and GET of the model status)", 404)
 
-    async def index(request) -> Response:
-        return HTMLResponse(page, headers={"Content-Security-Policy": PAGE_POLICY, "Cache-Control": "no-store"})
+    async def index(self, request) -> Response:
+        from starlette.responses import HTMLResponse
 
-    async def rest_error(request, e: rest.RestError) -> Response:
-        return error(str(e), e.status)
-
-    async def http_error(request, e: HTTPException) -> Response:
-        return error(e.detail, e.status_code)
+        return HTMLResponse(self.page, headers={"Content-Security-Policy": PAGE_POLICY, "Cache-Control": "no-store"})
 
     @contextlib.asynccontextmanager
-    async def lifespan(app):
-        app.state.batcher = Batcher(served.run, limits.max_batch)
+    async def lifespan(self, app):
+        from caption_serving.batcher import Batcher
+
+        app.state.batcher = Batcher(self.served.run, self.limits.max_batch)
         app.state.batcher.start()
         try:
             yield
         finally:
             await app.state.batcher.stop()
 
-    return Starlette(routes=[Route("/", index, methods=["GET"]),
-                             Route("/v1/models/{rest:path}", models, methods=["GET", "POST"])],
-                     exception_handlers={rest.RestError: rest_error, HTTPException: http_error},
-                     lifespan=lifespan)
+
+def make_app(served: Served, limits: Limits = Limits()):
+    """The ASGI app (Starlette): the model is `served`, shared by every request."""
+    from starlette.applications import Starlette
+    from starlette.exceptions import HTTPException
+    from starlette.routing import Route
+
+    endpoints = _Endpoints(served, limits)
+    return Starlette(routes=[Route("/", endpoints.index, methods=["GET"]),
+                             Route("/v1/models/{rest:path}", endpoints.models, methods=["GET", "POST"])],
+                     exception_handlers={rest.RestError: _rest_error, HTTPException: _http_error},
+                     lifespan=endpoints.lifespan)
 
 
 def listen(host: str, port: int) -> socket.socket:
@@ -272,9 +306,8 @@ def listen(host: str, port: int) -> socket.socket:
     return sock
 
 
-@cli.command
-def main(argv=None) -> int:
-    """The `caption-serve` console script."""
+def _parse_flags(argv):
+    """The command's flags, checked; a bad one exits 2 through the parser."""
     ap = cli.Parser(prog="caption-serve", description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", required=True, help="the SavedModel directory (JOB_DIR/export)")
     ap.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
@@ -298,6 +331,13 @@ def main(argv=None) -> int:
         ap.error(f"--max-pixels can be at most {images.MAX_PIXELS} (the decoder's own cap)")
     if not re.fullmatch(r"[^/:\s]+", a.model_name):
         ap.error("--model-name may not hold '/', ':' or spaces")
+    return a
+
+
+@cli.command
+def main(argv=None) -> int:
+    """The `caption-serve` console script."""
+    a = _parse_flags(argv)
     try:
         import uvicorn
     except ImportError:

@@ -205,20 +205,21 @@ def _prepare_output(out: str, overwrite: bool, planned: set[str]) -> None:
              "unchanged; removed %d partial file(s) and %d stale file(s)", out, done, left, len(stale))
 
 
-def prepare(args) -> dict:
-    """The launcher's work before the pipeline: validate, read the annotations
-    into a manifest, fix the encoder weights. Returns the options for `build`."""
-    from model import inception
-
-    out = args.output.rstrip("/")
+def _read_annotations(args) -> tuple[dict, list, dict]:
+    """-> (entries by split, annotation rejects, the source's description) from whichever input
+    the flags name: JSON lines, a Karpathy split or COCO's own annotations."""
     if args.captions_jsonl:
-        entries, rejects, source = sources.jsonl(args.captions_jsonl, args.val_fraction)
-    elif args.karpathy_json:
-        entries, rejects, source = sources.karpathy(args.coco_dir, args.karpathy_json)
-    else:
-        if not fileio.exists(args.coco_dir):
-            raise UsageError(f"--coco-dir {args.coco_dir} does not exist")
-        entries, rejects, source = sources.coco(args.coco_dir, args.year)
+        return sources.jsonl(args.captions_jsonl, args.val_fraction)
+    if args.karpathy_json:
+        return sources.karpathy(args.coco_dir, args.karpathy_json)
+    if not fileio.exists(args.coco_dir):
+        raise UsageError(f"--coco-dir {args.coco_dir} does not exist")
+    return sources.coco(args.coco_dir, args.year)
+
+
+def _plan_splits(args, entries: dict) -> tuple[dict, metadata_lib.MaxCaptions | None, set[str]]:
+    """-> (the splits to write with their entries, --max-captions' record or None, the planned shard
+    names). Subsamples the training captions and assigns every entry its shard, in place."""
     if not entries.get("train"):
         raise sources.SourceError("the input has no training image with a caption")
     max_captions = None
@@ -233,8 +234,14 @@ def prepare(args) -> dict:
     for split, split_entries in splits.items():
         shards.assign(split_entries, args.num_shards[split])
     planned = {datadir.shard_name(s, i, args.num_shards[s]) for s in splits for i in range(args.num_shards[s])}
+    return splits, max_captions, planned
 
-    _prepare_output(out, args.overwrite, planned)
+
+def _fix_encoder(args, out: str) -> tuple[str, str]:
+    """Builds the encoder (--encoder-weights, seeded) and saves it into the data directory, where
+    export will load exactly these weights. -> (its path, the digest of its weights)."""
+    from model import inception
+
     t = time.time()
     try:
         encoder = inception.build(args.encoder_weights, args.seed)
@@ -244,17 +251,27 @@ def prepare(args) -> dict:
     inception.save(encoder, encoder_path)
     encoder_digest = inception.weights_sha256(encoder)
     log.info("encoder ready in %.1fs: %s", time.time() - t, encoder_path)
+    return encoder_path, encoder_digest
 
+
+def _write_manifests(out: str, splits: dict, rejects: list) -> tuple[dict, str]:
+    """Each split's entries as a JSON-lines manifest, and the annotation rejects, in the data
+    directory. -> ({split: manifest path}, the rejects' path)."""
     manifests = {}
     for split, split_entries in splits.items():
         manifests[split] = fileio.join(out, datadir.manifest(split))
         fileio.write_text(manifests[split], "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in split_entries))
     rejects_path = fileio.join(out, datadir.ANNOTATION_REJECTS)
     fileio.write_text(rejects_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rejects))
+    return manifests, rejects_path
 
-    # metadata.json but what the pipeline counts (vocab.size, features.stats_count, the splits'
-    # counts and shard lists: zero here), which WriteMetadata fills in.
-    static = metadata_lib.Metadata(
+
+def _static_metadata(args, source: dict, max_captions, encoder_path: str, splits: dict) -> metadata_lib.Metadata:
+    """metadata.json but what the pipeline counts (vocab.size, features.stats_count, the splits'
+    counts and shard lists: zero here), which WriteMetadata fills in."""
+    from model import inception
+
+    return metadata_lib.Metadata(
         format_version=metadata_lib.FORMAT_VERSION,
         created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         command=" ".join(["python -m pipelines.preprocess"] + list(args.argv)),
@@ -273,6 +290,21 @@ def prepare(args) -> dict:
         rejected=datadir.folder(datadir.REJECTED),
         inputs=datadir.folder(datadir.INPUTS),
     )
+
+
+def prepare(args) -> dict:
+    """The launcher's work before the pipeline: validate, read the annotations
+    into a manifest, fix the encoder weights. Returns the options for `build`."""
+    # TensorFlow loads first: an install that cannot import it fails before the output is touched.
+    from model import inception  # noqa: F401
+
+    out = args.output.rstrip("/")
+    entries, rejects, source = _read_annotations(args)
+    splits, max_captions, planned = _plan_splits(args, entries)
+    _prepare_output(out, args.overwrite, planned)
+    encoder_path, encoder_digest = _fix_encoder(args, out)
+    manifests, rejects_path = _write_manifests(out, splits, rejects)
+    static = _static_metadata(args, source, max_captions, encoder_path, splits)
     return {"output": out, "splits": manifests, "annotation_rejects": rejects_path,
             "num_shards": {s: args.num_shards[s] for s in splits}, "batch_size": args.batch_size,
             "total_images": sum(len(e) for e in splits.values()),
