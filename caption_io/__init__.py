@@ -1,10 +1,5 @@
-"""The contracts between the stages, and the I/O they share (layer 0: imports no other
-package of the project). Each contract lives in one module: records (the TFRecord format),
-metadata (metadata.json), vocab, geometry (the feature maps), datadir (a data directory's
-layout), jobdir (a job's layout), savedmodel (the export's signatures), decoding_defaults
-(decoding's default settings), scenes (the generated scene set's words), cli (what every
-command shares at its edge: flags, the error line and exit code, logging) and quiet (a
-command's start without TensorFlow's start-up lines)."""
+"""The contracts between the stages, one module each, and the I/O they share (layer 0: imports no
+other package of the project). docs/ARCHITECTURE.md lists the modules and what each defines."""
 import os
 
 # TensorFlow's C++ logs below errors hide the lines users need, in commands, notebooks and on
