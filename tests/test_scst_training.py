@@ -81,9 +81,14 @@ def test_a_job_done_with_cross_entropy_goes_to_scst_and_resumes_inside_it_exactl
     trainer, third = _run(small_data, job, *SCST)                    # resumed inside the first SCST epoch
     assert third["steps"] == uninterrupted["metrics"]["steps"]
     mine, theirs = json.load(open(job / "history.json")), uninterrupted["metrics"]["history"]
-    for key in ("step", "train_reward", "train_baseline", "sample_length", "scst_loss", "val_loss"):
+    for key in ("step", "train_reward", "train_baseline", "sample_length", "val_loss"):
         np.testing.assert_allclose([h.get(key, 0) for h in mine], [h.get(key, 0) for h in theirs], rtol=1e-6,
                                    err_msg=key)
+    # The surrogate loss sums advantage-weighted log-probabilities whose advantages nearly cancel: CPU
+    # reductions that run in another thread order move it by 2e-6 of itself between identical runs,
+    # so it is held to an absolute 1e-6 as well (another draw would move it by orders more).
+    np.testing.assert_allclose([h.get("scst_loss", 0) for h in mine], [h.get("scst_loss", 0) for h in theirs],
+                               rtol=1e-6, atol=1e-6, err_msg="scst_loss")
     got = _weights(trainer)
     for k, v in uninterrupted["weights"].items():
         np.testing.assert_allclose(got[k], v, rtol=1e-6, atol=1e-7, err_msg=k)

@@ -9,13 +9,15 @@ The loop (trainer/loop.py) calls every action at the same points, in list order:
   epoch_figures(trainer, epoch)        after the epoch's validation, before it is recorded and
                                        saved: -> figures for its record (history.json), which
                                        early stopping and checkpoints/best may follow
-  end_epoch(trainer, record, val)      after the epoch was validated, recorded and saved;
-                                       a string return stops training
+  end_epoch(epoch)                     after the epoch was validated, recorded and saved, with
+                                       its EpochRecord (not the trainer); a string return stops
+                                       training, an EndStage ends the cross-entropy stage
   close()                              once, at the end (also on errors)
 The stop reason goes into metrics.json ("stopped").
 """
 from __future__ import annotations
 
+import dataclasses
 import signal
 import sys
 import time
@@ -27,6 +29,26 @@ from caption_io import fileio
 
 class Interrupted(Exception):
     """Training stopped by SIGTERM after saving a checkpoint."""
+
+
+@dataclasses.dataclass(frozen=True)
+class EpochRecord:
+    """What an action is told of a finished epoch: its number (from 1, as in history.json), the
+    global step after it, its stage, whether it was validated, how many validated epochs have gone
+    by since the best on --early-stopping-metric (0: this one is the best), and its history record."""
+    epoch: int
+    step: int
+    stage: str  # "cross-entropy" or "scst"
+    validated: bool
+    since_best: int
+    figures: dict
+
+
+@dataclasses.dataclass(frozen=True)
+class EndStage:
+    """An action's decision to end the cross-entropy stage: the loop goes on with the SCST epochs
+    when the job has some (and saves that position), or stops with `reason` when it has none."""
+    reason: str
 
 
 class Action:
@@ -42,7 +64,7 @@ class Action:
     def epoch_figures(self, trainer, epoch: int) -> dict:
         return {}
 
-    def end_epoch(self, trainer, record: dict, val: dict | None) -> str | None:
+    def end_epoch(self, epoch: EpochRecord) -> str | EndStage | None:
         return None
 
     def close(self) -> None:
@@ -129,8 +151,8 @@ class Summaries(Action):
                 tf.summary.scalar("learning_rate", trainer.current_lr())
                 tf.summary.scalar("tokens_per_s", trainer.tokens_per_s)
 
-    def end_epoch(self, trainer, record, val):
-        self._write_epoch(record)
+    def end_epoch(self, epoch):
+        self._write_epoch(epoch.figures)
 
     def _write_epoch(self, record: dict) -> None:
         writer = self.log.writer("val", record["step"])
@@ -159,17 +181,17 @@ class EpochCaptions(Action):
         found, self.samples = self.evaluation.run()
         return dict(found, eval_seconds=time.time() - start)
 
-    def end_epoch(self, trainer, record, val):
+    def end_epoch(self, epoch):
         from trainer import epoch_eval
 
-        writer = self.log.writer("val", record["step"]) if self.log and self.samples else None
+        writer = self.log.writer("val", epoch.step) if self.log and self.samples else None
         if writer is None:
             return
-        with writer.as_default(step=record["step"]):
+        with writer.as_default(step=epoch.step):
             for sample in self.samples:
                 if sample["png"] is not None:  # an empty caption has no attention to draw
                     tf.summary.image(f"samples/{sample['file_name']}", tf.image.decode_png(sample["png"], 3)[None])
-            tf.summary.text("samples/captions", epoch_eval.samples_markdown(self.samples, record["epoch"]))
+            tf.summary.text("samples/captions", epoch_eval.samples_markdown(self.samples, epoch.epoch))
 
     def close(self):
         self.evaluation.close()
@@ -248,21 +270,17 @@ class MaxSteps(Action):
 
 
 class EarlyStopping(Action):
-    """Stop after `patience` epochs without a better --early-stopping-metric (the loop keeps the
-    count, and the best value, in the checkpoint, so a restarted job stops where it would have).
-    It ends the cross-entropy stage: with --scst-epochs the job goes on to them instead."""
+    """End the cross-entropy stage after `patience` epochs without a better --early-stopping-metric:
+    the job stops, or with --scst-epochs goes on to them. The epochs since the best are counted by
+    trainer/best.py into the checkpoint, so a restarted job stops where it would have."""
 
     def __init__(self, patience: int, metric: str = "loss"):
         self.patience = patience
         self.what = "val improvement" if metric == "loss" else f"better val {metric}"
 
-    def end_epoch(self, trainer, record, val):
-        if record.get("stage") == "scst":  # early stopping ends the cross-entropy stage only
+    def end_epoch(self, epoch):
+        if epoch.stage == "scst":  # early stopping ends the cross-entropy stage only
             return None
-        if not (val and int(trainer.bad_epochs) >= self.patience):
+        if not (epoch.validated and epoch.since_best >= self.patience):
             return None
-        reason = f"early stopping: no {self.what} in {self.patience} epochs"
-        if trainer.s.scst_epochs:
-            trainer.end_cross_entropy(reason)
-            return None
-        return reason
+        return EndStage(f"early stopping: no {self.what} in {self.patience} epochs")
