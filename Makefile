@@ -44,8 +44,9 @@ lint: $(STAMP)
 	$(PY) -m ruff check .
 	@site=$$(mktemp -d); NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --site-dir "$$site"; status=$$?; rm -rf "$$site"; exit $$status
 
+# --durations: the slowest tests in every run's log, for keeping the suite within its time budget.
 test: lint java cxx chromium
-	$(PY) -m pytest -q -rs
+	$(PY) -m pytest -q -rs --durations=25
 
 demo: $(STAMP) java cxx
 	bash scripts/demo.sh $(DEMO)
