@@ -12,13 +12,13 @@ favours it most. At max_length the live beams join the finished set unended, so 
 always come back. The loop stops once every image is done. With k = 1 this is exactly greedy
 decoding (same tokens, same score), whatever alpha.
 
-The beams of an image share its encoded features and attention keys: they are tiled k times
-once and never reordered; only the GRU state is gathered by beam parent each step.
+The decoder state is tiled k times once; each step the decoder's `reorder` gathers it by beam
+parent (what is per image, like the encoded grid, it leaves in place).
 """
 import tensorflow as tf
 
 from model.decoded import Beam, Decoded, Hypotheses, length_penalty
-from model.decoding_steps import PER_IMAGE_FIELDS, apply_controls, forbidden, relaxed
+from model.decoding_steps import apply_controls, forbidden, relaxed
 
 NEG_INF = -float("inf")  # the score of an empty beam slot or finished place
 
@@ -35,7 +35,8 @@ def search(model, features, beam_size, max_length, alpha, start_id, end_id, num_
     body = _step(model, k, batch, positions, max_length, alpha, start_id, end_id, controls)
     out = tf.while_loop(
         lambda t, done, *_: tf.logical_and(t < max_length, tf.logical_not(tf.reduce_all(done))),
-        body, loop_vars, shape_invariants=relaxed(loop_vars), maximum_iterations=max_length)
+        body, loop_vars, shape_invariants=relaxed(loop_vars, model.state_invariants(state)),
+        maximum_iterations=max_length)
     return _result(Hypotheses(*out[7:]), num_captions)
 
 
@@ -75,9 +76,7 @@ def _step(model, k, batch, positions, max_length, alpha, start_id, end_id, contr
                            (ended | last) & tf.logical_not(done)[:, None], alpha, k)
         # Live beams: the candidates that did not end (an ended one leaves its slot empty).
         alive_scores = tf.where(ended, NEG_INF, cand_scores)
-        state = state._replace(**{
-            name: tf.gather(value, tf.reshape(parent + image_rows, [-1]))
-            for name, value in state._asdict().items() if name not in PER_IMAGE_FIELDS})
+        state = model.reorder(state, tf.reshape(parent + image_rows, [-1]))
         done = _done(done, last, alive_scores, finished.normalized_scores[:, -1], length, max_length, alpha)
         return (t + 1, done, state, words, cand_tokens, cand_att, alive_scores, *finished)
     return body

@@ -1,9 +1,11 @@
-"""The captioner: FeatureEncoder + AttentionGRUDecoder behind the API trainer and export use.
+"""The captioner: FeatureEncoder + the decoder config.decoder names (model/decoders.py) behind
+the API trainer and export use.
 
     model = Captioner(config, feature_mean, feature_std)
     logits, attention = model.teacher_forced(features, tokens, training=True)   # training
     state = model.init_state(features)                                           # decoding
     logits, state, attention = model.step(state, prev_tokens)
+    state = model.reorder(state, rows)                                           # beam search
     loss, xent, reg = model.teacher_forced_loss(features, tokens, training=True)  # fast path
 
 features: [B, P, F] float16/32; tokens: [B, T] int (0 = <pad>, column 0 = <start>).
@@ -12,9 +14,8 @@ teacher_forced predicts tokens[:, 1:] from tokens[:, :-1] and equals T-1 calls o
 import keras
 import tensorflow as tf
 
-from model import losses
+from model import decoders, losses
 from model.config import CaptionerConfig
-from model.decoder import AttentionGRUDecoder, DecoderState
 from model.encoder import FeatureEncoder
 
 
@@ -31,7 +32,7 @@ class Captioner(keras.Model):
         self.config = config
         self.encoder = FeatureEncoder(config.embedding_dim, config.feature_dim, feature_mean,
                                       feature_std, name="encoder", dtype=policy)
-        self.decoder = AttentionGRUDecoder(config, name="decoder", dtype=policy)
+        self.decoder = decoders.make(config, name="decoder", dtype=policy)
         # Build now, from the config alone: variables exist before any data is seen, so an
         # optimizer or a checkpoint restore can be set up straight away.
         self.encoder.build((None, config.num_positions, config.feature_dim))
@@ -39,17 +40,22 @@ class Captioner(keras.Model):
         self.built = True
 
     def init_state(self, features, training=False):
-        """Per-image work, done once: encoded features, attention keys, h_0."""
+        """Per-image work, done once: the encoded features and what the decoder derives from
+        them (the GRU: attention keys, h_0; the Transformer: the grid's keys and values)."""
         del training  # nothing stochastic on the image side
-        encoded = self.encoder(features)
-        return DecoderState(features=encoded,
-                            keys=self.decoder.attention.project_features(encoded),
-                            hidden=self.decoder.initial_hidden(encoded))
+        return self.decoder.initial_state(self.encoder(features))
 
     def step(self, state, prev_tokens, training=False):
         """prev_tokens [B] -> (logits [B, V] float32, new state, attention [B, P] float32)."""
-        logits, hidden, attention = self.decoder.step(state, prev_tokens, training)
-        return logits, state._replace(hidden=hidden), attention
+        return self.decoder.step(state, prev_tokens, training)
+
+    def reorder(self, state, rows):
+        """The state with row i holding row rows[i]'s history (beam search's parents)."""
+        return self.decoder.reorder(state, rows)
+
+    def state_invariants(self, state):
+        """The state's shapes as a decoding loop may change them (tf.while_loop's invariants)."""
+        return self.decoder.state_invariants(state)
 
     def teacher_forced(self, features, tokens, training=False):
         """-> (logits [B, T-1, V] float32, attention [B, T-1, P] float32)."""

@@ -14,20 +14,36 @@ _DTYPES = ("float32", "bfloat16")
 @dataclasses.dataclass(frozen=True)
 class CaptionerConfig:
     vocab_size: int                 # from the data dir's vocab.txt (id 0 = <pad>)
-    embedding_dim: int = 256        # word embedding and encoded-feature width
-    units: int = 512                # GRU state and attention width
+    embedding_dim: int = 256        # encoded-feature width (and the GRU's word embedding)
+    units: int = 512                # the decoder's width: GRU state and attention; Transformer d
+    decoder: str = "gru"            # the decoder family (model/decoders.py): gru | transformer
+    layers: int = 2                 # transformer: decoder blocks
+    heads: int = 2                  # transformer: attention heads (units a multiple of it)
+    ff_units: int = 0               # transformer: feed-forward width (0: 2 * units)
     num_positions: int = geometry.POSITIONS  # the encoder's grid, flattened
     feature_dim: int = geometry.CHANNELS     # channels of the stored features
-    dropout: float = 0.1            # on word embeddings and on the GRU output
+    dropout: float = 0.1            # GRU: on word embeddings and its output; transformer: on
+                                    # its input and every sub-layer's output
     attention_reg: float = 1.0      # lambda of the doubly stochastic regulariser; 0 = off
     gate: bool = False              # the paper's beta_t = sigmoid(f_beta(h_{t-1})) context gate
     compute_dtype: str = "float32"  # or "bfloat16" (variables and logits stay float32)
 
     def __post_init__(self):
-        for name in ("vocab_size", "embedding_dim", "units", "num_positions", "feature_dim"):
+        from model import decoders  # its families import this module
+        for name in ("vocab_size", "embedding_dim", "units", "num_positions", "feature_dim", "layers",
+                     "heads"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"CaptionerConfig.{name} must be a positive int, got {value!r}")
+        if self.decoder not in decoders.NAMES:
+            raise ValueError(f"CaptionerConfig.decoder must be one of {decoders.NAMES}, got {self.decoder!r}")
+        if isinstance(self.ff_units, bool) or not isinstance(self.ff_units, int) or self.ff_units < 0:
+            raise ValueError(f"CaptionerConfig.ff_units must be an int >= 0, got {self.ff_units!r}")
+        if self.ff_units == 0:  # spelled out, so a saved config says what was built
+            object.__setattr__(self, "ff_units", 2 * self.units)
+        if self.decoder == "transformer" and self.units % self.heads:
+            raise ValueError(f"CaptionerConfig.units ({self.units}) must be a multiple of heads ({self.heads}) "
+                             "for the transformer decoder")
         if self.vocab_size < 5:
             raise ValueError(f"CaptionerConfig.vocab_size must be >= 5 (<pad>, <unk>, <start>, "
                              f"<end> and a word), got {self.vocab_size}")

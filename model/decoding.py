@@ -46,7 +46,8 @@ length_penalty; beam search's workings are model/beam_search.py's.
 Tokens that are never a word, <pad> and <start>, are never chosen (so 0 in `tokens` always
 means "after the end"); they still count in the softmax that scores are taken from.
 
-The recurrent state comes from model.init_state (per-image work, once) and model.step.
+The decoder's state comes from model.init_state (per-image work, once), model.step and, in beam
+search, model.reorder (model/decoders.py has the interface every decoder family offers).
 """
 import numpy as np
 import tensorflow as tf
@@ -185,7 +186,8 @@ def _one_path(model, features, max_length, choose, start_id, end_id, alpha, cont
     _, _, _, _, scores, lengths, tokens, attention = tf.while_loop(
         lambda t, _s, _w, ended, *_: tf.logical_and(t < max_length,
                                                     tf.logical_not(tf.reduce_all(ended))),
-        body, loop_vars, shape_invariants=relaxed(loop_vars), maximum_iterations=max_length)
+        body, loop_vars, shape_invariants=relaxed(loop_vars, model.state_invariants(state)),
+        maximum_iterations=max_length)
     best = Hypotheses(tokens, scores, scores / length_penalty(lengths, alpha), attention, lengths)
     one = lambda: Hypotheses(*(x[:, None] for x in best))   # the k = 1 "beam" and n-best of this path
     return Decoded.of(best, Beam.of(one()), one())

@@ -10,11 +10,6 @@ import tensorflow as tf
 
 from caption_io.vocab import PAD_ID
 
-# DecoderState fields that hold per-image values, identical across the beams of an image:
-# reordering beams within an image leaves them unchanged, so the per-step gather skips them
-# ([B*k, 64, 512] keys would otherwise be copied at every word).
-PER_IMAGE_FIELDS = ("features", "keys")
-
 # The bans in force, as int32 scalar tensors; None when both are off by Python constants, so
 # that the decoders add no control op to the graph when none is asked for.
 Controls = collections.namedtuple("Controls", ["no_repeat_ngram", "min_length"])
@@ -134,16 +129,13 @@ def pick(log_probs, words):
     return tf.gather(log_probs, words, batch_dims=words.shape.rank)
 
 
-def relaxed(loop_vars):
+def relaxed(loop_vars, state_invariants):
     """Shape invariants: batch, beam and time dims may change from step to step (tokens and
     attention grow by one step; a tensor beam size leaves the beam dim unknown). The decoder
-    state (a namedtuple) only relaxes its batch dim: the cell reads its static feature dims.
+    state (the one tuple among loop_vars) takes the decoder's own `state_invariants`.
     Attention ([..., P] float32, rank >= 3) keeps its positions dim."""
     def relax(x):
         if x.shape.rank >= 3 and x.dtype == tf.float32:
             return tf.TensorShape([None] * (x.shape.rank - 1) + x.shape[-1:])
         return tf.TensorShape([None] * x.shape.rank)
-    return tuple(
-        tf.nest.map_structure(lambda x: tf.TensorShape([None]) + x.shape[1:], v)
-        if isinstance(v, tuple) else relax(v)
-        for v in loop_vars)
+    return tuple(state_invariants if isinstance(v, tuple) else relax(v) for v in loop_vars)

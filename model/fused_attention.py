@@ -173,8 +173,10 @@ def describe() -> str:
     return f"fused CPU kernels ({_BUILD_NAMES[loaded_build()]})"
 
 
-def unsupported_reason(compute_dtype: str) -> str | None:
+def unsupported_reason(compute_dtype: str, decoder: str = "gru") -> str | None:
     """Why the kernels do not apply to this job (None: they do)."""
+    if decoder != "gru":
+        return f"they compute the GRU's additive attention; the {decoder} decoder's is matmuls"
     if compute_dtype != "float32":
         return f"they compute in float32 and the job computes in {compute_dtype}"
     if tf.config.list_physical_devices("GPU"):
@@ -182,14 +184,14 @@ def unsupported_reason(compute_dtype: str) -> str | None:
     return None
 
 
-def resolve(choice: str, compute_dtype: str) -> bool:
+def resolve(choice: str, compute_dtype: str, decoder: str = "gru") -> bool:
     """--attention-kernel: 'ops' (TensorFlow ops), 'fused' (the kernels, or KernelError),
     'auto' (the kernels where they apply and build, else the ops, with the reason logged)."""
     if choice not in CHOICES:
         raise KernelError(f"attention kernel must be one of {', '.join(CHOICES)}, got {choice!r}")
     if choice == "ops":
         return False
-    reason = unsupported_reason(compute_dtype)
+    reason = unsupported_reason(compute_dtype, decoder)
     if reason is None:
         try:
             log.info("attention: %s", describe())
@@ -198,7 +200,8 @@ def resolve(choice: str, compute_dtype: str) -> bool:
             reason = str(e)
     if choice == "fused":
         raise KernelError(f"--attention-kernel fused: not available: {reason}")
-    log.warning("attention: TensorFlow ops (%s)", reason)
+    # Not a warning for a decoder the kernels were never for: nothing was lost.
+    (log.warning if decoder == "gru" else log.info)("attention: TensorFlow ops (%s)", reason)
     return False
 
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from model import DecoderState, decoding
+from model import GRUState, decoding
 from tests.test_model import F, P, V, copy_task, make_model
 
 PAD, START, END = 0, 2, 3
@@ -68,7 +68,13 @@ class MarkovModel:
 
     def init_state(self, features):
         x = tf.cast(features, tf.float32)
-        return DecoderState(features=x, keys=x, hidden=tf.zeros([tf.shape(x)[0], 1]))
+        return GRUState(features=x, keys=x, hidden=tf.zeros([tf.shape(x)[0], 1]))
+
+    def reorder(self, state, rows):
+        return state._replace(hidden=tf.gather(state.hidden, rows))
+
+    def state_invariants(self, state):
+        return tf.nest.map_structure(lambda x: tf.TensorShape([None]) + x.shape[1:], state)
 
     def step(self, state, prev_tokens):
         self.steps.assign_add(1)

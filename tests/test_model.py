@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from model import Captioner, CaptionerConfig, DecoderState, caption_loss, losses
+from model import Captioner, CaptionerConfig, GRUState, caption_loss, losses
 
 P, F, V = 64, 32, 20
 PAD, START, END = 0, 2, 3
@@ -53,7 +53,7 @@ def test_shapes_dtypes_and_attention_sums_to_one(gate, dtype):
     assert attention.shape == (3, 6, P) and attention.dtype == tf.float32
     np.testing.assert_allclose(tf.reduce_sum(attention, -1), 1.0, atol=1e-5)
     state = model.init_state(features)
-    assert isinstance(state, DecoderState)
+    assert isinstance(state, GRUState)
     assert state.hidden.shape == (3, 32) and state.keys.shape == (3, P, 32)
     assert state.features.shape == (3, P, 16)
 

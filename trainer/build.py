@@ -25,6 +25,7 @@ from trainer.steps import CaptionSteps
 
 def model_config(s: Settings, vocab_size: int) -> CaptionerConfig:
     return CaptionerConfig(vocab_size=vocab_size, embedding_dim=s.embedding_dim, units=s.units,
+                           decoder=s.decoder, layers=s.layers, heads=s.heads, ff_units=s.ff_units,
                            dropout=s.dropout, attention_reg=s.attention_reg, gate=s.gate,
                            compute_dtype="bfloat16" if s.mixed_precision else "float32")
 

@@ -107,7 +107,7 @@ def step_seed(run_seed: int, step: int) -> tf.Tensor:
 # ------------------------------------------------------------------------------------- step
 class _SharedImageState:
     """The model as model.decoding sees it, for K draws per image: the decoder state of each image
-    is computed once (encoder, attention keys, h_0) and repeated K times, where sampling from
+    is computed once (the encoder and the decoder's per-image work) and repeated K times, where sampling from
     K-fold repeated features would run the encoder B*K times. decoding reads its features' shape
     (rows, positions) and hands them to init_state, so it is given a zero-width [B*K, P, 0]."""
 
@@ -120,6 +120,12 @@ class _SharedImageState:
 
     def step(self, state, prev_tokens):
         return self.model.step(state, prev_tokens)
+
+    def reorder(self, state, rows):
+        return self.model.reorder(state, rows)
+
+    def state_invariants(self, state):
+        return self.model.state_invariants(state)
 
 
 def _repeat_state(state, k: int):

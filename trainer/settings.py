@@ -13,6 +13,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from model import fused_attention
+from model.decoders import NAMES as DECODERS
 from trainer import distribute
 from trainer.scst import BASELINES as SCST_BASELINES
 
@@ -59,9 +60,16 @@ class Settings:
                                 choices=("constant", "cosine"))
     warmup_steps: int = _setting(0, "linear warmup from 0 over this many steps", low=0)
     clip_norm: float = _setting(5.0, "global gradient-norm clip", positive=True)
-    embedding_dim: int = _setting(256, "word embedding size", low=1)
-    units: int = _setting(512, "GRU and attention units", low=1)
-    dropout: float = _setting(0.1, "dropout on the decoder's inputs and outputs", low=0.0, below=1.0)
+    decoder: str = _setting("gru", "the decoder: the paper's attention GRU, or a Transformer (the current TF "
+                                   "tutorial's) with --layers, --heads, --ff-units", choices=DECODERS)
+    embedding_dim: int = _setting(256, "width of the encoded image features (and the GRU's word embedding)", low=1)
+    units: int = _setting(512, "the decoder's width: GRU state and attention units, or the Transformer's model "
+                               "width", low=1)
+    layers: int = _setting(2, "transformer: decoder blocks", low=1)
+    heads: int = _setting(2, "transformer: attention heads (--units a multiple of it)", low=1)
+    ff_units: int = _setting(0, "transformer: feed-forward width (0: 2 x --units)", low=0)
+    dropout: float = _setting(0.1, "dropout on the decoder's inputs and outputs (transformer: on every "
+                                   "sub-layer's output)", low=0.0, below=1.0)
     attention_reg: float = _setting(1.0, "lambda of the doubly stochastic attention regulariser (0: off)", low=0.0)
     gate: bool = _setting(False, "the paper's gating scalar beta on the context")
     mixed_precision: bool = _setting(False, "bfloat16 compute (GPU/AMX), float32 variables and logits")
@@ -122,6 +130,16 @@ class Settings:
         if list(b) != sorted(set(b)) or any(x < 2 for x in b):
             raise SettingsError(f"--bucket-boundaries must be increasing lengths >= 2, got {','.join(map(str, b))}")
         self._check_validation_needs()
+        self._check_decoder()
+
+    def _check_decoder(self):
+        if self.decoder != "transformer":
+            return
+        if self.units % self.heads:
+            raise SettingsError(f"--units {self.units} must be a multiple of --heads {self.heads}: the transformer "
+                                "splits its width over the heads")
+        if self.gate:
+            raise SettingsError("--gate is the GRU's context gate; the transformer decoder has none")
 
     def _check_validation_needs(self):
         """What needs the per-epoch validation, refused before the job starts rather than found

@@ -53,7 +53,7 @@ class CaptionSteps:
         self.config = config
         # XLA cannot compile the kernels (custom ops): the jit path keeps TensorFlow ops.
         self.fused_attention = (not jit_compile
-                                and fused_attention.resolve(attention_kernel, config.compute_dtype))
+                                and fused_attention.resolve(attention_kernel, config.compute_dtype, config.decoder))
         self.strategy = strategy
         self.clip_norm = clip_norm
         self.jit_compile = jit_compile

@@ -1,4 +1,5 @@
-"""Word side: a GRU that attends over the image and carries its state from word to word.
+"""Word side, the paper's family: a GRU that attends over the image and carries its state from
+word to word (`--decoder gru`, the default; model/decoders.py has the interface it offers).
 
 Per step t (h = h_{t-1}, w = the previous word; the arithmetic is in recurrence.py):
     q | gh | b  = h @ K + c                      one fused matmul: W2 h | GRU gates | f_beta(h)
@@ -6,7 +7,7 @@ Per step t (h = h_{t-1}, w = the previous word; the arithmetic is in recurrence.
     h_t         = GRU([z ; E(w)], gh, h)         input gates: E(w) @ Kw + bx + z @ Kz
     logits_t    = fc2(fc1(dropout(h_t)))
 
-Hoisted out of the time loop: the keys W1 f + b (once per image, Captioner.init_state), the
+Hoisted out of the time loop: the keys W1 f + b (once per image, initial_state), the
 word embeddings and their share of the GRU input gates (one [T*B, E] x [E, 3U] matmul), and
 fc1/fc2 (one [T*B, U] x [U, V] matmul after the loop). The loop keeps only the fused
 h-matmul, attention and the GRU gates. Dropout: on word embeddings and on h_t before fc1
@@ -19,15 +20,15 @@ import tensorflow as tf
 
 from model import recurrence
 from model.attention import BahdanauAttention
+from model.decoders import Packed
 
 # What one decode step needs: encoded features [B, P, E], their attention keys W1 f + b
-# [B, P, U] (both fixed per image) and the GRU state [B, U]. A namedtuple, so tf.while_loop
-# and beam search's tf.nest gathers handle it.
-DecoderState = collections.namedtuple("DecoderState", ["features", "keys", "hidden"])
-Packed = collections.namedtuple("Packed", ["outputs", "attention", "targets", "caption"])
+# [B, P, U] (both fixed per image) and the GRU state [B, U].
+GRUState = collections.namedtuple("GRUState", ["features", "keys", "hidden"])
 
 
 class AttentionGRUDecoder(keras.layers.Layer):
+    FUSED_KERNELS = True   # its attention runs in model/fused_attention.py's kernels when asked
 
     def __init__(self, config, **kw):
         super().__init__(**kw)
@@ -99,12 +100,27 @@ class AttentionGRUDecoder(keras.layers.Layer):
             tf.cast(self.context_kernel, dt), tf.cast(self.attention.v, dt))
 
     # ------------------------------------------------------------------ public
+    def initial_state(self, encoded):
+        """Encoded features [B, P, E] -> the state before the first word: the features, their
+        attention keys and h_0."""
+        return GRUState(features=encoded, keys=self.attention.project_features(encoded),
+                        hidden=self.initial_hidden(encoded))
+
     def step(self, state, prev_tokens, training=False):
-        """prev_tokens [B] -> (logits [B, V] float32, h_t [B, U], attention [B, P])."""
+        """prev_tokens [B] -> (logits [B, V] float32, state with h_t, attention [B, P])."""
         gates = self.word_gates(prev_tokens, training)
         hidden, alpha, _ = recurrence.cell(state.features, state.keys, state.hidden, gates,
                                            self.loop_weights(), self.config.gate)
-        return self.logits(hidden, training), hidden, alpha
+        return self.logits(hidden, training), state._replace(hidden=hidden), alpha
+
+    def reorder(self, state, rows):
+        """Beam search: h of row rows[i] into row i (features and keys are per image, the
+        same in every beam of it, so they stay: [B*k, 64, 512] keys are not copied a word)."""
+        return state._replace(hidden=tf.gather(state.hidden, rows))
+
+    def state_invariants(self, state):
+        """Only the batch changes in a loop (the cell reads the static feature dims)."""
+        return tf.nest.map_structure(lambda x: tf.TensorShape([None]) + x.shape[1:], state)
 
     def teacher_forced_outputs(self, state, inputs, training=False, fused=False):
         """inputs [B, T] token ids -> (GRU outputs [B, T, U], attention [B, T, P] float32).
