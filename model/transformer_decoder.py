@@ -48,7 +48,9 @@ class TransformerDecoder(keras.layers.Layer):
             c.vocab_size, c.units, name="embedding", dtype=policy,
             embeddings_initializer=keras.initializers.RandomNormal(stddev=c.units ** -0.5))
         self.input_dropout = keras.layers.Dropout(c.dropout, name="input_dropout", dtype=policy)
-        self.blocks = [_Block(c, name=f"block_{i}", dtype=policy) for i in range(c.layers)]
+        # One attribute each: a checkpoint follows attributes, not the layers in a list.
+        for i in range(c.layers):
+            setattr(self, f"block_{i}", _Block(c, name=f"block_{i}", dtype=policy))
         self.final_norm = keras.layers.LayerNormalization(epsilon=1e-6, name="final_norm", dtype=policy)
         # The vocabulary projection in float32 even under mixed precision (logits, softmax).
         self.fc = keras.layers.Dense(c.vocab_size, name="fc", dtype="float32")
@@ -63,6 +65,10 @@ class TransformerDecoder(keras.layers.Layer):
         self.final_norm.build((None, None, c.units))
         self.fc.build((None, c.units))
         self.built = True
+
+    @property
+    def blocks(self):
+        return tuple(getattr(self, f"block_{i}") for i in range(self.config.layers))
 
     # ------------------------------------------------------------------ pieces
     def _words(self, tokens, start, training):

@@ -23,9 +23,11 @@ rm -rf "$OUT/job"  # a fresh job each demo (a kept job dir would resume)
 # docs/benchmarks.md, "The attention regulariser's λ"). The demo weakens it; on photos keep the default.
 ATTENTION_REG=${DEMO_ATTENTION_REG:-0.1}
 echo "attention regulariser: lambda $ATTENTION_REG (the trainer's default is 1.0; DEMO_ATTENTION_REG=1 to compare)"
+# DEMO_DECODER=transformer: the Transformer decoder instead of the attention GRU.
 # DEMO_SCST_EPOCHS=1: one epoch of self-critical training on CIDEr-D after them
 # (docs/training.md, "Self-critical training").
 "$PY" -m trainer.task --data "$OUT/data" --job-dir "$OUT/job" --epochs "${DEMO_EPOCHS:-6}" --batch-size 64 \
+  --decoder "${DEMO_DECODER:-gru}" \
   --attention-reg "$ATTENTION_REG" --scst-epochs "${DEMO_SCST_EPOCHS:-0}"
 
 echo "job directory: $OUT/job (checkpoints/, logs/ for TensorBoard, loss.png, metrics.json, export/,"
