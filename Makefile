@@ -45,8 +45,11 @@ lint: $(STAMP)
 	@site=$$(mktemp -d); NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --site-dir "$$site"; status=$$?; rm -rf "$$site"; exit $$status
 
 # --durations: the slowest tests in every run's log, for keeping the suite within its time budget.
+# -n auto: one pytest worker a core (pytest-xdist); alone, the suite kept about one of two cores busy
+# (subprocess start-ups, Java, Beam's runner). --dist loadfile: a file's tests run in one worker, so
+# a module's fixtures are made once.
 test: lint java cxx chromium
-	$(PY) -m pytest -q -rs --durations=25
+	$(PY) -m pytest -q -rs --durations=25 -n auto --dist loadfile
 
 demo: $(STAMP) java cxx
 	bash scripts/demo.sh $(DEMO)

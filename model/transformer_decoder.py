@@ -160,10 +160,13 @@ class _Block(keras.layers.Layer):
         dense = lambda width, name, **more: keras.layers.Dense(width, name=name, dtype=policy, **more)
         norm = lambda name: keras.layers.LayerNormalization(epsilon=1e-6, name=name, dtype=policy)
         self.self_norm, self.cross_norm, self.ff_norm = norm("self_norm"), norm("cross_norm"), norm("ff_norm")
-        self.qkv = dense(3 * c.units, "qkv")                  # q, k, v of the words, one matmul
+        # The attention's projections have no bias: a key bias adds the same to every score of
+        # a query (the softmax ignores it, so its true gradient is 0 and Adam would only move it
+        # by rounding noise), and the pre-norm input makes the others redundant.
+        self.qkv = dense(3 * c.units, "qkv", use_bias=False)           # q, k, v of the words, one matmul
         self.self_out = dense(c.units, "self_out")
-        self.cross_query = dense(c.units, "cross_query")
-        self.grid_kv = dense(2 * c.units, "grid_kv")          # k, v of the cells, once per image
+        self.cross_query = dense(c.units, "cross_query", use_bias=False)
+        self.grid_kv = dense(2 * c.units, "grid_kv", use_bias=False)   # k, v of the cells, once per image
         self.cross_out = dense(c.units, "cross_out")
         self.ff_in = dense(c.ff_units, "ff_in", activation="relu")
         self.ff_out = dense(c.units, "ff_out")

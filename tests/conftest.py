@@ -126,18 +126,34 @@ def small_data(scene_dir, tmp_path_factory):
     return out
 
 
-@pytest.fixture(scope="session")
-def trained_job(small_data, tmp_path_factory):
-    """A small model trained briefly on the small scene set, exported to JOB/export."""
+def _trained(small_data, tmp_path_factory, *flags):
     from caption_serving import export
     from trainer import loop, task
 
     job = str(tmp_path_factory.mktemp("job"))
     loop.train(task.parse_args(["--data", small_data, "--job-dir", job, "--units", "64", "--embedding-dim", "32",
                                 "--batch-size", "8", "--epochs", "6", "--learning-rate", "3e-3", "--no-progress",
-                                "--eval-images", "0"]))
+                                "--eval-images", "0", *flags]))
     export.export(job)
     return job
+
+
+@pytest.fixture(scope="session")
+def trained_job(small_data, tmp_path_factory):
+    """A small model (the GRU decoder) trained briefly on the small scene set, exported to JOB/export."""
+    return _trained(small_data, tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def trained_transformer_job(small_data, tmp_path_factory):
+    """The same with the Transformer decoder: the one small job of that family the tests share."""
+    return _trained(small_data, tmp_path_factory, "--decoder", "transformer")
+
+
+@pytest.fixture(params=["trained_job", "trained_transformer_job"], ids=["gru", "transformer"])
+def each_trained_job(request):
+    """Each decoder family's small trained and exported job, in turn."""
+    return request.getfixturevalue(request.param)
 
 
 GCS_BUCKET = "captioner-test"

@@ -54,9 +54,9 @@ print(json.dumps({"plain": run(), "nbest": run(num_captions=3), "no_repeat": run
 """
 
 
-def test_the_decoding_controls_work_in_an_isolated_load(trained_job, scene_dir):
+def test_the_decoding_controls_work_in_an_isolated_load(each_trained_job, scene_dir):
     paths = _val_images(scene_dir, 3)
-    proc = subprocess.run([sys.executable, "-c", _ISOLATED_CONTROLS, os.path.join(trained_job, "export"), *paths],
+    proc = subprocess.run([sys.executable, "-c", _ISOLATED_CONTROLS, os.path.join(each_trained_job, "export"), *paths],
                           capture_output=True, text=True, timeout=300, cwd="/")
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -104,14 +104,14 @@ def _in_process_greedy(job, paths, max_length=20):
     return [vocab.decode(t, tokens) for t in out.tokens.numpy()], out
 
 
-def test_savedmodel_captions_without_the_project_like_in_process_greedy(trained_job, scene_dir):
+def test_savedmodel_captions_without_the_project_like_in_process_greedy(each_trained_job, scene_dir):
     paths = _val_images(scene_dir)
-    proc = subprocess.run([sys.executable, "-c", _ISOLATED, os.path.join(trained_job, "export"), *paths],
+    proc = subprocess.run([sys.executable, "-c", _ISOLATED, os.path.join(each_trained_job, "export"), *paths],
                           capture_output=True, text=True, timeout=300, cwd="/")
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     assert {"serving_default", "caption_images", "caption_features"} <= set(got["signatures"])
-    want, _ = _in_process_greedy(trained_job, paths)
+    want, _ = _in_process_greedy(each_trained_job, paths)
     assert got["captions"] == want
     assert all(c for c in want)  # a trained model says something
 

@@ -92,12 +92,14 @@ def test_step_is_traced_once_whatever_the_caption_lengths(small_data, tmp_path):
     assert t.steps.trace_count() == (1, 1)
 
 
-def test_sigterm_mid_epoch_saves_and_resumes_to_the_same_result(small_data, tmp_path, monkeypatch):
-    ref = loop.train(_settings(small_data, tmp_path / "ref", "--epochs", "2", "--checkpoint-every", "0"))
+@pytest.mark.parametrize("decoder", ["gru", "transformer"])
+def test_sigterm_mid_epoch_saves_and_resumes_to_the_same_result(decoder, small_data, tmp_path, monkeypatch):
+    flags = ("--epochs", "2", "--checkpoint-every", "0", "--decoder", decoder)
+    ref = loop.train(_settings(small_data, tmp_path / "ref", *flags))
     steps_per_epoch = ref["history"][0]["step"]
     kill_at = steps_per_epoch + 3  # in the middle of the second epoch
 
-    t = loop.Trainer(_settings(small_data, tmp_path / "job", "--epochs", "2", "--checkpoint-every", "0"))
+    t = loop.Trainer(_settings(small_data, tmp_path / "job", *flags))
 
     def run_with_sigterm():
         original = steps_mod.CaptionSteps.build
@@ -118,9 +120,13 @@ def test_sigterm_mid_epoch_saves_and_resumes_to_the_same_result(small_data, tmp_
     with pytest.raises(loop.Interrupted, match=f"step {kill_at}"):
         run_with_sigterm()
     monkeypatch.undo()
-    resumed = loop.train(_settings(small_data, tmp_path / "job", "--epochs", "2", "--checkpoint-every", "0"))
+    resumed = loop.train(_settings(small_data, tmp_path / "job", *flags))
     assert resumed["steps"] == ref["steps"]
     assert _losses(resumed) == _losses(ref)
+    # Resuming it as the other family is refused in one line, before anything is built.
+    other = "gru" if decoder == "transformer" else "transformer"
+    with pytest.raises(loop.TrainError, match=f"started with decoder={decoder}, now decoder={other}"):
+        loop.Trainer(_settings(small_data, tmp_path / "job", *flags[:-1], other))
 
 
 def test_vocab_size_that_does_not_match_the_checkpoint_is_refused(small_data, tmp_path):
@@ -193,10 +199,11 @@ def test_mixed_precision_trains_and_exports_in_float32(small_data, tmp_path):
     assert info["config"]["compute_dtype"] == "float32"
 
 
-def _twin_steps(jit_a: bool, jit_b: bool):
+def _twin_steps(jit_a: bool, jit_b: bool, decoder: str = "gru"):
     from model import CaptionerConfig
 
-    config = CaptionerConfig(vocab_size=40, embedding_dim=16, units=32, feature_dim=24, dropout=0.0, gate=True)
+    config = CaptionerConfig(vocab_size=40, embedding_dim=16, units=32, feature_dim=24, dropout=0.0,
+                             gate=decoder == "gru", decoder=decoder)
     rng = np.random.default_rng(3)
     mean, std = rng.normal(0, 1, 24).astype(np.float32), rng.uniform(0.5, 2, 24).astype(np.float32)
     spec = (tf.TensorSpec([None, 64, 24], tf.float16), tf.TensorSpec([None, None], tf.int32))
@@ -216,10 +223,11 @@ def _twin_steps(jit_a: bool, jit_b: bool):
     return pair, (features, tf.constant(tokens))
 
 
-def test_xla_step_computes_the_loss_and_gradients_of_the_graph_step():
+@pytest.mark.parametrize("decoder", ["gru", "transformer"])
+def test_xla_step_computes_the_loss_and_gradients_of_the_graph_step(decoder):
     # XLA runs the padded formulation (static shapes); the graph step packs captions by
     # length. Same loss, same gradient for every variable, to float rounding.
-    (xla, graph), batch = _twin_steps(True, False)
+    (xla, graph), batch = _twin_steps(True, False, decoder)
     loss_x, grads_x = xla.loss_and_gradients(batch)
     loss_g, grads_g = graph.loss_and_gradients(batch)
     np.testing.assert_allclose(float(loss_x), float(loss_g), rtol=1e-5)
