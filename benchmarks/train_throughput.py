@@ -66,6 +66,26 @@ def step_flops(images: int, tokens: int, units=UNITS, embed=EMBED, vocab=VOCAB, 
     return 2 * (images * (2 * encoder + 3 * per_image) + tokens * 3 * per_token)
 
 
+def transformer_step_flops(images: int, lengths, units=UNITS, embed=EMBED, vocab=VOCAB, pos=POS, feat=FEAT,
+                           layers=2, ff=None) -> float:
+    """Matmul FLOPs of one training step of the Transformer decoder (forward + backward) over
+    `images` images and captions of `lengths` real target tokens each (the packed step's logits
+    and loss are for real tokens only; its blocks run each caption up to the batch's longest, but
+    only the real positions are counted, as step_flops does). Attention counts the keys a real
+    position may see: the t words up to it and the grid's cells.
+    """
+    ff = ff or 2 * units
+    lengths = [int(n) for n in lengths]
+    tokens = sum(lengths)
+    seen = sum(n * (n + 1) // 2 for n in lengths)        # sum over positions of the words it attends to
+    block = 3 * units * units + units * units + units * units + units * units + 2 * units * ff
+    per_token = layers * block + units * vocab            # blocks, then the vocabulary projection
+    attention = layers * 2 * units * (seen + tokens * pos)  # q.k and weights.v, words and cells
+    encoder = pos * feat * embed
+    per_image = layers * pos * embed * 2 * units           # each block's keys and values of the cells
+    return 2 * (images * (2 * encoder + 3 * per_image) + 3 * (tokens * per_token + attention))
+
+
 def matmul_peak() -> float:
     """The machine's float32 matmul rate (FLOP/s), best of a few shapes like the step's."""
     import tensorflow as tf
@@ -83,7 +103,8 @@ def matmul_peak() -> float:
     return best
 
 
-def ours(length: int, steps: int, warmup: int, mixed: bool, jit: bool, attention_kernel: str = "auto") -> dict:
+def ours(length: int, steps: int, warmup: int, mixed: bool, jit: bool, attention_kernel: str = "auto",
+         decoder: str = "gru", units: int = UNITS) -> dict:
     import tensorflow as tf
 
     sys.path.insert(0, BENCH)
@@ -92,7 +113,7 @@ def ours(length: int, steps: int, warmup: int, mixed: bool, jit: bool, attention
     from model import CaptionerConfig
     from trainer.steps import CaptionSteps
 
-    config = CaptionerConfig(vocab_size=VOCAB, embedding_dim=EMBED, units=UNITS,
+    config = CaptionerConfig(vocab_size=VOCAB, embedding_dim=EMBED, units=units, decoder=decoder,
                              compute_dtype="bfloat16" if mixed else "float32")
     s = CaptionSteps(config, np.zeros(FEAT, np.float32), np.ones(FEAT, np.float32), tf.distribute.get_strategy(),
                      1e-3, 5.0, jit_compile=jit, attention_kernel=attention_kernel)
@@ -100,7 +121,8 @@ def ours(length: int, steps: int, warmup: int, mixed: bool, jit: bool, attention
     s.build(spec)
     batches = [(tf.constant(f, tf.float16), tf.constant(c)) for f, c in common.make_batches(4, BATCH, length)]
     # Real (non-pad) target tokens a batch holds: the packed step computes only these.
-    real = [int(np.count_nonzero(c.numpy()[:, 1:])) for _, c in batches]
+    lengths = [np.count_nonzero(c.numpy()[:, 1:], axis=1) for _, c in batches]
+    real = [int(n.sum()) for n in lengths]
     for i in range(warmup):
         float(s.train_step(batches[i % 4])["loss"])
     per = []
@@ -111,7 +133,11 @@ def ours(length: int, steps: int, warmup: int, mixed: bool, jit: bool, attention
         per.append(time.perf_counter() - t)
     elapsed = time.perf_counter() - t_all
     real_tokens = sum(real[i % 4] for i in range(steps))
-    flops = sum(step_flops(BATCH, real[i % 4]) for i in range(steps))
+    if decoder == "gru":
+        flops = sum(step_flops(BATCH, real[i % 4], units=units) for i in range(steps))
+    else:
+        flops = sum(transformer_step_flops(BATCH, lengths[i % 4], units=units, layers=config.layers,
+                                           ff=config.ff_units) for i in range(steps))
     return {"tokens_per_s": BATCH * (length - 1) * steps / elapsed, "real_tokens_per_s": real_tokens / elapsed,
             "flops_per_s": flops / elapsed, "flops_per_real_token": flops / real_tokens,
             "sec_per_step_median": statistics.median(per), "traces": s.trace_count()[0],

@@ -16,6 +16,17 @@ from pipelines import synthetic
 # Small enough to encode in seconds with the random-weight InceptionV3.
 N_TRAIN, N_VAL = 14, 5
 
+# The files that take longest (make test's --durations shows them), run first: pytest-xdist hands
+# a worker one file at a time (--dist loadfile), and a long file last would keep one worker busy
+# while the other has nothing left to do.
+LONGEST_FIRST = ("test_learning.py", "test_trainer.py", "test_job_paths.py", "test_preprocess.py",
+                 "test_distributed.py", "test_epoch_metrics.py", "test_disk_full.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))   # stable: the rest keep their order
+
 
 @pytest.fixture(scope="session")
 def scene_dir(tmp_path_factory):
@@ -154,6 +165,34 @@ def trained_transformer_job(small_data, tmp_path_factory):
 def each_trained_job(request):
     """Each decoder family's small trained and exported job, in turn."""
     return request.getfixturevalue(request.param)
+
+
+@pytest.fixture
+def clean_logging():
+    """Logging as it was, after a test that runs a command's main() in-process (cli.run sets up
+    the command's logging)."""
+    import logging
+
+    from caption_io import cli
+
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    levels = {name: logging.getLogger(name).level for name in cli.PROJECT_LOGGERS}
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    for name, lvl in levels.items():
+        logging.getLogger(name).setLevel(lvl)
+    cli._verbose = False
+
+
+def exit_code(main, argv) -> int:
+    """A command's exit status when its main(argv) runs in-process: what it returns, or what the
+    flag parser exits with (argparse ends the process on a bad flag)."""
+    try:
+        return main(argv)
+    except SystemExit as e:
+        return e.code
 
 
 GCS_BUCKET = "captioner-test"

@@ -77,3 +77,25 @@ def test_step_flops_counts_the_steps_matmuls_by_hand():
     # Images and tokens add: padding costs nothing, one more token is one token's share.
     assert step_flops(images, 0, units=U, embed=E, vocab=V, pos=P, feat=F) == 2 * images * per_image
     assert step_flops(0, tokens + 1, units=U, embed=E, vocab=V, pos=P, feat=F) == 2 * (tokens + 1) * per_token
+
+
+def test_transformer_step_flops_counts_its_matmuls_by_hand():
+    from benchmarks.train_throughput import transformer_step_flops
+
+    D, E, V, P, F, FF, L = 2, 3, 5, 7, 11, 13, 2   # width, embedding, vocabulary, cells, channels, ff, blocks
+    images, lengths = 2, [1, 2]                  # captions of 1 and 2 real target tokens
+    block_macs = (D * 3 * D                      # words' q, k, v: [D] @ [D, 3D]                   = 12
+                  + D * D                        # self-attention output                            =  4
+                  + D * D                        # cross-attention query                            =  4
+                  + D * D                        # cross-attention output                           =  4
+                  + D * FF + FF * D)             # feed-forward in and out                          = 52
+    assert block_macs == 76
+    token_macs = L * block_macs + D * V          # the blocks, then the vocabulary projection = 162
+    # Attention at a position: q.k and weights.v over the t words up to it and the P cells, D wide.
+    seen = 1 + (1 + 2)                           # the 1-token caption sees 1 word; the other 1, then 2
+    attention_macs = L * 2 * D * (seen + 3 * P)  # 2 * 2 * 2 * (4 + 21) = 200
+    encoder_macs = P * F * E                     # 231
+    image_macs = L * P * E * 2 * D               # each block's cells' keys and values = 168
+    want = 2 * (images * (2 * encoder_macs + 3 * image_macs) + 3 * (3 * token_macs + attention_macs))
+    got = transformer_step_flops(images, lengths, units=D, embed=E, vocab=V, pos=P, feat=F, layers=L, ff=FF)
+    assert got == want == 2 * (2 * (462 + 504) + 3 * (486 + 200))

@@ -285,3 +285,23 @@ def test_console_script_is_installed_and_runs():
     proc = subprocess.run([exe, "--help"], cwd="/", env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.startswith("usage: caption ") and "--model" in proc.stdout
+
+
+def test_a_transformer_export_captions_with_attention_and_plots_like_the_grus(trained_transformer_job, val_images,
+                                                                            tmp_path, capsys):
+    # The same command and outputs whatever decoder the export holds: its attention rows are the
+    # last block's cross-attention averaged over heads, one row per word, each summing to 1.
+    export_dir = os.path.join(trained_transformer_job, "export")
+    paths = val_images[:2]
+    assert caption.main([*paths, "--model", export_dir, "--json", "--plot", str(tmp_path / "plots")]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    with open(os.path.join(export_dir, "assets.extra", "export.json")) as f:
+        max_length = json.load(f)["default_max_length"]
+    want = tf.saved_model.load(export_dir).signatures["caption_images"](
+        images=tf.constant([read(p) for p in paths]), **client.option_inputs(3, max_length))
+    for i, r in enumerate(rows):
+        assert r["caption"] == want["captions"][i].numpy().decode() and r["tokens"]
+        att = np.array(r["attention"])
+        assert att.shape == (len(r["tokens"]), 64)
+        np.testing.assert_allclose(att.sum(-1), 1.0, atol=1e-4)
+    assert sorted(os.listdir(tmp_path / "plots")) == sorted(f"{os.path.basename(p)}.attention.png" for p in paths)

@@ -190,19 +190,6 @@ def test_the_caption_console_script_does_not_import_tensorflow_before_its_quiet_
 
 
 # ------------------------------------------------------------------- errors and exit codes
-@pytest.fixture
-def clean_logging():
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    levels = {name: logging.getLogger(name).level for name in cli.PROJECT_LOGGERS}
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
-    for name, lvl in levels.items():
-        logging.getLogger(name).setLevel(lvl)
-    cli._verbose = False
-
-
 def _raises(exc):
     def main(argv):
         print("a result")

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from tests.conftest import free_port
+from tests.conftest import exit_code, free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA, JOB = "gs://bucket/coco-data", "gs://bucket/jobs/coco"
@@ -85,15 +85,27 @@ def test_a_strategy_given_to_the_trainer_is_not_doubled():
     (["--image", IMAGE, "--", "--data", "gs://other/data"], "--data"),
     (["--image", IMAGE, "--workers", "2", "--", "--strategy", "mirrored"], "--strategy"),
 ])
-def test_bad_flags_are_one_line_naming_the_flag(args, flag):
-    # Later flags win in argparse: BASE's --data/--job-dir are overridden where a case sets them.
-    proc = launch(*BASE, "--dry-run", *args)
-    assert proc.returncode == 2, proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and flag in lines[0], proc.stderr
-    assert proc.stdout == ""
+def test_bad_flags_are_one_line_naming_the_flag(args, flag, capsys, clean_logging):
+    # In-process (the command's main with an argv): a process each cost seconds of start-up; the
+    # test below runs one case as the real process. Later flags win in argparse: BASE's
+    # --data/--job-dir are overridden where a case sets them.
+    from trainer import launch as launch_mod
+
+    assert exit_code(launch_mod.main, [*BASE, "--dry-run", *args]) == 2
+    out, err = capsys.readouterr()
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and flag in lines[0], err
+    assert out == ""
     if flag in ("--data", "--job-dir") and "--" not in args:
         assert "gs://" in lines[0] and "local" in lines[0]
+
+
+def test_a_bad_flag_is_one_line_from_the_process_too():
+    proc = launch(*BASE, "--dry-run", "--image", IMAGE, "--workers", "0")
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "--workers" in lines[0], proc.stderr
+    assert proc.stdout == ""
 
 
 def test_the_spec_is_checked_against_the_api_types():

@@ -13,6 +13,7 @@ import pytest
 from caption_io import images, metadata, records, text, vocab
 from model import inception
 from pipelines import preprocess
+from tests.conftest import exit_code
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -285,10 +286,18 @@ def _one_error_line(proc):
     (["--coco-dir", "/tmp", "--output", "X", "--num-shards", "bogus=2"], "unknown split"),
     (["--coco-dir", "/tmp", "--output", "X", "--batch-size", "many"], "--batch-size"),
 ])
-def test_bad_flags_exit_with_one_line(args, words, tmp_path):
-    proc = _cli(*args)
+def test_bad_flags_exit_with_one_line(args, words, tmp_path, capsys, clean_logging):
+    # In-process: the command's main with an argv (the next test runs the process).
+    assert exit_code(preprocess.main, args) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert lines and lines[-1].startswith("error: ") and words in lines[-1] and "Traceback" not in err, err
+
+
+def test_a_bad_flag_exits_the_process_with_one_line():
+    proc = _cli("--coco-dir", "/tmp", "--output", "X", "--vocab-size", "0")
     assert proc.returncode == 2
-    assert words in _one_error_line(proc)
+    assert "--vocab-size" in _one_error_line(proc)
 
 
 def test_unreadable_annotations_exit_nonzero(scene_dir, tmp_path):

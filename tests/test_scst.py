@@ -25,15 +25,16 @@ SCST_LR = 2e-3
 CIDER_GAIN = 0.15
 
 
-@pytest.fixture(scope="module")
-def setup(small_data):
-    """A tiny captioner after a few epochs of cross-entropy with the trainer's own step, and the
-    reward scorer over the training split's references."""
+@pytest.fixture(scope="module", params=["gru", "transformer"])
+def setup(small_data, request):
+    """A tiny captioner of each decoder family after a few epochs of cross-entropy with the trainer's
+    own step, and the reward scorer over the training split's references."""
     meta = metadata.read(small_data)
     mean, std = metadata.load_feature_stats(small_data, meta)
     train = metadata.shard_files(small_data, "train", meta)
     keras.utils.set_random_seed(0)
-    config = CaptionerConfig(vocab_size=len(metadata.load_vocab(small_data, meta)), units=64, embedding_dim=32)
+    config = CaptionerConfig(vocab_size=len(metadata.load_vocab(small_data, meta)), units=64, embedding_dim=32,
+                             decoder=request.param)
     steps = CaptionSteps(config, mean, std, tf.distribute.get_strategy(), 3e-3, 5.0)
     steps.build(data.caption_dataset(train, 8).element_spec)
     for epoch in range(XENT_EPOCHS):

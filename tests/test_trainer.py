@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from tests.conftest import exit_code
 from trainer import loop, task
 from trainer import steps as steps_mod
 
@@ -150,15 +151,23 @@ def test_vocab_size_that_does_not_match_the_checkpoint_is_refused(small_data, tm
     (["--data", "{data}", "--job-dir", "{job}", "--attention-kernel", "fused", "--mixed-precision"],
      "--attention-kernel fused: not available: they compute in float32 and the job computes in bfloat16"),
 ])
-def test_bad_inputs_one_line_before_training(args, words, small_data, tmp_path):
+def test_bad_inputs_one_line_before_training(args, words, small_data, tmp_path, capsys, clean_logging):
+    # In-process: the command's main with an argv; the process's own exit is the test below.
     (tmp_path / "empty").mkdir()
     args = [a.format(empty=tmp_path / "empty", job=tmp_path / "job", data=small_data) for a in args]
-    proc = subprocess.run([sys.executable, "-m", "trainer.task", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300)
+    assert exit_code(task.main, args) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.strip().splitlines() if "error" in line]
+    assert lines and words in lines[-1] and "Traceback" not in err
+    assert not os.path.exists(tmp_path / "job" / "checkpoints")
+
+
+def test_a_bad_input_exits_the_process_with_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "trainer.task", "--data", str(tmp_path), "--job-dir",
+                           str(tmp_path / "job")], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
     lines = [line for line in proc.stderr.strip().splitlines() if "error" in line]
-    assert lines and words in lines[-1] and "Traceback" not in proc.stderr
-    assert not os.path.exists(tmp_path / "job" / "checkpoints")
+    assert lines and "no metadata.json" in lines[-1] and "Traceback" not in proc.stderr
 
 
 @pytest.mark.slow
@@ -186,11 +195,12 @@ def test_sigkill_after_a_checkpoint_then_rerun_finishes_the_same(small_data, tmp
     np.testing.assert_allclose(b["final_val_loss"], a["final_val_loss"], rtol=1e-6)
 
 
-def test_mixed_precision_trains_and_exports_in_float32(small_data, tmp_path):
+@pytest.mark.parametrize("decoder", ["gru", "transformer"])
+def test_mixed_precision_trains_and_exports_in_float32(decoder, small_data, tmp_path):
     from caption_serving import export
 
     m = loop.train(_settings(small_data, tmp_path / "job", "--epochs", "3", "--learning-rate", "3e-3",
-                             "--mixed-precision"))
+                             "--mixed-precision", "--decoder", decoder))
     h = m["history"]
     assert all(np.isfinite(r["train_loss"]) for r in h)
     assert h[-1]["train_xent"] < h[0]["train_xent"]
