@@ -39,8 +39,9 @@ def training(length: int, steps: int, warmup: int, rounds: int, peak: float) -> 
     for d, rs in runs.items():
         real = statistics.median(r["real_tokens_per_s"] for r in rs)
         flops = statistics.median(r["flops_per_s"] for r in rs)
-        out[d] = {"real_tokens_per_s": real, "mfu": flops / peak, "flops_per_real_token": rs[-1]["flops_per_real_token"],
-                  "fused_attention": rs[-1]["fused_attention"], "rounds": [r["real_tokens_per_s"] for r in rs]}
+        out[d] = {"real_tokens_per_s": real, "mfu": flops / peak,
+                  "flops_per_real_token": rs[-1]["flops_per_real_token"], "fused_attention": rs[-1]["fused_attention"],
+                  "rounds": [r["real_tokens_per_s"] for r in rs]}
     out["transformer_over_gru"] = statistics.median(
         t["real_tokens_per_s"] / g["real_tokens_per_s"] for t, g in zip(runs["transformer"], runs["gru"]))
     return out
