@@ -47,9 +47,10 @@ lint: $(STAMP)
 # --durations: the slowest tests in every run's log, for keeping the suite within its time budget.
 # -n auto: one pytest worker a core (pytest-xdist); alone, the suite kept about one of two cores busy
 # (subprocess start-ups, Java, Beam's runner). --dist loadfile: a file's tests run in one worker, so
-# a module's fixtures are made once.
+# a module's fixtures are made once. --no-loadscope-reorder: files go out in the order tests/conftest.py
+# puts them in (the longest first), not by how many tests each holds.
 test: lint java cxx chromium
-	$(PY) -m pytest -q -rs --durations=25 -n auto --dist loadfile
+	$(PY) -m pytest -q -rs --durations=25 -n auto --dist loadfile --no-loadscope-reorder
 
 demo: $(STAMP) java cxx
 	bash scripts/demo.sh $(DEMO)

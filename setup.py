@@ -32,7 +32,7 @@ EXTRAS = {
     "serve": SERVE,
     # The GCS tests serve a bucket from a loopback emulator; the serve tests drive Chromium with selenium.
     # pytest-xdist: make test runs a worker a core.
-    "test": ["pytest>=8", "pytest-xdist>=3.6", "pycocoevalcap>=1.2", "google-cloud-aiplatform>=1.60",
+    "test": ["pytest>=8", "pytest-xdist>=3.8,<4", "pycocoevalcap>=1.2", "google-cloud-aiplatform>=1.60",
              "gcp-storage-emulator>=2024.1", "ruff>=0.17,<0.18", *SERVE, "httpx>=0.27", "selenium>=4.30,<5",
              # The docs site (mkdocs.yml): `make test` builds it with --strict (no broken link or page).
              "mkdocs>=1.6,<2", "mkdocs-material>=9.8,<10"],

@@ -182,15 +182,19 @@ class _Block(keras.layers.Layer):
         self.built = True
 
     def _heads(self, x):
-        """[B, T, D] -> [B, H, T, D / H]."""
+        """[B, T, D] -> [B, H, T, D / H]. One position (a decoding step): a reshape alone."""
         h = self.config.heads
         shape = tf.shape(x)
+        if x.shape[1] == 1:
+            return tf.reshape(x, tf.stack([shape[0], h, 1, self.config.units // h]))
         x = tf.reshape(x, tf.stack([shape[0], shape[1], h, self.config.units // h]))
         return tf.transpose(x, [0, 2, 1, 3])
 
     def _merge(self, x):
         """[B, H, T, d] -> [B, T, H * d]."""
         shape = tf.shape(x)
+        if x.shape[2] == 1:
+            return tf.reshape(x, tf.stack([shape[0], 1, self.config.units]))
         return tf.reshape(tf.transpose(x, [0, 2, 1, 3]), tf.stack([shape[0], shape[2], self.config.units]))
 
     def grid_keys_values(self, grid):
@@ -203,8 +207,11 @@ class _Block(keras.layers.Layer):
         cells' (keys, values); bias [T, t + T] additive (the causal mask), or None (one position: sees all).
         -> (x, (keys, values) of the t + T words, cross-attention [B, H, T, P] float32)."""
         q, k, v = tf.split(self.qkv(self.self_norm(x)), 3, axis=-1)
-        keys = tf.concat([prefix[0], self._heads(k)], axis=2)
-        values = tf.concat([prefix[1], self._heads(v)], axis=2)
+        if prefix[0].shape[2] == 0:   # no earlier word (teacher forcing): nothing to append to
+            keys, values = self._heads(k), self._heads(v)
+        else:
+            keys = tf.concat([prefix[0], self._heads(k)], axis=2)
+            values = tf.concat([prefix[1], self._heads(v)], axis=2)
         words, _ = attend(self._heads(q), keys, values, bias)
         x = x + self.dropout(self.self_out(self._merge(words)), training=training)
         cells, weights = attend(self._heads(self.cross_query(self.cross_norm(x))), grid[0], grid[1], None)
