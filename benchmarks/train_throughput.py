@@ -104,7 +104,7 @@ def matmul_peak() -> float:
 
 
 def ours(length: int, steps: int, warmup: int, mixed: bool, jit: bool, attention_kernel: str = "auto",
-         decoder: str = "gru", units: int = UNITS) -> dict:
+         decoder: str = "gru") -> dict:
     import tensorflow as tf
 
     sys.path.insert(0, BENCH)
@@ -113,7 +113,7 @@ def ours(length: int, steps: int, warmup: int, mixed: bool, jit: bool, attention
     from model import CaptionerConfig
     from trainer.steps import CaptionSteps
 
-    config = CaptionerConfig(vocab_size=VOCAB, embedding_dim=EMBED, units=units, decoder=decoder,
+    config = CaptionerConfig(vocab_size=VOCAB, embedding_dim=EMBED, units=UNITS, decoder=decoder,
                              compute_dtype="bfloat16" if mixed else "float32")
     s = CaptionSteps(config, np.zeros(FEAT, np.float32), np.ones(FEAT, np.float32), tf.distribute.get_strategy(),
                      1e-3, 5.0, jit_compile=jit, attention_kernel=attention_kernel)
@@ -134,9 +134,9 @@ def ours(length: int, steps: int, warmup: int, mixed: bool, jit: bool, attention
     elapsed = time.perf_counter() - t_all
     real_tokens = sum(real[i % 4] for i in range(steps))
     if decoder == "gru":
-        flops = sum(step_flops(BATCH, real[i % 4], units=units) for i in range(steps))
+        flops = sum(step_flops(BATCH, real[i % 4]) for i in range(steps))
     else:
-        flops = sum(transformer_step_flops(BATCH, lengths[i % 4], units=units, layers=config.layers,
+        flops = sum(transformer_step_flops(BATCH, lengths[i % 4], layers=config.layers,
                                            ff=config.ff_units) for i in range(steps))
     return {"tokens_per_s": BATCH * (length - 1) * steps / elapsed, "real_tokens_per_s": real_tokens / elapsed,
             "flops_per_s": flops / elapsed, "flops_per_real_token": flops / real_tokens,

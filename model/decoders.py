@@ -20,10 +20,12 @@ per-epoch metrics and the plots see a decoder only through these methods:
     logits = decoder.logits(packed.outputs, training) the training loss's path
 
 A state is a namedtuple (of tensors, or of tuples of tensors) whose tensors have the batch
-first: decoding tiles it per beam and SCST per draw with tf.repeat. `FUSED_KERNELS` says whether
-the family runs model/fused_attention.py's CPU kernels (`fused=True`); the others ignore it.
+first: decoding tiles it per beam and SCST per draw with tf.repeat. `fused=True` asks for
+model/fused_attention.py's CPU kernels, which compute the GRU's attention; other families ignore it.
 """
 import collections
+
+import tensorflow as tf
 
 # Teacher forcing on real positions only (the training loss and SCST's log-probabilities):
 # outputs [N, width], attention [N, P], targets [N], caption [N] = each row's index in the
@@ -36,6 +38,19 @@ def _families():
     from model.gru_decoder import AttentionGRUDecoder
     from model.transformer_decoder import TransformerDecoder
     return {"gru": AttentionGRUDecoder, "transformer": TransformerDecoder}
+
+
+def any_batch(structure):
+    """Shape invariants for a state whose batch dim alone may change in a loop."""
+    return tf.nest.map_structure(lambda x: tf.TensorShape([None]) + x.shape[1:], structure)
+
+
+def caption_ends(targets):
+    """targets [B, T] (0 = <pad>) -> [B] int32: each caption's length up to its last real target
+    (what packed teacher forcing runs), and the longest of them (0 for an empty batch)."""
+    steps = tf.shape(targets)[1]
+    ends = tf.reduce_max(tf.where(tf.not_equal(targets, 0), tf.range(1, steps + 1)[None, :], 0), axis=1)
+    return ends, tf.reduce_max(tf.concat([ends, [0]], 0))
 
 
 NAMES = ("gru", "transformer")   # config.decoder's choices; the first is the default

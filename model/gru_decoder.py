@@ -20,7 +20,7 @@ import tensorflow as tf
 
 from model import recurrence
 from model.attention import BahdanauAttention
-from model.decoders import Packed
+from model.decoders import Packed, any_batch, caption_ends
 
 # What one decode step needs: encoded features [B, P, E], their attention keys W1 f + b
 # [B, P, U] (both fixed per image) and the GRU state [B, U].
@@ -28,7 +28,6 @@ GRUState = collections.namedtuple("GRUState", ["features", "keys", "hidden"])
 
 
 class AttentionGRUDecoder(keras.layers.Layer):
-    FUSED_KERNELS = True   # its attention runs in model/fused_attention.py's kernels when asked
 
     def __init__(self, config, **kw):
         super().__init__(**kw)
@@ -120,7 +119,7 @@ class AttentionGRUDecoder(keras.layers.Layer):
 
     def state_invariants(self, state):
         """Only the batch changes in a loop (the cell reads the static feature dims)."""
-        return tf.nest.map_structure(lambda x: tf.TensorShape([None]) + x.shape[1:], state)
+        return any_batch(state)
 
     def teacher_forced_outputs(self, state, inputs, training=False, fused=False):
         """inputs [B, T] token ids -> (GRU outputs [B, T, U], attention [B, T, P] float32).
@@ -149,12 +148,9 @@ class AttentionGRUDecoder(keras.layers.Layer):
         attention [N, P], targets [N], caption [N] = each row's index in the batch), rows in
         time-major order, N = the number of positions up to each caption's end.
         """
-        steps = tf.shape(targets)[1]
-        real = tf.not_equal(targets, 0)
-        lengths = tf.reduce_max(tf.where(real, tf.range(1, steps + 1)[None, :], 0), axis=1)
+        lengths, longest = caption_ends(targets)                # trailing pad columns: skipped
         order = tf.argsort(lengths, direction="DESCENDING", stable=True)
         sorted_lengths = tf.gather(lengths, order)
-        longest = tf.reduce_max(tf.concat([lengths, [0]], 0))   # trailing pad columns: skipped
         running = tf.range(longest)[:, None] < sorted_lengths[None, :]       # [T', B] sorted
         active = tf.reduce_sum(tf.cast(running, tf.int32), axis=1)          # [T']
         where = tf.where(running)                          # (t, i): time-major, i < active[t]

@@ -27,7 +27,7 @@ import math
 import keras
 import tensorflow as tf
 
-from model.decoders import Packed
+from model.decoders import Packed, any_batch, caption_ends
 
 # memory: per block (keys, values) of the grid, [B, H, P, d], fixed per image; cache: per block
 # (keys, values) of the words so far, [B, H, t, d]. The next word's position is t.
@@ -37,7 +37,6 @@ _MASKED = -1e9   # added to the scores of later words (exp of it is exactly 0 in
 
 
 class TransformerDecoder(keras.layers.Layer):
-    FUSED_KERNELS = False   # the fused CPU kernels are the GRU's additive attention
 
     def __init__(self, config, **kw):
         super().__init__(**kw)
@@ -117,7 +116,7 @@ class TransformerDecoder(keras.layers.Layer):
     def state_invariants(self, state):
         """The batch changes in a loop, and the cache grows by a word a step."""
         return TransformerState(
-            memory=tf.nest.map_structure(lambda x: tf.TensorShape([None]) + x.shape[1:], state.memory),
+            memory=any_batch(state.memory),
             cache=tf.nest.map_structure(lambda x: tf.TensorShape([None, x.shape[1], None, x.shape[3]]),
                                         state.cache))
 
@@ -140,12 +139,9 @@ class TransformerDecoder(keras.layers.Layer):
         """Teacher forcing up to the longest caption's end, then the real positions only (the
         vocabulary projection and the loss skip padding). -> Packed, rows batch-major."""
         del fused  # no fused kernels here
-        steps = tf.shape(targets)[1]
-        real = tf.not_equal(targets, 0)
-        ends = tf.where(real, tf.range(1, steps + 1)[None, :], 0)              # [B, T]
-        longest = tf.reduce_max(tf.concat([tf.reshape(ends, [-1]), [0]], 0))   # trailing pad: skipped
+        _, longest = caption_ends(targets)                     # trailing pad columns: skipped
         outputs, attention = self.teacher_forced_outputs(state, inputs[:, :longest], training)
-        where = tf.where(real[:, :longest])                                      # [N, 2]
+        where = tf.where(tf.not_equal(targets[:, :longest], 0))                  # [N, 2]
         return Packed(tf.gather_nd(outputs, where), tf.gather_nd(attention, where),
                       tf.gather_nd(targets, where), tf.cast(where[:, 0], tf.int32))
 

@@ -7,13 +7,12 @@ chain over words with the init_state / step API, whose caption probabilities are
 """
 import types
 
-import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from model import GRUState, decoding
-from tests.test_model import F, P, V, copy_task, make_model
+from model import GRUState, decoders, decoding
+from tests.test_model import F, P, V, copy_task, make_model, train_on_copy_task
 
 PAD, START, END = 0, 2, 3
 
@@ -31,23 +30,7 @@ def random_model():
 @pytest.fixture(scope="module")
 def copy_model():
     """test_model's copy task, trained the same way: captions <start> s f s <end>."""
-    rng = np.random.default_rng(0)
-    train = [copy_task(64, rng) for _ in range(8)]
-    flat = np.concatenate([f for f, _ in train]).astype(np.float32).reshape(-1, F)
-    model = make_model(mean=flat.mean(0), std=flat.std(0), dropout=0.0, attention_reg=0.0)
-    opt = keras.optimizers.Adam(3e-3)
-
-    @tf.function
-    def train_step(features, tokens):
-        with tf.GradientTape() as tape:
-            loss = model.teacher_forced_loss(features, tokens, training=True).loss
-        grads = tape.gradient(loss, model.trainable_variables)
-        opt.apply_gradients(zip(grads, model.trainable_variables))
-        return loss
-
-    for i in range(400):
-        train_step(*train[i % len(train)])
-    return model
+    return train_on_copy_task(make_model, 400, 3e-3)[0]
 
 
 class MarkovModel:
@@ -74,7 +57,7 @@ class MarkovModel:
         return state._replace(hidden=tf.gather(state.hidden, rows))
 
     def state_invariants(self, state):
-        return tf.nest.map_structure(lambda x: tf.TensorShape([None]) + x.shape[1:], state)
+        return decoders.any_batch(state)
 
     def step(self, state, prev_tokens):
         self.steps.assign_add(1)

@@ -8,7 +8,18 @@ import tensorflow as tf
 from model import Captioner, CaptionerConfig, caption_loss, decoding
 from model.transformer_decoder import TransformerState, sinusoid
 from tests.test_decoding import check_well_formed, hand_greedy, random_features, teacher_forced_scores
-from tests.test_model import START, F, P, V, copy_task, make_model, random_inputs, small_config, step_by_step
+from tests.test_model import (
+    START,
+    F,
+    P,
+    V,
+    copy_task,
+    make_model,
+    random_inputs,
+    small_config,
+    step_by_step,
+    train_on_copy_task,
+)
 
 
 def transformer(seed=0, **kw):
@@ -150,20 +161,7 @@ def test_padded_path_compiles_with_xla_and_bfloat16_keeps_float32_outputs(model)
 
 def test_learns_the_copy_task():
     # Only cross-attention to the flagged cell can tell the symbol (chance 1/8).
-    rng = np.random.default_rng(0)
-    train = [copy_task(64, rng) for _ in range(8)]
-    flat = np.concatenate([f for f, _ in train]).astype(np.float32).reshape(-1, F)
-    model = transformer(mean=flat.mean(0), std=flat.std(0), dropout=0.0, attention_reg=0.0)
-    opt = keras.optimizers.Adam(2e-3)
-
-    @tf.function
-    def train_step(features, tokens):
-        with tf.GradientTape() as tape:
-            loss = model.teacher_forced_loss(features, tokens, training=True).loss
-        opt.apply_gradients(zip(tape.gradient(loss, model.trainable_variables), model.trainable_variables))
-        return loss
-
-    losses = [float(train_step(*train[i % len(train)])) for i in range(300)]
+    model, losses = train_on_copy_task(transformer, 300, 2e-3)
     features, caps = copy_task(128, np.random.default_rng(99))
     out = decoding.greedy(model, tf.constant(features), 6)
     exact = np.mean(np.all(out.tokens.numpy() == caps[:, 1:], axis=1))
