@@ -77,14 +77,37 @@ def split_boxes(meta: metadata.Metadata, split: str, instances: str | None = Non
     return path, attention.load_instances(path) if path else None
 
 
-def object_evaluators(boxes: dict | None) -> dict:
-    """The evaluators that read object boxes, under their metrics.json keys; None where the
-    boxes cannot support one (no boxes; exact objects needs the scene set's colours)."""
-    from caption_eval.evaluators import attention, exact_objects
+def split_evaluators(boxes: dict | None, coco) -> dict:
+    """The evaluators beside the COCO metrics (`coco`, a CocoMetrics), under their metrics.json
+    keys; None where the data cannot support one: attention needs object boxes, exact objects
+    and where a caption places them the scene set's colours, the novel-pair figures a scene set
+    with held-out pairs. Summarise `coco` first: the novel-pair figures read its per-image CIDEr."""
+    from caption_eval.evaluators import attention, exact_objects, novel_pairs, variety
+    from caption_io import scenes
 
+    scene_set = bool(boxes) and exact_objects.has_colours(boxes)
     return {"attention_correctness": attention.AttentionCorrectness(boxes) if boxes else None,
-            "exact_objects": exact_objects.ExactObjects(boxes) if boxes and exact_objects.has_colours(boxes)
-            else None}
+            "exact_objects": exact_objects.ExactObjects(boxes) if scene_set else None,
+            "novel_pairs": novel_pairs.NovelPairs(boxes, coco)
+            if scene_set and novel_pairs.has_novel_pairs(boxes) else None,
+            "variety": variety.Variety(scenes.POSITION_WORDS if scene_set else None)}
+
+
+def annotate(items: list[dict], coco, boxes: dict | None) -> list[dict]:
+    """The gallery's items with what the evaluation learnt of each: "cider" (its own CIDEr),
+    "novel_pair" and "objects_right" (scene set: a held-out pair in it; its objects named
+    exactly), None where unknown. `coco` must have been summarised."""
+    from caption_eval.evaluators import exact_objects, novel_pairs
+
+    scene_set = bool(boxes) and exact_objects.has_colours(boxes)
+    out = []
+    for item in items:
+        image = (boxes or {"images": {}})["images"].get(int(item["image_id"]))
+        right = exact_objects.names_exactly(item["caption"], image["objects"]) if scene_set and image else None
+        group = novel_pairs.group(boxes, item["image_id"]) if novel_pairs.has_novel_pairs(boxes) else None
+        out.append(dict(item, cider=coco.image_cider.get(item["image_id"]), objects_right=right,
+                        novel_pair=None if group is None else group == novel_pairs.GROUPS[0]))
+    return out
 
 
 # ------------------------------------------------------------------------- the evaluation run
@@ -186,7 +209,7 @@ def evaluate(model_dir: str, data_dir: str | None = None, split: str = "val",
 
     boxes_from, boxes = split_boxes(meta, split, instances)
     coco = coco_metrics.CocoMetrics(spice=spice)
-    nested = object_evaluators(boxes)
+    nested = split_evaluators(boxes, coco)
     evaluators = [coco] + [e for e in nested.values() if e]
 
     start = time.time()
@@ -207,6 +230,7 @@ def evaluate(model_dir: str, data_dir: str | None = None, split: str = "val",
         looked = ", ".join(default_instances(meta, split)) or "nowhere: the data's source has no COCO layout"
         metrics["instances_note"] = f"no object boxes, so no attention figures (looked {looked}; pass --instances)"
     metrics.update({key: e.summary() if e else None for key, e in nested.items()})
+    shown = annotate(shown, coco, boxes)
     _write_outputs(output, metrics, coco.results, shown, gallery_size, images_dir, meta, split, boxes)
     return metrics
 
@@ -222,6 +246,20 @@ def table(metrics: dict) -> str:
         if e["images"]:
             label = "exact objects, all" if n == "all" else f"exact objects, {n}-object"
             rows.append((label, f"{e['share']:.3f}  ({e['exact']}/{e['images']} images)"))
+    novel = metrics.get("novel_pairs")
+    for g in ("novel", "seen") if novel else ():
+        part = novel[g]
+        if part["images"]:
+            figures = [f"exact objects {part['exact_objects']:.3f}", f"CIDEr {part['CIDEr']:.3f}"]
+            if part["attention_ratio"] is not None:
+                figures.append(f"attention {part['attention_ratio']:.1f}x chance")
+            rows.append((f"{g}-pair scenes", f"{', '.join(figures)}  ({part['images']} images)"))
+    v = metrics.get("variety")
+    if v and v["captions"]:
+        rows.append(("distinct captions", f"{v['distinct_captions']:.3f}  ({v['openings']} openings, "
+                                          f"{v['vocabulary']} words used, {v['mean_length']:.1f} a caption)"))
+        if v.get("says_where") is not None:
+            rows.append(("says where", f"{v['says_where']:.3f}"))
     if metrics.get("instances_note"):
         rows.append(("attention on object", metrics["instances_note"]))
     width = max(len(k) for k, _ in rows)

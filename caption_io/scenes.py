@@ -16,6 +16,9 @@ SIZES = ("small", "large")
 # never overlap and "where" reduces to a column word and a row word.
 COLUMNS = ("left", "middle", "right")
 ROWS = ("top", "bottom")
+# The words by which a caption says where an object is ("in the top left", "on the left side",
+# "near the top", "a red circle above a blue square").
+POSITION_WORDS = frozenset(COLUMNS + ROWS + ("above",))
 
 _WORD = re.compile(r"[a-z]+")
 

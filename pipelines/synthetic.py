@@ -17,7 +17,13 @@ COCO's five annotators, not at random), and everything random (shade of the
 background, noise, exact placement, capitals and full stops) is either
 invisible after text normalisation or never mentioned.
 
-    python -m pipelines.synthetic --output DIR [--train 1500] [--val 200] [--seed 0]
+    python -m pipelines.synthetic --output DIR [--train 1500] [--val 200] [--seed 0] [--novel-pairs N]
+
+--novel-pairs N makes a split for generalisation: N (colour, shape) pairs, drawn from the seed,
+appear in no training scene, and NOVEL_SHARE of the val scenes each hold one of them beside seen
+pairs (the rest hold seen pairs only). Both annotation files name the pairs (info.novel_pairs)
+and each val image says whether it holds one ("novel_pair" in the instances file's images), so
+evaluation scores the novel scenes apart from the rest. Without the flag the files are as before.
 """
 from __future__ import annotations
 
@@ -60,6 +66,8 @@ _OBJECT_COUNT_P = (0.40, 0.35, 0.25)  # share of 1-, 2- and 3-object scenes
 # across splits, scattered like COCO's (so nothing can assume id == row index),
 # and a split's ids do not depend on the other split's size.
 _ID_BLOCK = 1_000_000
+KINDS = len(COLOURS) * len(SHAPES)  # (colour, shape) pairs; kind k is COLOURS[k // 3], SHAPES[k % 3]
+NOVEL_SHARE = 0.5  # of the val scenes, with --novel-pairs: each holds one held-out pair
 
 
 def _cell(bbox) -> tuple[int, int]:
@@ -70,12 +78,23 @@ def _cell(bbox) -> tuple[int, int]:
     return col, row
 
 
-def _sample_scene(rng: np.random.Generator) -> list[dict]:
+def _kinds(rng: np.random.Generator, k: int, held_out: tuple[int, ...], novel: bool) -> np.ndarray:
+    """k distinct kinds: with held-out kinds, one of them first when `novel`, the others from
+    the rest (no held-out kind at all when not); without, any k (the stream as it always was)."""
+    if not held_out:
+        return rng.choice(KINDS, size=k, replace=False)
+    seen = np.setdiff1d(np.arange(KINDS), held_out)
+    if not novel:
+        return rng.choice(seen, size=k, replace=False)
+    return np.concatenate([[rng.choice(held_out)], rng.choice(seen, size=k - 1, replace=False)])
+
+
+def _sample_scene(rng: np.random.Generator, held_out: tuple[int, ...] = (), novel: bool = False) -> list[dict]:
     k = int(rng.choice(3, p=_OBJECT_COUNT_P)) + 1
     cells = rng.choice(len(COLUMNS) * len(ROWS), size=k, replace=False)
     # Distinct (colour, shape) pairs within a scene, so the set of pairs a
     # caption names identifies the objects exactly (no "two red circles").
-    kinds = rng.choice(len(COLOURS) * len(SHAPES), size=k, replace=False)
+    kinds = _kinds(rng, k, held_out, novel)
     cell_w, cell_h = WIDTH // len(COLUMNS), HEIGHT // len(ROWS)
     objects = []
     for cell, kind in zip(cells, kinds):
@@ -189,22 +208,41 @@ def _write_json(path: str, obj) -> None:
     os.replace(path + ".tmp", path)
 
 
-def _generate_split(output_dir: str, split: str, n: int, seed: int) -> dict:
+def novel_kinds(n: int, seed: int) -> tuple[int, ...]:
+    """The n held-out kinds of a seed, from a stream of their own (the scenes' draws do not
+    shift with n), sorted."""
+    if not 0 <= n < KINDS:
+        raise ValueError(f"novel_pairs must be in [0, {KINDS - 1}] (there are {KINDS} colour-shape pairs), got {n}")
+    return tuple(sorted(int(k) for k in np.random.default_rng([seed, 7]).choice(KINDS, size=n, replace=False)))
+
+
+def _pair(kind: int) -> list[str]:
+    return [COLOURS[kind // len(SHAPES)], SHAPES[kind % len(SHAPES)]]
+
+
+def _generate_split(output_dir: str, split: str, n: int, seed: int, held_out: tuple[int, ...] = ()) -> dict:
     index = SPLITS.index(split)
     # One stream per split, so the val set does not change with --train.
     rng = np.random.default_rng([seed, index])
+    # A second stream decides which val scenes get a novel pair, so the first one draws as before.
+    novelty = np.random.default_rng([seed, index, 7])
     ids = np.sort(rng.choice(_ID_BLOCK - 1, size=n, replace=False)) + 1 + index * _ID_BLOCK
     image_dir = os.path.join(output_dir, f"{split}2014")
     os.makedirs(image_dir, exist_ok=True)
     info = {"description": "Synthetic shapes scene set in COCO 2014 format", "version": "1.0",
             "year": 2014, "contributor": "pipelines.synthetic", "url": "",
             "date_created": "2014-01-01", "seed": seed}
+    if held_out:
+        info["novel_pairs"] = [_pair(k) for k in held_out]
     images, captions, instances = [], [], []
     for image_id in (int(i) for i in ids):
-        objects = _sample_scene(rng)
+        novel = bool(held_out) and split != "train" and novelty.random() < NOVEL_SHARE
+        objects = _sample_scene(rng, held_out, novel)
         file_name = f"COCO_{split}2014_{image_id:012d}.jpg"
         _render(objects, rng).save(os.path.join(image_dir, file_name), "JPEG", quality=JPEG_QUALITY)
         images.append({"id": image_id, "file_name": file_name, "width": WIDTH, "height": HEIGHT})
+        if held_out:
+            images[-1]["novel_pair"] = novel
         # Annotation ids derive from the image id: unique across files and
         # stable whatever else is generated.
         for k, caption in enumerate(captions_for(objects)):
@@ -221,22 +259,30 @@ def _generate_split(output_dir: str, split: str, n: int, seed: int) -> dict:
     _write_json(captions_json, {"info": info, "licenses": [], "images": images, "annotations": captions})
     _write_json(instances_json, {"info": info, "licenses": [], "images": images,
                                  "annotations": instances, "categories": categories})
-    return {"images": n, "captions": len(captions), "objects": len(instances), "image_dir": image_dir,
-            "captions_json": captions_json, "instances_json": instances_json}
+    out = {"images": n, "captions": len(captions), "objects": len(instances), "image_dir": image_dir,
+           "captions_json": captions_json, "instances_json": instances_json}
+    if held_out:
+        out["novel_scenes"] = sum(1 for im in images if im["novel_pair"])
+    return out
 
 
-def generate(output_dir: str, n_train: int = 1500, n_val: int = 200, seed: int = 0) -> dict:
-    """Write the scene set under output_dir; returns paths and counts per split."""
+def generate(output_dir: str, n_train: int = 1500, n_val: int = 200, seed: int = 0, novel_pairs: int = 0) -> dict:
+    """Write the scene set under output_dir; returns paths and counts per split (and the
+    held-out pairs, with novel_pairs > 0: see the module docstring)."""
     for name, n in (("n_train", n_train), ("n_val", n_val)):
         if not 0 <= n < _ID_BLOCK:
             raise ValueError(f"{name} must be in [0, {_ID_BLOCK - 1}], got {n}")
     if seed < 0:
         raise ValueError(f"seed must be non-negative, got {seed}")
+    held_out = novel_kinds(novel_pairs, seed)
     output_dir = os.fspath(output_dir)
     os.makedirs(os.path.join(output_dir, "annotations"), exist_ok=True)
-    splits = {split: _generate_split(output_dir, split, n, seed)
+    splits = {split: _generate_split(output_dir, split, n, seed, held_out)
               for split, n in zip(SPLITS, (n_train, n_val))}
-    return {"output_dir": output_dir, "seed": seed, "splits": splits}
+    out = {"output_dir": output_dir, "seed": seed, "splits": splits}
+    if held_out:
+        out["novel_pairs"] = [_pair(k) for k in held_out]
+    return out
 
 
 def _count(text: str) -> int:
@@ -256,9 +302,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train", type=_count, default=1500, help="number of train2014 images")
     parser.add_argument("--val", type=_count, default=200, help="number of val2014 images")
     parser.add_argument("--seed", type=int, default=0, help="same seed, same files")
+    parser.add_argument("--novel-pairs", type=int, default=0, metavar="N",
+                        help="hold N colour-shape pairs out of training and put one into "
+                             f"{NOVEL_SHARE:.0%} of the val scenes (default 0: none)")
     args = parser.parse_args(argv)
     try:
-        summary = generate(args.output, args.train, args.val, args.seed)
+        summary = generate(args.output, args.train, args.val, args.seed, args.novel_pairs)
     except ValueError as e:
         parser.error(str(e))
     except OSError as e:

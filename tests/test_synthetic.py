@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from pipelines import synthetic
+from tests.conftest import exit_code
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -274,14 +275,54 @@ def test_cli_writes_scene_set(tmp_path):
     ["--output", "OUT", "--val", "-5"],
     ["--output", "OUT", "--train", "many"],
     ["--output", "OUT", "--seed", "-2"],
+    ["--output", "OUT", "--novel-pairs", "18"],  # there are 18 pairs: none would be left to train on
     ["--output", "FILE/sub", "--train", "1", "--val", "1"],  # unwritable: a file is in the way
     ["--train", "1"],  # no --output
 ])
-def test_cli_bad_flag_exits_with_one_line(tmp_path, bad):
+def test_cli_bad_flag_exits_with_one_line(tmp_path, bad, capsys, clean_logging):
+    # In-process (test_cli_writes_scene_set runs the command as a process).
     (tmp_path / "FILE").write_text("a regular file, so nothing can be written under it")
     args = [a.replace("FILE", str(tmp_path / "FILE")).replace("OUT", str(tmp_path / "out")) for a in bad]
-    result = run_cli(*args)
-    assert result.returncode != 0
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "error" in lines[0], result.stderr
-    assert "Traceback" not in result.stderr
+    assert exit_code(synthetic.main, args) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "error" in lines[0], lines
+    assert "Traceback" not in lines[0]
+
+
+# ----------------------------------------------------------- held-out pairs (--novel-pairs)
+def pairs_of(objects):
+    return {(o["colour"], o["shape"]) for o in objects}
+
+
+def test_novel_pairs_are_never_trained_on_and_one_sits_in_half_the_val_scenes(tmp_path):
+    summary = synthetic.generate(tmp_path, n_train=300, n_val=200, seed=4, novel_pairs=3)
+    held = {tuple(p) for p in summary["novel_pairs"]}
+    assert len(held) == 3
+    for split in synthetic.SPLITS:
+        captions, instances = split_files(tmp_path, split)
+        for data in (captions, instances):  # both files name the pairs
+            assert {tuple(p) for p in data["info"]["novel_pairs"]} == held
+    train = synthetic.scene_objects(str(tmp_path / "annotations" / "instances_train2014.json"))
+    assert all(not pairs_of(objs) & held for objs in train.values())
+    # Every other pair is still trained on, alone and beside others.
+    assert set().union(*map(pairs_of, train.values())) == {(c, s) for c in synthetic.COLOURS
+                                                           for s in synthetic.SHAPES} - held
+    _, instances = split_files(tmp_path, "val")
+    val = synthetic.scene_objects(str(tmp_path / "annotations" / "instances_val2014.json"))
+    flags = {im["id"]: im["novel_pair"] for im in instances["images"]}
+    for image_id, objs in val.items():
+        assert len(pairs_of(objs) & held) == (1 if flags[image_id] else 0), objs
+    novel = sum(flags.values())
+    assert summary["splits"]["val"]["novel_scenes"] == novel and 0.4 < novel / 200 < 0.6
+    assert {p for image_id, objs in val.items() if flags[image_id] for p in pairs_of(objs) & held} == held
+
+
+def test_the_held_out_pairs_follow_the_seed_alone_and_no_flag_writes_none(tmp_path):
+    one = synthetic.generate(tmp_path / "a", n_train=5, n_val=4, seed=2, novel_pairs=2)["novel_pairs"]
+    assert synthetic.generate(tmp_path / "b", n_train=9, n_val=2, seed=2, novel_pairs=2)["novel_pairs"] == one
+    assert synthetic.generate(tmp_path / "c", n_train=5, n_val=4, seed=3, novel_pairs=2)["novel_pairs"] != one
+    assert "novel_pairs" not in synthetic.generate(tmp_path / "d", n_train=5, n_val=4, seed=2)
+    captions, instances = split_files(tmp_path / "d", "val")
+    assert "novel_pairs" not in captions["info"] and all("novel_pair" not in im for im in instances["images"])
+
+

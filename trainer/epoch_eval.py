@@ -24,7 +24,9 @@ from caption_eval.evaluators import coco_metrics
 from caption_io import savedmodel
 
 # Figures of an epoch's record (history.json) as "val_" + name, in TensorBoard as "captions/" + name.
-CAPTION_FIGURES = coco_metrics.METRIC_KEYS + ("attention_share", "attention_chance", "exact_objects")
+CAPTION_FIGURES = coco_metrics.METRIC_KEYS + (
+    "attention_share", "attention_chance", "exact_objects", "exact_objects_novel", "exact_objects_seen",
+    "distinct_captions", "openings", "vocabulary", "mean_length", "says_where")
 SPLIT = "val"
 BATCH = 64  # images a decoding call
 
@@ -38,6 +40,14 @@ def figures(metrics: dict) -> dict:
     objects = metrics.get("exact_objects")
     if objects and objects["all"]["images"]:
         out["val_exact_objects"] = objects["all"]["share"]
+    novel = metrics.get("novel_pairs")
+    for group in ("novel", "seen") if novel else ():
+        if novel[group]["images"]:
+            out[f"val_exact_objects_{group}"] = novel[group]["exact_objects"]
+    variety = metrics.get("variety")
+    if variety and variety["captions"]:
+        out.update({f"val_{k}": variety[k] for k in ("distinct_captions", "openings", "vocabulary", "mean_length",
+                                                     "says_where") if variety.get(k) is not None})
     out["eval_images"] = metrics["n_images"]
     return out
 
@@ -72,7 +82,7 @@ class EpochEvaluation:
         """-> (the epoch's figures, as `figures` flattens them; the samples: their items, as
         caption_split gives them, each with "png", the attention plot, or None for an empty caption)."""
         coco = coco_metrics.CocoMetrics(meteor=self.meteor)
-        nested = evaluate.object_evaluators(self.boxes)
+        nested = evaluate.split_evaluators(self.boxes, coco)
         evaluators = [coco] + [e for e in nested.values() if e]
         shown = []
         for item in evaluate.caption_split(self._captioner, self.files, 1, self.max_length, BATCH, self.images):

@@ -33,15 +33,17 @@ def cell_coverage(bbox, width: float, height: float, grid: int = GRID) -> np.nda
 
 
 def load_instances(path: str) -> dict:
-    """A COCO instances file -> {"images": {image_id: {"width", "height", "objects"}},
-    "vocabulary": every word that names some object}. An object is
-    {"name", "colour" (scene set only, else None), "bbox", "words"}: its words are its
-    category name's words plus its colour, normalised like captions."""
+    """A COCO instances file -> {"images": {image_id: {"width", "height", "objects", "novel_pair"}},
+    "vocabulary": every word that names some object, "novel_pairs": the (colour, shape) pairs
+    held out of training, or None}. An object is {"name", "colour" (scene set only, else None),
+    "bbox", "words"}: its words are its category name's words plus its colour, normalised like
+    captions. "novel_pair" says whether the image holds a held-out pair (None where the file
+    holds out none: a scene set made with pipelines.synthetic --novel-pairs does)."""
     data = fileio.read_json(path)
     cats = {c["id"]: c["name"] for c in data["categories"]}
     cat_words = dict(zip(cats, text_lib.words(list(cats.values()))))
-    images = {int(im["id"]): {"width": float(im["width"]), "height": float(im["height"]), "objects": []}
-              for im in data["images"]}
+    images = {int(im["id"]): {"width": float(im["width"]), "height": float(im["height"]), "objects": [],
+                              "novel_pair": im.get("novel_pair")} for im in data["images"]}
     vocabulary = set()
     for ann in sorted(data["annotations"], key=lambda a: a["id"]):
         colour = ann.get("colour")
@@ -49,7 +51,8 @@ def load_instances(path: str) -> dict:
         vocabulary |= words
         images[int(ann["image_id"])]["objects"].append(
             {"name": cats[ann["category_id"]], "colour": colour, "bbox": ann["bbox"], "words": words})
-    return {"images": images, "vocabulary": vocabulary}
+    novel = (data.get("info") or {}).get("novel_pairs")
+    return {"images": images, "vocabulary": vocabulary, "novel_pairs": [tuple(p) for p in novel] if novel else None}
 
 
 def _object_word(word: str, vocabulary: set) -> str | None:

@@ -97,11 +97,19 @@ def score(results, references: dict, spice: bool = False, meteor: Meteor | None 
     non-zero (as in the COCO toolkit). `meteor`: a kept METEOR process (see Meteor);
     None starts one for this call and ends it after.
     """
+    gts, res = _prepare(results, references)
+    out, _ = _score(gts, res, meteor)
+    if spice:
+        out["SPICE"] = _spice(gts, res)
+    return out
+
+
+def _score(gts: dict, res: dict, meteor: Meteor | None) -> tuple[dict, dict]:
+    """(the metrics of normalised gts and res, without SPICE; {image_id: the image's own CIDEr})."""
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.rouge.rouge import Rouge
 
-    gts, res = _prepare(results, references)
     ids = list(gts)
     bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
     out = {f"BLEU-{n + 1}": float(b) for n, b in enumerate(bleu)}
@@ -115,12 +123,12 @@ def score(results, references: dict, spice: bool = False, meteor: Meteor | None 
     spoken = [i for i in ids if res[i][0]]
     rouge = Rouge().compute_score({i: gts[i] for i in spoken}, {i: res[i] for i in spoken})[1] if spoken else []
     out["ROUGE-L"] = float(np.sum(rouge) / len(ids))
-    out["CIDEr"] = float(Cider().compute_score(gts, res)[0])
-    if spice:
-        out["SPICE"] = _spice(gts, res)
+    # Cider returns the images' own scores in gts' order.
+    cider, per_image = Cider().compute_score(gts, res)
+    out["CIDEr"] = float(cider)
     out["n_images"] = len(ids)
     out["n_empty_captions"] = sum(1 for i in ids if not res[i][0])
-    return out
+    return out, dict(zip(gts, (float(c) for c in per_image)))
 
 
 class Meteor:
@@ -199,21 +207,25 @@ class CocoMetrics:
     other metrics are worth keeping, so it records "SPICE": None and "spice_error".
     `results` is the COCO results list ([{"image_id", "caption"}]) in split order.
     meteor: a kept METEOR process to score with (None: one for this summary).
+    After summary(), image_cider holds each image's own CIDEr ({image_id: score}; the split's
+    CIDEr is their mean), for figures over a part of the split and the gallery.
     """
 
     def __init__(self, spice: bool = False, meteor: Meteor | None = None):
         self.spice, self.meteor = spice, meteor
         self.results, self.references = [], {}
+        self.image_cider: dict = {}
 
     def add(self, item: dict) -> None:
         self.results.append({"image_id": item["image_id"], "caption": item["caption"]})
         self.references[item["image_id"]] = item["references"]
 
     def summary(self) -> dict:
-        out = score(self.results, self.references, spice=False, meteor=self.meteor)
+        gts, res = _prepare(self.results, self.references)
+        out, self.image_cider = _score(gts, res, self.meteor)
         if self.spice:
             try:
-                out["SPICE"] = _spice(*_prepare(self.results, self.references))
+                out["SPICE"] = _spice(gts, res)
             except ScoringError as e:
                 out["SPICE"], out["spice_error"] = None, str(e)
         return out

@@ -15,6 +15,11 @@ def has_colours(instances: dict) -> bool:
     return bool(objects) and all(o["colour"] for o in objects)
 
 
+def names_exactly(caption: str, objects: list[dict]) -> bool:
+    """Whether a caption names exactly these objects' (colour, shape) pairs."""
+    return scenes.objects_in_caption(caption) == {(o["colour"], o["name"]) for o in objects}
+
+
 class ExactObjects:
     """Split by the number of objects, since multi-object scenes are where captioners fail.
 
@@ -28,10 +33,9 @@ class ExactObjects:
         image = self.images.get(int(item["image_id"]))
         if image is None:
             return
-        truth = {(o["colour"], o["name"]) for o in image["objects"]}
         row = self.counts[len(image["objects"])]
         row[0] += 1
-        row[1] += scenes.objects_in_caption(item["caption"]) == truth
+        row[1] += names_exactly(item["caption"], image["objects"])
 
     def summary(self) -> dict:
         out = {str(n): {"images": t, "exact": e, "share": e / t} for n, (t, e) in sorted(self.counts.items())}
