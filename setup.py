@@ -46,8 +46,8 @@ setup(
     packages=find_packages(
         include=["caption_io*", "model*", "caption_serving*", "pipelines*", "caption_eval*", "trainer*"]),
     # The fused attention kernels' C++ source, built on first use (model/fused_attention.py).
-    # ... and caption-serve's page (caption_serving/serve.py).
-    package_data={"model": ["kernels/*.cc"], "caption_serving": ["page.html"]},
+    # ... caption-serve's page (caption_serving/serve.py) and the evaluation gallery's (caption_eval/gallery.py).
+    package_data={"model": ["kernels/*.cc"], "caption_serving": ["page.html"], "caption_eval": ["gallery.html"]},
     python_requires=">=3.10",
     install_requires=REQUIRED,
     extras_require=EXTRAS,

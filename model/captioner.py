@@ -10,13 +10,34 @@ the API trainer and export use.
 
 features: [B, P, F] float16/32; tokens: [B, T] int (0 = <pad>, column 0 = <start>).
 teacher_forced predicts tokens[:, 1:] from tokens[:, :-1] and equals T-1 calls of step.
+
+Word dropout (config.word_dropout, training only): each word the decoder is fed as the previous
+one is replaced by <unk> with that probability, the targets left as they are. The decoder then
+has to name the next word from the picture more often than from the words before it, which is
+what a colour-shape pair never seen together needs (docs/training.md, "Generalisation").
 """
 import keras
 import tensorflow as tf
 
+from caption_io.vocab import END_ID, UNK_ID
 from model import decoders, losses
 from model.config import CaptionerConfig
 from model.encoder import FeatureEncoder
+
+
+class WordDropout(keras.layers.Layer):
+    """In training, each word token (not <pad>, <start> or <end>) -> <unk> with probability `rate`."""
+
+    def __init__(self, rate: float, **kw):
+        super().__init__(**kw)
+        self.rate = rate
+        self.seed_generator = keras.random.SeedGenerator()
+
+    def call(self, tokens, training=False):
+        if not training or self.rate == 0:
+            return tokens
+        drop = keras.random.uniform(tf.shape(tokens), seed=self.seed_generator) < self.rate
+        return tf.where(drop & (tokens > END_ID), tf.cast(UNK_ID, tokens.dtype), tokens)
 
 
 class Captioner(keras.Model):
@@ -33,6 +54,7 @@ class Captioner(keras.Model):
         self.encoder = FeatureEncoder(config.embedding_dim, config.feature_dim, feature_mean,
                                       feature_std, name="encoder", dtype=policy)
         self.decoder = decoders.make(config, name="decoder", dtype=policy)
+        self.word_dropout = WordDropout(config.word_dropout, name="word_dropout") if config.word_dropout else None
         # Build now, from the config alone: variables exist before any data is seen, so an
         # optimizer or a checkpoint restore can be set up straight away.
         self.encoder.build((None, config.num_positions, config.feature_dim))
@@ -60,7 +82,12 @@ class Captioner(keras.Model):
     def teacher_forced(self, features, tokens, training=False):
         """-> (logits [B, T-1, V] float32, attention [B, T-1, P] float32)."""
         state = self.init_state(features, training)
-        return self.decoder.teacher_forced(state, tokens[:, :-1], training)
+        return self.decoder.teacher_forced(state, self._inputs(tokens, training), training)
+
+    def _inputs(self, tokens, training):
+        """The words fed to the decoder (tokens[:, :-1]), with word dropout in training."""
+        inputs = tokens[:, :-1]
+        return self.word_dropout(inputs, training=training) if self.word_dropout is not None else inputs
 
     def teacher_forced_loss(self, features, tokens, training=False, attention_reg=None,
                             global_token_count=None, fused_attention=False):
@@ -76,7 +103,7 @@ class Captioner(keras.Model):
         if attention_reg is None:
             attention_reg = self.config.attention_reg
         state = self.init_state(features, training)
-        packed = self.decoder.packed_teacher_forced(state, tokens[:, :-1], tokens[:, 1:],
+        packed = self.decoder.packed_teacher_forced(state, self._inputs(tokens, training), tokens[:, 1:],
                                                     training, fused=fused_attention)
         return losses.packed_caption_loss(
             self.decoder.logits(packed.outputs, training), packed.targets, packed.attention,

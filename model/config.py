@@ -24,6 +24,7 @@ class CaptionerConfig:
     feature_dim: int = geometry.CHANNELS     # channels of the stored features
     dropout: float = 0.1            # GRU: on word embeddings and its output; transformer: on
                                     # its input and every sub-layer's output
+    word_dropout: float = 0.0       # training: a fed word -> <unk> with this probability
     attention_reg: float = 1.0      # lambda of the doubly stochastic regulariser; 0 = off
     gate: bool = False              # the paper's beta_t = sigmoid(f_beta(h_{t-1})) context gate
     compute_dtype: str = "float32"  # or "bfloat16" (variables and logits stay float32)
@@ -49,6 +50,8 @@ class CaptionerConfig:
                              f"<end> and a word), got {self.vocab_size}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"CaptionerConfig.dropout must be in [0, 1), got {self.dropout!r}")
+        if not 0.0 <= self.word_dropout < 1.0:
+            raise ValueError(f"CaptionerConfig.word_dropout must be in [0, 1), got {self.word_dropout!r}")
         if self.attention_reg < 0:
             raise ValueError(f"CaptionerConfig.attention_reg must be >= 0, "
                              f"got {self.attention_reg!r}")

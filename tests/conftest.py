@@ -195,6 +195,26 @@ def exit_code(main, argv) -> int:
         return e.code
 
 
+def headless_chromium(tmp_path):
+    """A selenium driver for a headless Chromium (its profile under tmp_path) that keeps the
+    page's console log (driver.get_log("browser")); the caller quits it. Skips where Debian's
+    chromium and chromium-driver are not installed."""
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver = shutil.which("chromedriver")
+    if not chromium or not driver:
+        pytest.skip("no chromium/chromedriver here (make test installs Debian's chromium and chromium-driver)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                "--window-size=1100,1000", f"--user-data-dir={tmp_path / 'profile'}"):
+        options.add_argument(arg)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    return webdriver.Chrome(service=Service(driver), options=options)
+
+
 GCS_BUCKET = "captioner-test"
 
 

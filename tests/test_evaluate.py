@@ -2,6 +2,7 @@
 constructed attention maps whose answer is known, and the CLI end to end."""
 from __future__ import annotations
 
+import html
 import json
 import os
 import re
@@ -13,6 +14,7 @@ import pytest
 
 from caption_eval import evaluate, gallery
 from caption_eval.evaluators import attention, coco_metrics, exact_objects
+from tests.conftest import headless_chromium
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 W, H = 320, 240  # the scene set's image size: grid cells are 40 x 30 pixels
@@ -193,6 +195,159 @@ def test_gallery_without_images_still_lists_captions(tmp_path):
     page = open(index).read()
     assert "not found" in page and "a red &lt;circle&gt;" in page and "a red circle" in page
     assert os.path.exists(tmp_path / "g" / "7-attention.png")
+
+
+HOSTILE = "a </script><b>x</b> circle"
+# (image_id, caption, cider, novel_pair, objects_right, colour or None: its image is missing)
+GALLERY = [(1, "a red circle", 2.5, True, True, (220, 30, 30)),
+           (2, "a blue square and a green triangle", 0.1, False, False, (30, 30, 220)),
+           (3, HOSTILE, 1.0, True, False, (30, 200, 30)),
+           (4, "", 0.0, False, False, (200, 200, 30)),
+           (5, "a green square", None, None, None, None),
+           (6, "two red circles", 0.5, None, True, (120, 30, 120))]
+
+
+@pytest.fixture(scope="module")
+def gallery_page(tmp_path_factory):
+    """A gallery of hand-made items (no model): (its folder, the items)."""
+    from PIL import Image
+
+    tmp = tmp_path_factory.mktemp("gallery")
+    (tmp / "images").mkdir()
+    rng = np.random.default_rng(0)
+    items = []
+    for image_id, caption, cider, novel, right, colour in GALLERY:
+        name = f"scene_{image_id}.jpg"
+        if colour:
+            Image.new("RGB", (W, H), colour).save(tmp / "images" / name)
+        words = caption.split()
+        items.append({"image_id": image_id, "file_name": name, "caption": caption, "words": words,
+                      "references": [f"reference {image_id} <one>", f"reference {image_id} two"],
+                      "attention": rng.dirichlet(np.ones(64), size=len(words)) if words else np.zeros((0, 64)),
+                      "cider": cider, "novel_pair": novel, "objects_right": right})
+    out = tmp / "g"
+    gallery.write(str(out), items, [str(tmp / "images")], {5: (W, H)}, summary="CIDEr  0.820")
+    return out, items
+
+
+def test_gallery_folder_is_self_contained(gallery_page):
+    from PIL import Image
+
+    out, _ = gallery_page
+    page = (out / "index.html").read_text()
+    links = re.findall(r'\b(?:src|href)="([^"]*)"', page)
+    assert {"1.jpg", "1-thumb.jpg", "1-attention.png", "5-attention.png"} <= set(links)
+    for link in links:  # a file beside the page: no scheme, no absolute path
+        assert ":" not in link and not link.startswith(("/", "//")) and (out / link).is_file(), link
+    assert not re.search(r"https?://", page)
+    for image_id in (1, 2, 3, 4, 6):
+        assert Image.open(out / f"{image_id}-thumb.jpg").size == (gallery.THUMB_SIDE, gallery.THUMB_SIDE * H // W)
+        assert Image.open(out / f"{image_id}.jpg").size == (W, H)
+    # The missing image: no picture, its note, its attention on a blank canvas of its size.
+    assert not (out / "5.jpg").exists() and not (out / "5-thumb.jpg").exists()
+    assert "image scene_5.jpg not found" in page and "6 images, 5 found on disk." in page
+    assert Image.open(out / "5-attention.png").size[0] > 0
+    # The empty caption: said, and no attention figure.
+    assert "(empty)" in page and not (out / "4-attention.png").exists() and "no attention to plot" in page
+    # The hostile caption cannot close the data's <script>, nor add markup.
+    assert page.count("</script>") == 2 and "<b>x</b>" not in page
+    assert html.escape(HOSTILE) in page and "reference 1 &lt;one&gt;" in page
+    assert "<pre id=\"summary\">CIDEr  0.820</pre>" in page
+
+
+CARDS_JS = """
+return Array.from(document.querySelectorAll("#grid .card"))
+  .filter(card => !card.hidden).map(card => Number(card.dataset.i));
+"""
+LINKS_JS = """
+const all = [...document.querySelectorAll("*")];
+for (const t of document.querySelectorAll("template")) all.push(...t.content.querySelectorAll("*"));
+return all.flatMap(el => Array.from(el.attributes, a => a.value)).filter(v => /https?:/i.test(v));
+"""
+
+
+def test_gallery_in_chromium_sorts_filters_and_opens_a_card(gallery_page, tmp_path):
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    out, items = gallery_page
+    ids = [item["image_id"] for item in items]
+    browser = headless_chromium(tmp_path)
+    try:
+        browser.get((out / "index.html").as_uri())
+        WebDriverWait(browser, 10).until(lambda b: b.find_element(By.TAG_NAME, "body").get_attribute("data-ready"))
+        shown = lambda: [ids[i] for i in browser.execute_script(CARDS_JS)]
+        count = lambda: browser.find_element(By.ID, "count").text
+        assert shown() == [4, 2, 6, 3, 1, 5] and count() == "6 of 6 images shown"  # worst first, unknown last
+        cider = browser.find_element(By.CSS_SELECTOR, '.card[data-i="4"] .cider').text  # image 5's
+        assert cider == "–"
+        sort, show = Select(browser.find_element(By.ID, "sort")), Select(browser.find_element(By.ID, "filter"))
+        sort.select_by_value("best")
+        assert shown() == [1, 3, 6, 2, 4, 5]
+        sort.select_by_value("split")
+        assert shown() == ids
+        sort.select_by_value("worst")
+        show.select_by_value("novel")
+        assert shown() == [3, 1] and count() == "2 of 6 images shown"
+        show.select_by_value("wrong")
+        assert shown() == [4, 2, 3] and count() == "3 of 6 images shown"
+        show.select_by_value("all")
+        browser.find_element(By.ID, "search").send_keys("SQUARE")
+        assert shown() == [2, 5] and count() == "2 of 6 images shown"
+        browser.find_element(By.ID, "search").send_keys(Keys.BACKSPACE * len("SQUARE"))  # typed away
+        assert count() == "6 of 6 images shown"
+
+        # The hostile caption shows as text, on its card and in its detail.
+        card = lambda image_id: browser.find_element(By.CSS_SELECTOR, f'.card[data-i="{ids.index(image_id)}"] button')
+        assert card(3).find_element(By.CLASS_NAME, "caption").text == HOSTILE
+        assert card(3).find_elements(By.TAG_NAME, "b") == [card(3).find_element(By.CLASS_NAME, "cider")]
+
+        dialog = browser.find_element(By.ID, "detail")
+        card(2).click()
+        assert dialog.get_attribute("open") is not None
+        refs = [li.text for li in dialog.find_elements(By.CSS_SELECTOR, ".refs li")]
+        assert refs == ["reference 2 <one>", "reference 2 two"]
+        assert dialog.find_element(By.CLASS_NAME, "gen").text == items[1]["caption"]
+        loaded = 'const img = document.querySelector("#detail .attention"); return img.complete && img.naturalWidth'
+        WebDriverWait(browser, 5).until(lambda b: b.execute_script(loaded))
+        ActionChains(browser).send_keys(Keys.ESCAPE).perform()
+        WebDriverWait(browser, 5).until(lambda b: dialog.get_attribute("open") is None)
+        assert browser.switch_to.active_element == card(2)  # back on the card it opened
+
+        # From the keyboard: the hostile one, with Enter; the next card with the right arrow; Escape.
+        card(3).send_keys(Keys.ENTER)
+        assert dialog.get_attribute("open") is not None
+        assert dialog.find_element(By.CLASS_NAME, "gen").text == HOSTILE
+        ActionChains(browser).send_keys(Keys.ARROW_RIGHT).perform()  # worst first: 3 then 1
+        assert dialog.find_element(By.CLASS_NAME, "gen").text == "a red circle"
+        ActionChains(browser).send_keys(Keys.ESCAPE).perform()
+        WebDriverWait(browser, 5).until(lambda b: dialog.get_attribute("open") is None)
+        # The empty caption's and the missing image's details say so.
+        card(4).click()
+        assert "(empty)" in dialog.text and "no attention to plot" in dialog.text
+        assert dialog.find_elements(By.CLASS_NAME, "attention") == []
+        browser.find_element(By.ID, "close").click()
+        card(5).click()
+        assert "not found" in dialog.text and dialog.find_elements(By.CLASS_NAME, "photo") == []
+        browser.find_element(By.ID, "close").click()
+
+        assert browser.execute_script(LINKS_JS) == []
+        assert [e for e in browser.get_log("browser") if e["level"] == "SEVERE"] == []
+
+        # Items without the optional keys: those filters are disabled, and nothing breaks.
+        plain = [{k: item[k] for k in ("image_id", "file_name", "caption", "references", "words", "attention")}
+                 for item in items]
+        index = gallery.write(str(tmp_path / "plain"), plain, [str(out.parent / "images")], {5: (W, H)})
+        browser.get(f"file://{index}")
+        WebDriverWait(browser, 10).until(lambda b: b.find_element(By.TAG_NAME, "body").get_attribute("data-ready"))
+        assert shown() == ids and count() == "6 of 6 images shown"  # no CIDEr: split order
+        options = Select(browser.find_element(By.ID, "filter")).options
+        assert [o.get_attribute("value") for o in options if not o.is_enabled()] == ["novel", "wrong"]
+        assert [e for e in browser.get_log("browser") if e["level"] == "SEVERE"] == []
+    finally:
+        browser.quit()
 
 
 # ------------------------------------------------------------------------------------- the CLI

@@ -300,6 +300,33 @@ def test_packed_loss_path_equals_full_logits_path(graph):
     assert model.teacher_forced_loss(features, tokens).reg > 0     # config's lambda = 1
 
 
+def test_word_dropout_feeds_unk_for_words_only_in_training_and_keeps_the_targets():
+    model = make_model(word_dropout=0.5, dropout=0.0)
+    _, tokens = random_inputs(batch=64, length=12)
+    tokens = tokens.numpy()
+    tokens[1:, -1] = END  # row 0 is a shorter caption, padded
+    tokens = tf.constant(tokens)
+    fed = model.word_dropout(tokens, training=True).numpy()
+    words = tokens.numpy() > END
+    assert (fed[~words] == tokens.numpy()[~words]).all()  # <start>, <end> and <pad> stay
+    dropped = (fed == 1) & words
+    assert (fed[words & ~dropped] == tokens.numpy()[words & ~dropped]).all()  # a word or <unk>, nothing else
+    assert 0.4 < dropped.sum() / words.sum() < 0.6
+    assert (model.word_dropout(tokens, training=False).numpy() == tokens.numpy()).all()
+    # With no other dropout, a training loss differs from inference's by the dropped words alone.
+    features, _ = random_inputs(batch=64, length=12)
+    for m, differs in ((model, True), (make_model(dropout=0.0), False)):
+        at_inference = m.teacher_forced_loss(features, tokens, training=False).xent
+        logits, attention = m.teacher_forced(features, tokens, training=True)
+        for loss in (m.teacher_forced_loss(features, tokens, training=True).xent,
+                     caption_loss(logits, tokens[:, 1:], attention, 0.0).xent):
+            gap = abs(float(loss) - float(at_inference))
+            assert gap > 1e-4 if differs else gap < 1e-5, gap
+    assert small_config(word_dropout=0.25).to_dict()["word_dropout"] == 0.25
+    with pytest.raises(ValueError, match="word_dropout"):
+        small_config(word_dropout=1.0)
+
+
 # ---------------------------------------------------------------------------- config
 def test_config_json_round_trip_rebuilds_the_model():
     config = small_config(gate=True, dropout=0.3, attention_reg=0.5, compute_dtype="bfloat16")

@@ -1,6 +1,7 @@
 """trainer.scst: self-critical training raises the greedy caption's CIDEr on the small scene set,
 its loss divides by the global token count, its gradient is that of the policy that drew the
-samples, and its image-level input carries every reference of every image."""
+samples, its image-level input carries every reference of every image, and --scst-xent-weight
+adds those references' cross-entropy to the loss."""
 from __future__ import annotations
 
 import keras
@@ -11,7 +12,8 @@ import tensorflow as tf
 from caption_eval import cider_d
 from caption_io import metadata, records
 from model import CaptionerConfig
-from trainer import data, scst
+from tests.conftest import exit_code
+from trainer import data, scst, task
 from trainer.steps import CaptionSteps
 
 XENT_EPOCHS = 3        # a model that names some of a scene: room for the reward to work on
@@ -142,3 +144,87 @@ def test_scst_raises_the_greedy_captions_cider(setup):
     first, last = (np.mean([h["reward"] for h in part]) for part in (history[:5], history[-5:]))
     assert last > first, (first, last)
     assert all(h["samples"] == 14 * SAMPLES and 0 <= h["reward_seconds"] for h in history)
+
+
+# ------------------------------------------------------------------ the reference cross-entropy term
+XENT_WEIGHT = 0.5
+
+
+def _reference_xent_by_hand(model, features, refs, counts):
+    """Per-token cross-entropy of every real reference, each row teacher-forced on the padded path
+    (Captioner.teacher_forced) and scored with TensorFlow's own op, apart from the packed path."""
+    rows = [(i, j) for i, n in enumerate(counts) for j in range(int(n))]
+    tokens = np.stack([refs[i, j] for i, j in rows])
+    logits, _ = model.teacher_forced(tf.gather(features, [i for i, _ in rows]), tf.constant(tokens))
+    targets = tokens[:, 1:]
+    nll = tf.nn.sparse_softmax_cross_entropy_with_logits(targets, logits).numpy()
+    real = targets != 0
+    return float(nll[real].sum()) / int(real.sum())
+
+
+def _fewer_references(features, refs, counts):
+    """The batch with images of 5, 3, 1, ... references (every scene has 5): the rows past a count
+    zeroed, as image_dataset pads them."""
+    counts = np.minimum(counts.numpy(), [5, 3, 1, 4, 5, 2])
+    refs = refs.numpy().copy()
+    for i, n in enumerate(counts):
+        refs[i, n:] = 0
+    return features.numpy(), refs, counts.astype(np.int32)
+
+
+def _replica_step(s, batch, seed):
+    """The step's work on its one replica, run eagerly (compiling two steps a decoder would cost seconds
+    of tracing): (loss, reward sum, baseline sum, samples, sampled tokens, ..., [xent with W]), from the
+    weights as they were, which are put back after it (the module's model is shared)."""
+    variables = s.model.trainable_variables
+    saved = [v.numpy() for v in variables]
+    try:
+        return [float(x) for x in s._replica_train(*batch, seed)]
+    finally:
+        for v, value in zip(variables, saved):
+            v.assign(value)
+
+
+def test_xent_weight_adds_the_references_cross_entropy_to_the_step_loss(setup):
+    """Same weights, same draws: the step's loss with W is the W = 0 step's (the surrogate) plus W times
+    the per-token cross-entropy of all the batch's real references, here some images having fewer."""
+    features, refs, counts = _fewer_references(*_one_batch(setup))
+    batch = tuple(tf.constant(x) for x in (features, refs, counts))
+    without = _replica_step(_scst(setup), batch, scst.step_seed(0, 7))
+    with_xent = _replica_step(_scst(setup, xent_weight=XENT_WEIGHT), batch, scst.step_seed(0, 7))
+    assert len(without) == 7 and len(with_xent) == 8  # W = 0: no term in the step
+    assert with_xent[1:5] == without[1:5]  # the same draws, scored the same
+    expected = _reference_xent_by_hand(setup["steps"].model, features, refs, counts)
+    np.testing.assert_allclose(with_xent[7], expected, rtol=1e-4)
+    np.testing.assert_allclose(with_xent[0], without[0] + XENT_WEIGHT * expected, rtol=1e-4, atol=1e-6)
+
+
+def test_reference_padding_and_the_split_change_nothing(setup):
+    """The term of each decoder against the cross-entropy computed apart. Rows past an image's count are
+    not references, whatever they hold; and like the surrogate, each share's term is over the global
+    reference tokens, so the shares add up to the whole batch's."""
+    s = _scst(setup, xent_weight=XENT_WEIGHT)
+    features, refs, counts = (tf.constant(x) for x in _fewer_references(*_one_batch(setup)))
+    tokens = s.reference_tokens(refs, counts)
+    whole = float(s.reference_xent(features, refs, counts, tokens))
+    expected = _reference_xent_by_hand(s.model, features.numpy(), refs.numpy(), counts.numpy())
+    np.testing.assert_allclose(whole, expected, rtol=1e-4)
+    junk = tf.random.stateless_uniform(refs.shape, [1, 2], 1, 50, tf.int32)
+    padded = tf.where(tf.sequence_mask(counts, refs.shape[1])[:, :, None], refs, junk)  # junk past the counts
+    assert int(s.reference_tokens(padded, counts)) == int(tokens)
+    assert float(s.reference_xent(features, padded, counts, tokens)) == pytest.approx(whole, rel=1e-6)
+    halves = [float(s.reference_xent(features[part], refs[part], counts[part], tokens))
+              for part in (slice(0, 2), slice(2, 6))]
+    assert sum(halves) == pytest.approx(whole, rel=1e-5)
+    # A replica's empty share of a short last batch adds nothing, and is no NaN (in a graph, as the step
+    # runs it: the GRU's packed teacher forcing takes no empty batch eagerly).
+    empty = tf.function(lambda *share: s.reference_xent(*share, tokens))
+    assert float(empty(features[:0], refs[:0], counts[:0])) == 0.0
+
+
+def test_a_negative_xent_weight_is_refused_naming_the_flag(tmp_path, capsys, clean_logging):
+    argv = ["--data", str(tmp_path), "--job-dir", str(tmp_path / "job"), "--scst-xent-weight", "-1"]
+    assert exit_code(task.main, argv) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.strip().splitlines() if "error" in line]
+    assert lines and "--scst-xent-weight" in lines[-1] and "Traceback" not in err

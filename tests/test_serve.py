@@ -9,7 +9,6 @@ import copy
 import glob
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -22,7 +21,7 @@ import pytest
 
 from caption_io import savedmodel
 from caption_serving import client, rest, serve
-from tests.conftest import free_port
+from tests.conftest import free_port, headless_chromium
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PREDICT = "/v1/models/captioner:predict"
@@ -377,23 +376,6 @@ def test_the_console_script_serves_and_stops_on_ctrl_c(export_dir):
 
 
 # ----------------------------------------------------------------------------- in a browser
-def _browser(tmp_path):
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    driver = shutil.which("chromedriver")
-    if not chromium or not driver:
-        pytest.skip("no chromium/chromedriver here (make test installs Debian's chromium and chromium-driver)")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = chromium
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                "--window-size=1100,1000", f"--user-data-dir={tmp_path / 'profile'}"):
-        options.add_argument(arg)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    return webdriver.Chrome(service=Service(driver), options=options)
-
-
 CELLS_JS = """
 const [grid, edge] = arguments, canvas = document.getElementById("view"), ctx = canvas.getContext("2d");
 const at = (x, y) => Array.from(ctx.getImageData(Math.floor(x), Math.floor(y), 1, 1).data.slice(0, 3));
@@ -437,7 +419,7 @@ def test_the_page_in_chromium_shows_where_the_model_looked(live, scene_images, t
     steps = np.abs(np.diff(first, axis=1))
     edge = [int(i) for i in np.unravel_index(np.argmax(steps), steps.shape)]
 
-    browser = _browser(tmp_path)
+    browser = headless_chromium(tmp_path)
     try:
         browser.get(live.url + "/")
         done = lambda b: b.find_element(By.TAG_NAME, "body").get_attribute("data-state") in ("done", "error")

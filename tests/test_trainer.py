@@ -148,6 +148,8 @@ def test_vocab_size_that_does_not_match_the_checkpoint_is_refused(small_data, tm
     (["--data", "{data}", "--job-dir", "{job}", "--batch-size", "0"], "--batch-size"),
     (["--data", "{data}", "--job-dir", "{job}", "--strategy", "magic"], "--strategy"),
     (["--data", "{data}", "--job-dir", "{job}", "--bucket-boundaries", "20,10"], "--bucket-boundaries"),
+    (["--data", "{data}", "--job-dir", "{job}", "--word-dropout", "nan"], "--word-dropout must be a finite number"),
+    (["--data", "{data}", "--job-dir", "{job}", "--word-dropout", "1"], "--word-dropout must be below 1.0"),
     (["--data", "{data}", "--job-dir", "{job}", "--attention-kernel", "fused", "--mixed-precision"],
      "--attention-kernel fused: not available: they compute in float32 and the job computes in bfloat16"),
 ])

@@ -115,6 +115,7 @@ class EventLog:
 # An epoch record's figures (history.json keys) and their TensorBoard tags in the val run.
 EPOCH_TAGS = {"val_loss": "loss", "val_xent": "xent", "val_reg": "reg",
               "train_reward": "scst/epoch_reward", "train_baseline": "scst/epoch_baseline",
+              "scst_xent": "scst/epoch_xent",
               "epoch_seconds": "time/epoch_seconds", "val_seconds": "time/val_loss_seconds",
               "eval_seconds": "time/caption_metrics_seconds"}
 
@@ -125,8 +126,9 @@ class Summaries(Action):
     lack (the job stopped between its save and its summaries) is written when the job resumes."""
 
     # An SCST step's scalars (train run, tags scst/...): the mean sample reward (CIDEr-D, <end>
-    # counted), the mean baseline, the surrogate loss and the mean sample length in tokens.
-    SCST_SCALARS = ("reward", "baseline", "loss", "length")
+    # counted), the mean baseline, the loss (the surrogate, plus W times xent), the mean sample
+    # length in tokens, and the reference captions' cross-entropy (--scst-xent-weight; 0 when off).
+    SCST_SCALARS = ("reward", "baseline", "loss", "length", "xent")
 
     def __init__(self, log: EventLog, history: list[dict], every: int = 10):
         from trainer import epoch_eval

@@ -26,7 +26,7 @@ from trainer.steps import CaptionSteps
 def model_config(s: Settings, vocab_size: int) -> CaptionerConfig:
     return CaptionerConfig(vocab_size=vocab_size, embedding_dim=s.embedding_dim, units=s.units,
                            decoder=s.decoder, layers=s.layers, heads=s.heads, ff_units=s.ff_units,
-                           dropout=s.dropout, attention_reg=s.attention_reg, gate=s.gate,
+                           dropout=s.dropout, word_dropout=s.word_dropout, attention_reg=s.attention_reg, gate=s.gate,
                            compute_dtype="bfloat16" if s.mixed_precision else "float32")
 
 
@@ -135,7 +135,8 @@ def scst_steps(s: Settings, meta, steps: CaptionSteps, train_files: list[str], c
     cache = fileio.join(s.job_dir, jobdir.CIDER_DF) if chief else None
     scorer = cider_d.build_scorer(cache, lambda: cider_d.read_references(train_files), digest=digest)
     return scst.ScstSteps(steps, scorer, max_length=meta.max_tokens - 1, samples=s.scst_samples,
-                          baseline=s.scst_baseline, learning_rate=s.scst_learning_rate)
+                          baseline=s.scst_baseline, learning_rate=s.scst_learning_rate,
+                          xent_weight=s.scst_xent_weight)
 
 
 def checkpoint(model, optimizer, counters: dict, scst_optimizer=None) -> tf.train.Checkpoint:

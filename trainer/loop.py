@@ -249,7 +249,7 @@ class Trainer:
             out = self._scst_step(batch) if scst else self.steps.train_step(batch)
             step = self.global_step()
             self._stop_if_not_finite(out, step)
-            n = self.state.add_step(out, scst)
+            n = self.state.add_step(out)
             self._epoch_tokens_this_run += n
             self.trained_tokens += n
             self.tokens_per_s = self._epoch_tokens_this_run / max(time.time() - self._epoch_start, 1e-9)

@@ -23,7 +23,13 @@ One step, per replica, for b images:
      add up to the loss of the whole batch, so 1 and N replicas take the same step for the
      same samples. log p(sample) comes from re-running the decoder with teacher forcing on
      the samples (differentiable; the draw itself is not), with dropout off, so the gradient
-     is that of the policy that drew the samples (a test checks the two log-probabilities agree).
+     is that of the policy that drew the samples (a test checks the two log-probabilities agree);
+  5. with xent_weight W > 0, W times the cross-entropy of the image's reference captions is added:
+     every real reference of every image teacher-forced from the image's decoder state (dropout
+     off), its per-token -log p summed and divided by the GLOBAL number of reference tokens
+     (<end> included, <start> not), the cross-entropy step's scale. The reward alone pulls every
+     caption towards the few phrasings that score highest; the reference term pulls towards all
+     of the references.
 
 Sampling is stateless: the draws depend only on the seed a step is given and each image's
 place in the step's global batch, so a resumed run that passes the same (run seed, step) draws
@@ -141,21 +147,25 @@ class ScstSteps:
     <start>: metadata max_tokens - 1). baseline: "mean" (leave-one-out over the other K - 1) or
     "greedy" (the greedy caption's reward, one more decode a step). learning_rate: of this stage's
     own Adam (SCST wants a far smaller rate than cross-entropy). clip_norm: the global gradient
-    norm clip, the cross-entropy step's when None."""
+    norm clip, the cross-entropy step's when None. xent_weight: W of the reference captions'
+    cross-entropy added to the loss (module docstring, 5.); 0 leaves it out of the step's graph."""
 
     def __init__(self, steps: CaptionSteps, scorer: cider_d.CiderD, *, max_length: int, samples: int = 5,
                  baseline: str = "mean", learning_rate=5e-5, clip_norm: float | None = None,
-                 temperature: float = 1.0):
+                 temperature: float = 1.0, xent_weight: float = 0.0):
         if baseline not in BASELINES:
             raise ValueError(f"baseline must be one of {BASELINES}, got {baseline!r}")
         if samples < (2 if baseline == "mean" else 1):
             raise ValueError(f"samples must be >= 2 for the leave-one-out baseline, got {samples}")
         if max_length < 1:
             raise ValueError(f"max_length must be >= 1, got {max_length}")
+        if not xent_weight >= 0:
+            raise ValueError(f"xent_weight must be >= 0, got {xent_weight}")
         self.model, self.strategy, self.scorer = steps.model, steps.strategy, scorer
         self.fused_attention = steps.fused_attention
         self.samples, self.max_length, self.baseline = samples, max_length, baseline
         self.temperature = temperature
+        self.xent_weight = float(xent_weight)
         self.clip_norm = steps.clip_norm if clip_norm is None else clip_norm
         with self.strategy.scope():
             self.optimizer = StepAdam(learning_rate=learning_rate, name="scst_adam")
@@ -179,11 +189,14 @@ class ScstSteps:
                               temperature=self.temperature, seed=seed, rows=placed)
         return out.tokens, out.lengths, out.scores
 
-    def sequence_nll(self, features, tokens):
+    def sequence_nll(self, features, tokens, image_state=None):
         """-log p(caption | image) of each sampled caption ([b*K], <end> included, nothing after
         it), from teacher forcing: the differentiable path to the weights that sampling is not.
-        Packed by length (trainer/steps.py's fast path), so a short draw costs only its steps."""
-        state = _repeat_state(self.model.init_state(features), self.samples)
+        Packed by length (trainer/steps.py's fast path), so a short draw costs only its steps.
+        image_state: the images' decoder state when the caller has it (computed from features if not)."""
+        if image_state is None:
+            image_state = self.model.init_state(features)
+        state = _repeat_state(image_state, self.samples)
         rows = tf.shape(tokens)[0]
         inputs = tf.concat([tf.fill([rows, 1], START_ID), tokens[:, :-1]], 1)
         packed = self.model.decoder.packed_teacher_forced(state, inputs, tokens, training=False,
@@ -222,11 +235,39 @@ class ScstSteps:
         return (rewards.astype(np.float32), baselines.astype(np.float32),
                 np.float32(time.perf_counter() - start))
 
-    def surrogate_loss(self, features, tokens, advantages, global_tokens):
+    def surrogate_loss(self, features, tokens, advantages, global_tokens, image_state=None):
         """The SCST loss of one replica's draws: sum(advantage * -log p(draw)) / global_tokens,
         advantages [b*K] held constant. Summed over replicas it is the whole batch's loss."""
-        nll = self.sequence_nll(features, tokens)
+        nll = self.sequence_nll(features, tokens, image_state)
         return tf.reduce_sum(tf.stop_gradient(advantages) * nll) / tf.maximum(tf.cast(global_tokens, tf.float32), 1.0)
+
+    @staticmethod
+    def reference_rows(references, counts):
+        """The real rows of a batch's references [b, C, L] as [R, L], image-major (R = sum of counts):
+        rows past an image's count are padding and are dropped, not scored."""
+        return tf.boolean_mask(references, tf.sequence_mask(counts, tf.shape(references)[1]))
+
+    @staticmethod
+    def reference_tokens(references, counts):
+        """The reference tokens the cross-entropy term is a mean over: every real row's targets
+        (all but <start>), <end> included, padding not (an int64 scalar)."""
+        return tf.math.count_nonzero(ScstSteps.reference_rows(references, counts)[:, 1:], dtype=tf.int64)
+
+    def reference_xent(self, features, references, counts, global_tokens, image_state=None):
+        """The summed per-token -log p of one replica's real references (<start> ... <end>, teacher
+        forced from their image's decoder state, dropout off) over global_tokens, the reference
+        tokens of every replica: summed over replicas it is the whole batch's per-token
+        cross-entropy. Packed by length, as sequence_nll is."""
+        if image_state is None:
+            image_state = self.model.init_state(features)
+        # Image i's state counts[i] times: one row per real reference, in reference_rows' order.
+        state = tf.nest.map_structure(lambda x: tf.repeat(x, counts, axis=0), image_state)
+        rows = self.reference_rows(references, counts)
+        packed = self.model.decoder.packed_teacher_forced(state, rows[:, :-1], rows[:, 1:], training=False,
+                                                          fused=self.fused_attention)
+        token_nll = losses.sparse_xent(self.model.decoder.logits(packed.outputs), packed.targets)
+        real = tf.cast(tf.not_equal(packed.targets, 0), token_nll.dtype)
+        return tf.reduce_sum(token_nll * real) / tf.maximum(tf.cast(global_tokens, tf.float32), 1.0)
 
     def _greedy_tokens(self, features):
         out = decoding.greedy(self.model, features, self.max_length)
@@ -248,20 +289,31 @@ class ScstSteps:
         # whole batch's (trainer/steps.py does the same for cross-entropy).
         global_tokens = ctx.all_reduce(tf.distribute.ReduceOp.SUM, local_tokens)
         variables = self.model.trainable_variables
+        with_xent = self.xent_weight > 0  # a Python test: with W = 0 the term is not in the graph
+        if with_xent:
+            global_refs = ctx.all_reduce(tf.distribute.ReduceOp.SUM, self.reference_tokens(references, counts))
         with tf.GradientTape() as tape:
-            loss = self.surrogate_loss(features, tokens, advantages, global_tokens)
+            if with_xent:  # the images' decoder state once, for the draws' and the references' teacher forcing
+                image_state = self.model.init_state(features)
+                xent = self.reference_xent(features, references, counts, global_refs, image_state)
+                loss = (self.surrogate_loss(features, tokens, advantages, global_tokens, image_state)
+                        + self.xent_weight * xent)
+            else:
+                loss = self.surrogate_loss(features, tokens, advantages, global_tokens)
         grads = [tf.convert_to_tensor(g) for g in tape.gradient(loss, variables)]
         grads = ctx.all_reduce(tf.distribute.ReduceOp.SUM, grads)
         grads, norm = tf.clip_by_global_norm(grads, self.clip_norm)
         self.optimizer.apply_gradients(zip(grads, variables))
-        return (loss, tf.reduce_sum(tf.cast(rewards, tf.float64)), tf.reduce_sum(tf.cast(baselines, tf.float64)),
-                tf.cast(tf.size(lengths), tf.int64), local_tokens, tf.cast(seconds, tf.float64), norm)
+        out = (loss, tf.reduce_sum(tf.cast(rewards, tf.float64)), tf.reduce_sum(tf.cast(baselines, tf.float64)),
+               tf.cast(tf.size(lengths), tf.int64), local_tokens, tf.cast(seconds, tf.float64), norm)
+        return out + (xent,) if with_xent else out
 
     def build(self, element_spec, replica_batch: int | None = None) -> None:
         """Compile the step for batches shaped like `element_spec` (image_dataset's, or a distributed
         one's). train_step(batch, seed [2] int64) -> {loss, reward, baseline, length (mean tokens of
         a draw, <end> included), samples, tokens (global), reward_seconds (host time scoring, summed
-        over replicas), grad_norm}.
+        over replicas), grad_norm, xent (the reference captions' per-token cross-entropy, unweighted:
+        loss holds xent_weight times it; 0 with xent_weight 0)}.
 
         replica_batch: the images of a full batch on one replica, with several replicas: replica r's
         images are then taken as images r * replica_batch.. of the step's global batch, as they are
@@ -281,7 +333,8 @@ class ScstSteps:
             return {"loss": loss, "reward": reward / n, "baseline": baseline / n,
                     "length": tf.cast(tokens, tf.float64) / n, "samples": samples, "tokens": tokens,
                     "reward_seconds": seconds,
-                    "grad_norm": strategy.reduce(tf.distribute.ReduceOp.MEAN, out[6], axis=None)}
+                    "grad_norm": strategy.reduce(tf.distribute.ReduceOp.MEAN, out[6], axis=None),
+                    "xent": total(out[7]) if self.xent_weight > 0 else tf.constant(0.0)}
 
         self.train_step = train_step
 

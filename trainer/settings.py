@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 from model import fused_attention
@@ -54,6 +55,10 @@ class Settings:
         "its greedy caption", choices=SCST_BASELINES)
     scst_learning_rate: float = _setting(5e-5, "Adam's learning rate in the SCST stage (its own optimizer)",
                                          positive=True)
+    scst_xent_weight: float = _setting(
+        0.0, "adds W times the per-token cross-entropy of the images' reference captions to each SCST step's "
+        "loss: a pull towards all of them against the reward's pull towards a few phrasings (0: off)",
+        low=0.0, flag="W")
     batch_size: int = _setting(64, "global batch, over all replicas", low=1)
     learning_rate: float = _setting(1e-3, "Adam's learning rate (the peak, with a schedule)", positive=True)
     lr_schedule: str = _setting("constant", "constant, or cosine decay to 1% over the run",
@@ -70,6 +75,9 @@ class Settings:
     ff_units: int = _setting(0, "transformer: feed-forward width (0: 2 x --units)", low=0)
     dropout: float = _setting(0.1, "dropout on the decoder's inputs and outputs (transformer: on every "
                                    "sub-layer's output)", low=0.0, below=1.0)
+    word_dropout: float = _setting(0.0, "a word fed to the decoder in training becomes <unk> with this "
+                                        "probability (the next word must come from the picture)",
+                                   low=0.0, below=1.0)
     attention_reg: float = _setting(1.0, "lambda of the doubly stochastic attention regulariser (0: off)", low=0.0)
     gate: bool = _setting(False, "the paper's gating scalar beta on the context")
     mixed_precision: bool = _setting(False, "bfloat16 compute (GPU/AMX), float32 variables and logits")
@@ -118,6 +126,8 @@ class Settings:
                 if f.name in ("data", "job_dir"):
                     raise SettingsError(f"{flag_name(f)} is required")
                 continue
+            if isinstance(value, float) and not math.isfinite(value):
+                raise SettingsError(f"{flag_name(f)} must be a finite number, got {value}")
             if m["choices"] and value not in m["choices"]:
                 raise SettingsError(f"{flag_name(f)} {value}: choose one of {', '.join(m['choices'])}")
             if m["low"] is not None and value < m["low"]:

@@ -21,7 +21,8 @@ POSITION = (
     ("scst_steps", tf.int64, 0),
 )
 EPOCH_SUMS = (
-    # The epoch's running loss and cross-entropy (each step's mean times its tokens), and tokens.
+    # The epoch's running loss and cross-entropy (each step's mean times its tokens), and tokens. In SCST
+    # the tokens are the sampled ones and the cross-entropy is the reference captions' term.
     ("epoch_loss_sum", tf.float64, 0.0),
     ("epoch_xent_sum", tf.float64, 0.0),
     ("epoch_tokens", tf.int64, 0),
@@ -52,13 +53,13 @@ class LoopState:
         """The counters by checkpoint key (the key is the name)."""
         return dict(self._variables)
 
-    def add_step(self, out: dict, scst: bool) -> int:
-        """A trained batch into the position and the epoch's sums. -> its tokens."""
+    def add_step(self, out: dict) -> int:
+        """A trained batch of either stage into the position and the epoch's sums (an SCST step's
+        xent is 0 without --scst-xent-weight). -> its tokens."""
         self.step_in_epoch.assign_add(1)
         n = int(out["tokens"])
         self.epoch_loss_sum.assign_add(float(out["loss"]) * n)
-        if not scst:
-            self.epoch_xent_sum.assign_add(float(out["xent"]) * n)
+        self.epoch_xent_sum.assign_add(float(out["xent"]) * n)
         self.epoch_tokens.assign_add(n)
         return n
 
@@ -77,8 +78,10 @@ class LoopState:
             return {"train_loss": float(self.epoch_loss_sum) / tokens,
                     "train_xent": float(self.epoch_xent_sum) / tokens}
         n = max(int(self.epoch_samples), 1)
-        # loss: the surrogate (advantage-weighted NLL per sampled token); tokens: sampled ones.
+        # loss: the surrogate (advantage-weighted NLL per sampled token) plus W times scst_xent, the
+        # reference captions' cross-entropy (0 when off); tokens: sampled ones.
         return {"stage": "scst", "scst_loss": float(self.epoch_loss_sum) / tokens,
+                "scst_xent": float(self.epoch_xent_sum) / tokens,
                 "train_reward": float(self.epoch_reward_sum) / n, "train_baseline": float(self.epoch_baseline_sum) / n,
                 "sample_length": tokens / n, "reward_share": reward_seconds / max(seconds, 1e-9)}
 
