@@ -12,7 +12,8 @@ and where the data set has object boxes, measures attention correctness. Writes 
 --output (default: EXPORT_DIR/../eval-SPLIT, i.e. JOB_DIR/eval-val):
   results.json    COCO results format, [{"image_id": ..., "caption": ...}]
   metrics.json    the metrics, n_images, beam_size, attention and object figures
-  gallery/        index.html with the first --gallery images (default 12)
+  gallery/        index.html with --gallery images (default 12): the worst half by their own
+                  CIDEr, and the first others in split order
 
 Each figure comes from an evaluator (caption_eval.evaluators), fed every image in
 the one pass over the split, so a new figure costs no second run of the model.
@@ -166,16 +167,18 @@ def _default_output(model_dir: str, split: str) -> str:
 
 def _feed(items, evaluators: list, gallery_size: int, batch_size: int, total: int | None, start: float) -> list:
     """Every captioned item to every evaluator, with a progress line on stderr every 20 batches.
-    -> the first `gallery_size` items, for the gallery."""
-    shown = []
+    -> every item (attention in float16) when there is a gallery to choose from, else none."""
+    import numpy as np
+
+    kept = []
     for n, item in enumerate(items, 1):
         for evaluator in evaluators:
             evaluator.add(item)
-        if len(shown) < gallery_size:
-            shown.append(item)
+        if gallery_size > 0:
+            kept.append(dict(item, attention=np.asarray(item["attention"], np.float16)))
         if n % (batch_size * 20) == 0:
             print(f"captioned {n}{f'/{total}' if total else ''} images ({time.time() - start:.0f}s)", file=sys.stderr)
-    return shown
+    return kept
 
 
 def _write_outputs(output: str, metrics: dict, results: list, shown: list, gallery_size: int,
@@ -198,6 +201,7 @@ def evaluate(model_dir: str, data_dir: str | None = None, split: str = "val",
              instances: str | None = None, gallery_size: int = 12, spice: bool = False,
              batch_size: int = 32, controls: dict | None = None) -> dict:
     """Run the whole evaluation, write its files, return metrics.json's content."""
+    from caption_eval import gallery
     from caption_eval.evaluators import coco_metrics
     from caption_io import metadata, savedmodel
 
@@ -230,7 +234,7 @@ def evaluate(model_dir: str, data_dir: str | None = None, split: str = "val",
         looked = ", ".join(default_instances(meta, split)) or "nowhere: the data's source has no COCO layout"
         metrics["instances_note"] = f"no object boxes, so no attention figures (looked {looked}; pass --instances)"
     metrics.update({key: e.summary() if e else None for key, e in nested.items()})
-    shown = annotate(shown, coco, boxes)
+    shown = annotate(gallery.choose(shown, coco.image_cider, gallery_size), coco, boxes)
     _write_outputs(output, metrics, coco.results, shown, gallery_size, images_dir, meta, split, boxes)
     return metrics
 

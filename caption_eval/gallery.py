@@ -31,6 +31,15 @@ THUMB_SIDE = 160  # a thumbnail's longer side, in pixels
 PAGE = "gallery.html"
 
 
+def choose(items: list[dict], image_cider: dict, n: int) -> list[dict]:
+    """The n items a gallery shows, in split order: the ceil(n/2) whose own CIDEr is lowest (what
+    went wrong), then the first of the others (what the model usually says). Ties keep split order."""
+    worst = sorted(range(len(items)), key=lambda k: (image_cider.get(items[k]["image_id"], float("inf")), k))
+    chosen = set(worst[:(n + 1) // 2])
+    chosen.update([k for k in range(len(items)) if k not in chosen][:n - len(chosen)])
+    return [items[k] for k in sorted(chosen)]
+
+
 def find_image(file_name: str, dirs: list[str]) -> str | None:
     if file_name.startswith("/") or fileio.is_gcs(file_name):
         return file_name if fileio.exists(file_name) else None

@@ -14,7 +14,8 @@ teacher_forced predicts tokens[:, 1:] from tokens[:, :-1] and equals T-1 calls o
 Word dropout (config.word_dropout, training only): each word the decoder is fed as the previous
 one is replaced by <unk> with that probability, the targets left as they are. The decoder then
 has to name the next word from the picture more often than from the words before it, which is
-what a colour-shape pair never seen together needs (docs/training.md, "Generalisation").
+what a colour-shape pair never seen together needs (docs/training.md, "Captions of new
+combinations").
 """
 import keras
 import tensorflow as tf

@@ -188,6 +188,15 @@ def test_exact_objects_by_scene_size(tmp_path):
 
 
 # --------------------------------------------------------------------------------- the gallery
+def test_the_gallery_shows_the_worst_half_and_then_the_split_in_order():
+    items = [{"image_id": i} for i in (10, 11, 12, 13, 14, 15, 16)]
+    cider = {10: 2.0, 11: 0.1, 12: 3.0, 13: 0.5, 14: 0.1, 15: 1.0}  # 16: not scored, last
+    assert [i["image_id"] for i in gallery.choose(items, cider, 4)] == [10, 11, 12, 14]  # worst: 11, 14
+    assert [i["image_id"] for i in gallery.choose(items, cider, 5)] == [10, 11, 12, 13, 14]  # worst: + 13
+    assert [i["image_id"] for i in gallery.choose(items, cider, 3)] == [10, 11, 14]
+    assert gallery.choose(items, cider, 0) == [] and len(gallery.choose(items, cider, 99)) == 7
+
+
 def test_gallery_without_images_still_lists_captions(tmp_path):
     item = {"image_id": 7, "file_name": "COCO_val2014_000000000007.jpg", "caption": "a red <circle>",
             "references": ["a red circle"], "words": ["a", "red", "circle"], "attention": np.full((3, 64), 1 / 64)}

@@ -143,3 +143,14 @@ def test_gallery_items_carry_cider_novelty_and_whether_the_objects_are_right(eva
     bare = evaluate.annotate([_item(1)], coco, None)[0]  # no boxes: nothing known but the CIDEr
     assert bare["novel_pair"] is None and bare["objects_right"] is None and bare["cider"] == coco.image_cider[1]
     assert novel_pairs.group(boxes, 99) is None
+
+
+def test_the_benchmark_reads_the_evaluations_figures(evaluated):
+    from benchmarks import generalisation
+
+    metrics, _, _ = evaluated
+    f = generalisation.figures(dict(metrics, model="JOB/export"))
+    assert (f["exact_novel"], f["exact_seen"], f["openings"], f["novel_pairs"]) == (0.5, 1.0, 3, [["blue", "triangle"]])
+    assert generalisation._variant("wd=--word-dropout 0.3") == ("wd", ["--word-dropout", "0.3"])
+    with pytest.raises(SystemExit):
+        generalisation.figures(dict(metrics, model="JOB/export", novel_pairs=None))
