@@ -95,11 +95,12 @@ def test_early_stopping_on_cider_keeps_its_state_across_a_restart_and_exports_th
     # CIDEr scripted per epoch (the rest of the scoring is as ever): best at epoch 2, then worse.
     cider = iter([0.2, 0.5, 0.4, 0.45, 0.3, 0.3, 0.3, 0.3])
 
-    def scripted(results, references, spice=False, meteor=None):
-        return dict({k: 0.1 for k in coco_metrics.METRIC_KEYS}, CIDEr=next(cider), n_images=len(references),
-                    n_empty_captions=0)
+    def scripted(gts, res, meteor):
+        value = next(cider)
+        return (dict({k: 0.1 for k in coco_metrics.METRIC_KEYS}, CIDEr=value, n_images=len(gts),
+                     n_empty_captions=0), {i: value for i in gts})
 
-    monkeypatch.setattr(coco_metrics, "score", scripted)
+    monkeypatch.setattr(coco_metrics, "_score", scripted)
     monkeypatch.setattr(coco_metrics.Meteor, "start", lambda self: self)  # scripted: no Java needed
     from caption_serving import export
 
