@@ -190,7 +190,7 @@ def test_xent_weight_adds_the_references_cross_entropy_to_the_step_loss(setup):
     the per-token cross-entropy of all the batch's real references, here some images having fewer."""
     features, refs, counts = _fewer_references(*_one_batch(setup))
     batch = tuple(tf.constant(x) for x in (features, refs, counts))
-    without = _replica_step(_scst(setup), batch, scst.step_seed(0, 7))
+    without = _replica_step(_scst(setup, xent_weight=0.0), batch, scst.step_seed(0, 7))
     with_xent = _replica_step(_scst(setup, xent_weight=XENT_WEIGHT), batch, scst.step_seed(0, 7))
     assert len(without) == 7 and len(with_xent) == 8  # W = 0: no term in the step
     assert with_xent[1:5] == without[1:5]  # the same draws, scored the same

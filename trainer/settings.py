@@ -17,6 +17,7 @@ from model import fused_attention
 from model.decoders import NAMES as DECODERS
 from trainer import distribute
 from trainer.scst import BASELINES as SCST_BASELINES
+from trainer.scst import XENT_WEIGHT as SCST_XENT_WEIGHT
 
 JIT_CHOICES = ("auto", "on", "off")
 METRIC_CHOICES = ("loss", "cider")
@@ -56,8 +57,8 @@ class Settings:
     scst_learning_rate: float = _setting(5e-5, "Adam's learning rate in the SCST stage (its own optimizer)",
                                          positive=True)
     scst_xent_weight: float = _setting(
-        0.0, "adds W times the per-token cross-entropy of the images' reference captions to each SCST step's "
-        "loss: a pull towards all of them against the reward's pull towards a few phrasings (0: off)",
+        SCST_XENT_WEIGHT, "adds W times the per-token cross-entropy of the images' reference captions to each "
+        "SCST step's loss: a pull towards all of them against the reward's pull towards a few phrasings (0: off)",
         low=0.0, flag="W")
     batch_size: int = _setting(64, "global batch, over all replicas", low=1)
     learning_rate: float = _setting(1e-3, "Adam's learning rate (the peak, with a schedule)", positive=True)
