@@ -304,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="same seed, same files")
     parser.add_argument("--novel-pairs", type=int, default=0, metavar="N",
                         help="hold N colour-shape pairs out of training and put one into "
-                             f"{NOVEL_SHARE:.0%} of the val scenes (default 0: none)")
+                             f"{NOVEL_SHARE:.0%}% of the val scenes (default 0: none)")
     args = parser.parse_args(argv)
     try:
         summary = generate(args.output, args.train, args.val, args.seed, args.novel_pairs)

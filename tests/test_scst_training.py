@@ -89,9 +89,13 @@ def test_a_job_done_with_cross_entropy_goes_to_scst_and_resumes_inside_it_exactl
     # so it is held to an absolute 1e-6 as well (another draw would move it by orders more).
     np.testing.assert_allclose([h.get("scst_loss", 0) for h in mine], [h.get("scst_loss", 0) for h in theirs],
                                rtol=1e-6, atol=1e-6, err_msg="scst_loss")
+    # The weights likewise: the references' cross-entropy term (on by default) adds reductions whose
+    # thread order moves a few weights by ~2e-7 between identical runs. An Adam step at this test's
+    # rate moves a weight by ~5e-4, so a resume that lost a step, the optimizer or the draws is still
+    # hundreds of times past the bar.
     got = _weights(trainer)
     for k, v in uninterrupted["weights"].items():
-        np.testing.assert_allclose(got[k], v, rtol=1e-6, atol=1e-7, err_msg=k)
+        np.testing.assert_allclose(got[k], v, rtol=1e-6, atol=1e-6, err_msg=k)
 
 
 def test_the_mean_baseline_needs_two_samples(small_data, tmp_path, capsys):
