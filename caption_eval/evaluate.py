@@ -86,7 +86,7 @@ def split_evaluators(boxes: dict | None, coco) -> dict:
     from caption_eval.evaluators import attention, exact_objects, novel_pairs, variety
     from caption_io import scenes
 
-    scene_set = bool(boxes) and exact_objects.has_colours(boxes)
+    scene_set = exact_objects.has_colours(boxes)
     return {"attention_correctness": attention.AttentionCorrectness(boxes) if boxes else None,
             "exact_objects": exact_objects.ExactObjects(boxes) if scene_set else None,
             "novel_pairs": novel_pairs.NovelPairs(boxes, coco)
@@ -100,12 +100,12 @@ def annotate(items: list[dict], coco, boxes: dict | None) -> list[dict]:
     exactly), None where unknown. `coco` must have been summarised."""
     from caption_eval.evaluators import exact_objects, novel_pairs
 
-    scene_set = bool(boxes) and exact_objects.has_colours(boxes)
+    scene_set, held_out = exact_objects.has_colours(boxes), novel_pairs.has_novel_pairs(boxes)
     out = []
     for item in items:
-        image = (boxes or {"images": {}})["images"].get(int(item["image_id"]))
-        right = exact_objects.names_exactly(item["caption"], image["objects"]) if scene_set and image else None
-        group = novel_pairs.group(boxes, item["image_id"]) if novel_pairs.has_novel_pairs(boxes) else None
+        image = boxes["images"].get(int(item["image_id"])) if scene_set else None
+        right = exact_objects.names_exactly(item["caption"], image["objects"]) if image else None
+        group = novel_pairs.group(boxes, item["image_id"]) if held_out else None
         out.append(dict(item, cider=coco.image_cider.get(item["image_id"]), objects_right=right,
                         novel_pair=None if group is None else group == novel_pairs.GROUPS[0]))
     return out
@@ -250,8 +250,10 @@ def table(metrics: dict) -> str:
         if e["images"]:
             label = "exact objects, all" if n == "all" else f"exact objects, {n}-object"
             rows.append((label, f"{e['share']:.3f}  ({e['exact']}/{e['images']} images)"))
+    from caption_eval.evaluators.novel_pairs import GROUPS
+
     novel = metrics.get("novel_pairs")
-    for g in ("novel", "seen") if novel else ():
+    for g in GROUPS if novel else ():
         part = novel[g]
         if part["images"]:
             figures = [f"exact objects {part['exact_objects']:.3f}", f"CIDEr {part['CIDEr']:.3f}"]

@@ -20,7 +20,7 @@ import concurrent.futures
 import numpy as np
 
 from caption_eval import evaluate, gallery
-from caption_eval.evaluators import coco_metrics
+from caption_eval.evaluators import coco_metrics, novel_pairs
 from caption_io import savedmodel
 
 # Figures of an epoch's record (history.json) as "val_" + name, in TensorBoard as "captions/" + name.
@@ -41,7 +41,7 @@ def figures(metrics: dict) -> dict:
     if objects and objects["all"]["images"]:
         out["val_exact_objects"] = objects["all"]["share"]
     novel = metrics.get("novel_pairs")
-    for group in ("novel", "seen") if novel else ():
+    for group in novel_pairs.GROUPS if novel else ():
         if novel[group]["images"]:
             out[f"val_exact_objects_{group}"] = novel[group]["exact_objects"]
     variety = metrics.get("variety")

@@ -269,9 +269,9 @@ class ScstSteps:
         rows = self.reference_rows(references, counts)
         packed = self.model.decoder.packed_teacher_forced(state, rows[:, :-1], rows[:, 1:], training=False,
                                                           fused=self.fused_attention)
-        token_nll = losses.sparse_xent(self.model.decoder.logits(packed.outputs), packed.targets)
-        real = tf.cast(tf.not_equal(packed.targets, 0), token_nll.dtype)
-        return tf.reduce_sum(token_nll * real) / tf.maximum(tf.cast(global_tokens, tf.float32), 1.0)
+        # The cross-entropy stage's own packed loss, without the attention regulariser.
+        return losses.packed_caption_loss(self.model.decoder.logits(packed.outputs), packed.targets, packed.attention,
+                                          packed.caption, tf.shape(rows)[0], 0.0, global_tokens).xent
 
     def _greedy_tokens(self, features):
         out = decoding.greedy(self.model, features, self.max_length)

@@ -8,9 +8,11 @@ from collections import defaultdict
 from caption_io import scenes
 
 
-def has_colours(instances: dict) -> bool:
+def has_colours(instances: dict | None) -> bool:
     """Whether the boxes are the scene set's (every object has a colour): only then
-    does naming the (colour, shape) pairs mean anything."""
+    does naming the (colour, shape) pairs mean anything. No boxes (None): False."""
+    if not instances:
+        return False
     objects = [o for im in instances["images"].values() for o in im["objects"]]
     return bool(objects) and all(o["colour"] for o in objects)
 
