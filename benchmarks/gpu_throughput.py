@@ -50,13 +50,15 @@ def encoder_rate(batch: int, mixed: bool, iters: int) -> float:
     import keras
     import tensorflow as tf
 
-    from model import inception
+    from model import backbones
 
     keras.mixed_precision.set_global_policy("mixed_bfloat16" if mixed else "float32")
     try:
-        model = inception.build("random", seed=0)
+        backbone = backbones.get(backbones.DEFAULT)
+        model = backbone.build("random", seed=0)
         call = tf.function(lambda x: tf.cast(model(x, training=False), tf.float16), jit_compile=False)
-        x = tf.random.uniform([batch, inception.INPUT_SIZE, inception.INPUT_SIZE, 3], -1, 1)
+        size = backbone.geometry.input_size
+        x = tf.random.uniform([batch, size, size, 3], -1, 1)
         _sync(call(x))
         t = time.perf_counter()
         for _ in range(iters):

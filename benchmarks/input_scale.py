@@ -22,8 +22,11 @@ import time
 
 import numpy as np
 
+from caption_io import geometry
+
 VOCAB_WORDS = 5000
 CAPTIONS_PER_IMAGE = 5
+FEATURE_SHAPE = geometry.DEFAULT.feature_shape  # the default encoder's, InceptionV3's
 
 
 def rss_mb() -> float:
@@ -53,12 +56,13 @@ def write_split(data_dir: str, images: int, n_shards: int, seed: int = 0) -> dic
         k = e["shard"]
         if k not in writers:
             writers[k] = shards.ShardWriter(os.path.join(data_dir, datadir.shard_name("train", k, n_shards)))
-        features = rng.standard_normal((64, 2048), dtype=np.float32).astype(np.float16)
+        features = rng.standard_normal(FEATURE_SHAPE, dtype=np.float32).astype(np.float16)
         lengths = rng.integers(8, 21, CAPTIONS_PER_IMAGE)
         ids = [(rng.choice(VOCAB_WORDS, n, p=p) + len(vocab_lib.SPECIALS)).tolist() for n in lengths]
         texts = [" ".join(tokens[i] for i in c) for c in ids]
         writers[k].write(records.make_example(e["image_id"], e["file_name"], features,
-                                              [[vocab_lib.START_ID, *c, vocab_lib.END_ID] for c in ids], texts))
+                                              [[vocab_lib.START_ID, *c, vocab_lib.END_ID] for c in ids], texts,
+                                              FEATURE_SHAPE))
     files = [w.commit() for _, w in sorted(writers.items())]
     return {"seconds": time.perf_counter() - t, "bytes": sum(f["bytes"] for f in files), "vocab": len(tokens),
             "files": [os.path.join(data_dir, f["name"]) for f in files]}
@@ -68,7 +72,8 @@ def stream_epoch(files: list[str], batch: int) -> dict:
     from trainer import data
     from trainer.settings import Settings
 
-    ds = data.caption_dataset(files, batch, shuffle=True, seed=0, shuffle_buffer=Settings.shuffle_buffer,
+    ds = data.caption_dataset(files, batch, feature_shape=FEATURE_SHAPE, shuffle=True, seed=0,
+                              shuffle_buffer=Settings.shuffle_buffer,
                               bucket_boundaries=Settings.bucket_boundaries)
     samples, captions, t = [], 0, time.perf_counter()
     for i, (_, tok) in enumerate(ds):
@@ -92,7 +97,8 @@ def step_rate(files: list[str], vocab: int, batch: int, steps: int = 8, warmup: 
     s = CaptionSteps(config, np.zeros(2048, np.float32), np.ones(2048, np.float32), tf.distribute.get_strategy(),
                      1e-3, 5.0)
     s.build((tf.TensorSpec([None, 64, 2048], tf.float16), tf.TensorSpec([None, None], tf.int32)))
-    batches = list(data.caption_dataset(files[:1], batch, shuffle=False).take(steps + warmup))
+    batches = list(data.caption_dataset(files[:1], batch, feature_shape=FEATURE_SHAPE,
+                                        shuffle=False).take(steps + warmup))
     for b in batches[:warmup]:
         float(s.train_step(b)["loss"])
     t = time.perf_counter()

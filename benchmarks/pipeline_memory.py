@@ -22,8 +22,6 @@ import sys
 import tempfile
 import time
 
-from caption_io import datadir
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROJECTED = (20_000, 123_287)
 
@@ -93,10 +91,11 @@ def main():
     marginal_rate = (b["images"] - a["images"]) / max(b["pipeline_s"] - a["pipeline_s"], 1e-9)
 
     from benchmarks.pipeline_throughput import bare_encoder_rate
+    from caption_io import metadata
 
     paths = sorted(glob.glob(os.path.join(b["coco"], "train2014", "*.jpg")))[:400]
-    encoder_rate = bare_encoder_rate(os.path.join(b["data"], datadir.ENCODER_FILE), paths,
-                                     args.batch_size)
+    encoder = metadata.read(b["data"]).encoder
+    encoder_rate = bare_encoder_rate(encoder.name, os.path.join(b["data"], encoder.file), paths, args.batch_size)
     projected = {n: b["peak_mb"] + max(per_image, 0.0) * (n - b["images"]) for n in PROJECTED}
 
     for r in runs:

@@ -36,7 +36,7 @@ def run(batch: int, samples: int, max_length: int, steps: int, units: int, embed
     references = synthetic_corpus(rng, max(corpus, batch), 5, vocab)
     scorer = cider_d.build_scorer(None, references)
     config = CaptionerConfig(vocab_size=vocab, units=units, embedding_dim=embedding_dim)
-    positions, channels = geometry.FEATURE_SHAPE
+    positions, channels = geometry.DEFAULT.feature_shape
     steps_ = CaptionSteps(config, np.zeros(channels, np.float32), np.ones(channels, np.float32),
                           tf.distribute.get_strategy(), 1e-3, 5.0)
     step = scst.ScstSteps(steps_, scorer, max_length=max_length, samples=samples)

@@ -42,17 +42,18 @@ def main():
     from caption_io import images, jobdir
     from caption_io.savedmodel import EXPORT_INFO
     from caption_serving.client import ModelError, load_model, option_inputs
-    from model import inception
+    from model import backbones
 
     try:
         loaded, info = load_model(args.model)
         data_dir = args.data or jobdir.recorded_data(info, os.path.join(args.model, EXPORT_INFO), args.model)
-        encoder = inception.load(os.path.join(data_dir, info["encoder"]["file"]))
-    except (ModelError, jobdir.RecordedPathError, inception.EncoderWeightsError) as e:
+        backbone = backbones.of_encoder(info["encoder"])
+        encoder = backbone.load(os.path.join(data_dir, info["encoder"]["file"]))
+    except (ModelError, jobdir.RecordedPathError, backbones.EncoderWeightsError) as e:
         sys.exit(f"error: {e}")
     forward = tf.function(lambda x: encoder(x, training=False))
     blob = open(args.image, "rb").read()
-    pixels = inception.prepare(images.decode(blob)[None])
+    pixels = backbone.prepare(images.decode(blob)[None])
     sig = loaded.signatures["caption_images"]
     one = tf.constant([blob])
 

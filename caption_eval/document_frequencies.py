@@ -214,5 +214,5 @@ def read_references(files: Sequence[str]) -> list[list[list[int]]]:
 
     out = []
     for batch in tf.data.TFRecordDataset(list(files)).batch(256):
-        out.extend(records.parse_examples(batch)["captions"].to_list())
+        out.extend(records.parse_examples(batch, None)["captions"].to_list())
     return out

@@ -78,18 +78,20 @@ def split_boxes(meta: metadata.Metadata, split: str, instances: str | None = Non
     return path, attention.load_instances(path) if path else None
 
 
-def split_evaluators(boxes: dict | None, coco) -> dict:
+def split_evaluators(boxes: dict | None, coco, grid: tuple[int, int]) -> dict:
     """The evaluators beside the COCO metrics (`coco`, a CocoMetrics), under their metrics.json
     keys; None where the data cannot support one: attention needs object boxes, exact objects
     and where a caption places them the scene set's colours, the novel-pair figures a scene set
-    with held-out pairs. Summarise `coco` first: the novel-pair figures read its per-image CIDEr."""
+    with held-out pairs. Summarise `coco` first: the novel-pair figures read its per-image CIDEr.
+    grid: the encoder's (rows, columns), the data directory's `meta.geometry.grid`: where the
+    attention figures place each weight."""
     from caption_eval.evaluators import attention, exact_objects, novel_pairs, variety
     from caption_io import scenes
 
     scene_set = exact_objects.has_colours(boxes)
-    return {"attention_correctness": attention.AttentionCorrectness(boxes) if boxes else None,
+    return {"attention_correctness": attention.AttentionCorrectness(boxes, grid) if boxes else None,
             "exact_objects": exact_objects.ExactObjects(boxes) if scene_set else None,
-            "novel_pairs": novel_pairs.NovelPairs(boxes, coco)
+            "novel_pairs": novel_pairs.NovelPairs(boxes, coco, grid)
             if scene_set and novel_pairs.has_novel_pairs(boxes) else None,
             "variety": variety.Variety(scenes.POSITION_WORDS if scene_set else None)}
 
@@ -113,22 +115,25 @@ def annotate(items: list[dict], coco, boxes: dict | None) -> list[dict]:
 
 # ------------------------------------------------------------------------- the evaluation run
 def caption_split(model, files: list[str], beam_size: int, max_length: int, batch_size: int = 32,
-                  limit: int | None = None, controls: dict | None = None):
+                  limit: int | None = None, controls: dict | None = None,
+                  feature_shape: tuple[int, int] | None = None):
     """Per image of the shards, in order (the first `limit` alone, when given): {"image_id",
-    "file_name", "references", "caption", "words", "attention" [len(words), 64]}. Streams: a
+    "file_name", "references", "caption", "words", "attention" [len(words), positions]}. Streams: a
     COCO-sized split never holds more than one batch of feature maps. `model` is a
     client.Captioner with the caption_features signature: a loaded export, or the trainer's
     client.CaptionFunctions around the model in training;
-    controls: decoding controls beside the beam (client.CONTROL_DEFAULTS' names)."""
+    controls: decoding controls beside the beam (client.CONTROL_DEFAULTS' names);
+    feature_shape: the stored features' [positions, channels] (None: metadata.json's, beside the shards)."""
     import tensorflow as tf
 
     from caption_io import records
     from caption_serving import client
 
+    feature_shape = feature_shape or records.beside(files)
     ds = tf.data.TFRecordDataset(files)
     if limit is not None:
         ds = ds.take(limit)
-    ds = ds.batch(batch_size).map(records.parse_examples)
+    ds = ds.batch(batch_size).map(lambda serialized: records.parse_examples(serialized, feature_shape))
     for batch in ds:
         texts = batch["caption_text"].to_list()
         rows = client.caption_features(model, batch["features"], beam_size, max_length, **(controls or {}))
@@ -190,8 +195,8 @@ def _write_outputs(output: str, metrics: dict, results: list, shown: list, galle
     fileio.write_json(fileio.join(output, "results.json"), results)
     if gallery_size > 0:
         dirs = [images_dir] if images_dir else default_image_dirs(meta, split)
-        metrics["gallery"] = gallery.write(fileio.join(output, "gallery"), shown, dirs, gallery.canvas_sizes(boxes),
-                                           table(metrics))
+        metrics["gallery"] = gallery.write(fileio.join(output, "gallery"), shown, dirs, meta.geometry.grid,
+                                           gallery.canvas_sizes(boxes), table(metrics))
     fileio.write_json(fileio.join(output, "metrics.json"), metrics)
 
 
@@ -213,11 +218,12 @@ def evaluate(model_dir: str, data_dir: str | None = None, split: str = "val",
 
     boxes_from, boxes = split_boxes(meta, split, instances)
     coco = coco_metrics.CocoMetrics(spice=spice)
-    nested = split_evaluators(boxes, coco)
+    nested = split_evaluators(boxes, coco, meta.geometry.grid)
     evaluators = [coco] + [e for e in nested.values() if e]
 
     start = time.time()
-    items = caption_split(model, files, beam_size, max_length, batch_size, controls=controls)
+    items = caption_split(model, files, beam_size, max_length, batch_size, controls=controls,
+                          feature_shape=meta.features.shape)
     shown = _feed(items, evaluators, gallery_size, batch_size, meta.splits[split].images.written or None, start)
     caption_seconds = time.time() - start
     try:

@@ -24,9 +24,11 @@ import re
 
 import numpy as np
 
-from caption_io import fileio, geometry, images
+from caption_io import fileio, images
 
-BLANK_SIZE = (geometry.INPUT_SIZE, geometry.INPUT_SIZE)  # the encoder's input, when the image's size is unknown
+# The blank canvas when the image's size is unknown too: any size shows the attention (it is
+# stretched over the canvas); InceptionV3's input is as good as any.
+BLANK_SIZE = (299, 299)
 THUMB_SIDE = 160  # a thumbnail's longer side, in pixels
 PAGE = "gallery.html"
 
@@ -164,13 +166,13 @@ def _fill(template: str, parts: dict[str, str]) -> str:
     return re.sub(r"@@([A-Z]+)@@", lambda m: parts[m.group(1)], template)
 
 
-def write(out_dir: str, items: list[dict], image_dirs: list[str], sizes: dict | None = None,
-          summary: str = "") -> str:
+def write(out_dir: str, items: list[dict], image_dirs: list[str], grid: tuple[int, int],
+          sizes: dict | None = None, summary: str = "") -> str:
     """items: {"image_id", "file_name", "caption", "references", "words", "attention"} and,
     optionally, "cider" (the image's own CIDEr), "novel_pair" (the scene holds a (colour,
     shape) pair unseen in training), "objects_right" (the caption names exactly the scene's
-    objects), each None when unknown; sizes: {image_id: (width, height)} for blank
-    canvases. Returns index.html's path."""
+    objects), each None when unknown; grid: the encoder's (rows, columns), the shape of an
+    attention row; sizes: {image_id: (width, height)} for blank canvases. Returns index.html's path."""
     from caption_serving.plot import attention_png
 
     found = 0
@@ -189,7 +191,7 @@ def write(out_dir: str, items: list[dict], image_dirs: list[str], sizes: dict | 
         else:
             notes.append(missing)
         if item["words"]:
-            png = attention_png(canvas, item["words"], item["attention"])
+            png = attention_png(canvas, item["words"], item["attention"], grid)
             fileio.write_bytes(fileio.join(out_dir, f"{image_id}-attention.png"), png)
         else:
             notes.append("empty caption: no attention to plot")

@@ -6,7 +6,8 @@
       shards/SHARD.json              what a finished shard holds, written after it: a rerun keeps it
       vocab.txt                      the vocabulary, line number = id (caption_io.vocab)
       feature_stats.npz              per-channel mean and std over the training split
-      encoder/inception_v3.weights.h5  the weights that made the features (the export loads them)
+      encoder/NAME.weights.h5        the weights that made the features (the export loads them);
+                                     NAME is the backbone (model.backbones), e.g. inception_v3
       inputs/SPLIT.jsonl             the manifest of what was read, a split's images with their captions
       inputs/rejected-annotations.jsonl  the annotations that could not be used
       rejected/rejected-SSSSS-of-NNNNN.jsonl  every input that could not be used, with its reason
@@ -24,7 +25,7 @@ SPLITS = ("train", "val", "test")
 METADATA_FILE = "metadata.json"
 VOCAB_FILE = "vocab.txt"
 STATS_FILE = "feature_stats.npz"
-ENCODER_FILE = "encoder/inception_v3.weights.h5"
+ENCODER_DIR = "encoder"
 DONE_DIR = "shards"          # the finished shards' records
 INPUTS = "inputs"            # the manifests
 REJECTED = "rejected"        # the rejects, with their reasons
@@ -64,6 +65,11 @@ def is_shard_name(name: str) -> bool:
 def done_name(shard: str) -> str:
     """shards/train-00003-of-00016.json: the record of a finished shard, relative to the data directory."""
     return f"{DONE_DIR}/{shard.removesuffix(SHARD_SUFFIX)}.json"
+
+
+def encoder_file(backbone: str) -> str:
+    """encoder/inception_v3.weights.h5: the weights of backbone `backbone`, relative to the data directory."""
+    return f"{ENCODER_DIR}/{backbone}.weights.h5"
 
 
 def manifest(split: str) -> str:

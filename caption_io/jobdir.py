@@ -3,7 +3,8 @@
     JOB_DIR/
       config.json          the model's CaptionerConfig (a resumed job must agree with it)
       job.json             the job's settings; "data" is the data directory, absolute when
-                           written, and "data_relative" the same seen from JOB_DIR
+                           written, and "data_relative" the same seen from JOB_DIR; "encoder"
+                           the data's encoder record (metadata.json's), to check other data against
       checkpoints/         the newest checkpoints (tf.train.CheckpointManager's "checkpoint" file)
       checkpoints/best/    the checkpoint of the best epoch so far on --early-stopping-metric
                            (the val loss, or the val CIDEr)
@@ -37,6 +38,7 @@ LOSS_PLOT = "loss.png"
 FINAL = "final"
 EXPORT = "export"
 LOGS = "logs"
+JOB_ENCODER = "encoder"  # job.json's copy of the data's encoder record
 CIDER_DF = "cider_df.npz"  # the SCST reward's document frequencies over the training captions
 
 
@@ -71,6 +73,12 @@ def recorded_data(record: dict, record_file: str, home: str, flag: str = "--data
     also = f" (nor is {beside}, where it was relative to this folder)" if beside else ""
     raise RecordedPathError(f"{record_file} records the data directory {recorded}, which does not exist{also}: "
                             f"pass {flag} DATA_DIR")
+
+
+def recorded_encoder(job_dir: str) -> dict | None:
+    """The encoder record job.json keeps (None: a job from before it kept one, or no job.json)."""
+    path = fileio.join(job_dir, JOB_FILE)
+    return fileio.read_json(path).get(JOB_ENCODER) if fileio.exists(path) else None
 
 
 def data_dir(job_dir: str, override: str | None = None, flag: str = "--data") -> str:

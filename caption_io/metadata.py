@@ -30,12 +30,16 @@ import numpy as np
 import tensorflow as tf
 
 from caption_io import cli, datadir, fileio
+from caption_io import geometry as geometry_lib
 from caption_io import vocab as vocab_lib
 
 FILE_NAME = datadir.METADATA_FILE
 # The layout this code writes and reads. A change that an older reader would misread
 # (a key renamed, removed or given another meaning) comes with a new version.
-FORMAT_VERSION = 1
+# 2: the encoder is one of several backbones, and its record says which and its geometry
+#    (name, grid, channels). Version 1 (InceptionV3 only) is still read, as that.
+FORMAT_VERSION = 2
+READS = (1, 2)
 
 RERUN = "re-run `python -m pipelines.preprocess` for it (or copy the data directory again)"
 
@@ -101,6 +105,7 @@ class Features(_Part):
 @dataclasses.dataclass(frozen=True)
 class Encoder(_Part):
     """The weights that made the features; serving must encode images with exactly these."""
+    name: str  # the backbone (model/backbones.py): inception_v3, mobilenet_v3_large, ...
     architecture: str
     weights: str
     seed: int | None  # random weights' seed; None (written as null) for pretrained ones
@@ -108,6 +113,40 @@ class Encoder(_Part):
     sha256: str
     input_size: int
     input_scaling: str
+    grid: tuple[int, ...]  # the feature map's [rows, columns]
+    channels: int
+
+    @property
+    def geometry(self) -> geometry_lib.Geometry:
+        return geometry_lib.of_encoder(self.to_dict())
+
+    def makes_same_features(self, record: dict | None) -> bool:
+        """Whether the encoder a record describes (a job's or an export's copy of this part) makes
+        the same features: the same backbone with the same weights (the same seed for random ones,
+        the same file for a PATH). Records from before the choice of backbone are InceptionV3's."""
+        if not record:
+            return True  # a record from before encoders were recorded: nothing to compare
+        other = {**_V1_ENCODER, **record}
+        if (other["name"], other["weights"], other.get("seed")) != (self.name, self.weights, self.seed):
+            return False
+        return self.weights in ("imagenet", "random") or other["sha256"] == self.sha256
+
+    @staticmethod
+    def describe(record: dict) -> str:
+        """A record's encoder in one phrase: "inception_v3 (random weights, seed 0)"."""
+        record = {**_V1_ENCODER, **record}
+        weights = record["weights"]
+        what = f"random weights, seed {record.get('seed')}" if weights == "random" else f"{weights} weights"
+        return f"{record['name']} ({what})"
+
+    def identity(self) -> str:
+        """"inception_v3 (random weights, seed 0)": for error lines."""
+        return self.describe(self.to_dict())
+
+
+# What version 1 (InceptionV3 only) left unsaid about its encoder.
+_V1_ENCODER = {"name": "inception_v3", "grid": [geometry_lib.INCEPTION_V3.rows, geometry_lib.INCEPTION_V3.columns],
+               "channels": geometry_lib.INCEPTION_V3.channels}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,14 +202,24 @@ class Metadata(_Part):
         missing or mistyped key or a format_version this code does not read; keys it does
         not know are left out."""
         version = d.get("format_version") if isinstance(d, dict) else None
-        if isinstance(d, dict) and "format_version" in d and version != FORMAT_VERSION:
+        if isinstance(d, dict) and "format_version" in d and version not in READS:
             raise MetadataError(f"{where}: format_version {version!r}, and this code reads format_version "
-                                f"{FORMAT_VERSION}: re-run `python -m pipelines.preprocess` with this code, "
-                                "or use the code that wrote it")
+                                f"{' or '.join(map(str, READS))}: re-run `python -m pipelines.preprocess` with "
+                                "this code, or use the code that wrote it")
+        if version == 1 and isinstance(d.get("encoder"), dict):  # read as the version-2 record it means
+            d = dict(d, format_version=FORMAT_VERSION, encoder={**_V1_ENCODER, **d["encoder"]})
         meta = _from_json(cls, d, where, "")
         if "train" not in meta.splits:
             raise MetadataError(f"{where}: incomplete (no splits.train)")
+        if tuple(meta.features.shape) != meta.encoder.geometry.feature_shape:
+            raise MetadataError(f"{where}: features.shape {list(meta.features.shape)} is not the encoder's "
+                                f"{meta.encoder.geometry.describe()}")
         return meta
+
+    @property
+    def geometry(self) -> geometry_lib.Geometry:
+        """The features' geometry: the encoder's input size, grid and channels."""
+        return self.encoder.geometry
 
 
 def _to_json(value):
@@ -244,6 +293,14 @@ def read(data_dir: str) -> Metadata:
     except ValueError as e:
         raise MetadataError(f"{path}: not valid JSON ({e})") from None
     return Metadata.from_dict(d, path)
+
+
+def check_encoder(recorded: dict | None, meta: Metadata, user: str, data: str) -> None:
+    """Refuse, in one line, data whose features another encoder made than the one `user` (a job,
+    an export) was trained on; `recorded`: its copy of that data's encoder record."""
+    if not meta.encoder.makes_same_features(recorded):
+        raise MetadataError(f"{user}: trained on features of {Encoder.describe(recorded)}, and {data} holds "
+                            f"features of {meta.encoder.identity()}: use the data it trained on")
 
 
 def write(data_dir: str, meta: Metadata) -> None:

@@ -9,6 +9,8 @@ shards; token ids are a flat int64 list plus one length per caption (a ragged
 The pipeline writes with `make_example` and `frame`; the trainer, evaluator and
 tests read with `parse_examples` (batched, inside tf.data). Nothing else spells
 the keys; the shards' names are caption_io.datadir's (imported here for the readers of shards).
+A feature map's shape [positions, channels] is the encoder's (caption_io.geometry), which
+metadata.json records: readers pass it in.
 """
 from __future__ import annotations
 
@@ -18,7 +20,6 @@ import google_crc32c
 import numpy as np
 import tensorflow as tf
 
-from caption_io import geometry
 from caption_io.datadir import (  # noqa: F401  (the shards' names, read through this module too)
     METADATA_FILE,
     SHARD_SUFFIX,
@@ -29,7 +30,6 @@ from caption_io.datadir import (  # noqa: F401  (the shards' names, read through
     shard_prefix,
 )
 
-FEATURE_SHAPE = geometry.FEATURE_SHAPE
 FEATURE_DTYPE = np.float16
 
 IMAGE_ID = "image/id"
@@ -55,11 +55,11 @@ def frame(record: bytes) -> bytes:
 
 
 def make_example(image_id: int, file_name: str, features: np.ndarray,
-                 caption_ids: list[list[int]], caption_texts: list[str]) -> bytes:
-    """Serialise one image and its captions."""
+                 caption_ids: list[list[int]], caption_texts: list[str], feature_shape: tuple[int, int]) -> bytes:
+    """Serialise one image and its captions; `features` must be the data directory's [positions, channels]."""
     features = np.asarray(features)
-    if features.shape != FEATURE_SHAPE:
-        raise ValueError(f"image {image_id}: features have shape {features.shape}, expected {FEATURE_SHAPE}")
+    if features.shape != tuple(feature_shape):
+        raise ValueError(f"image {image_id}: features have shape {features.shape}, expected {tuple(feature_shape)}")
     if len(caption_ids) != len(caption_texts) or not caption_ids:
         raise ValueError(f"image {image_id}: needs one or more captions, each with ids and text")
     flat = [int(t) for ids in caption_ids for t in ids]
@@ -89,16 +89,18 @@ _SPEC = {
 }
 
 
-def parse_examples(serialized: tf.Tensor, feature_shape=FEATURE_SHAPE) -> dict:
+def parse_examples(serialized: tf.Tensor, feature_shape: tuple[int, int] | None) -> dict:
     """Parse a batch of serialised examples (a string vector).
 
-    Returns image_id [B] int64, file_name [B] string, features [B, 64, 2048]
-    float16, captions [B, (captions), (tokens)] int32 ragged, caption_text
+    Returns image_id [B] int64, file_name [B] string, features [B, positions, channels]
+    float16 (`feature_shape`; None: left flat, [B, positions * channels], for readers of the
+    captions alone), captions [B, (captions), (tokens)] int32 ragged, caption_text
     [B, (captions)] string ragged. Works eagerly and inside tf.data.map.
     """
     parsed = tf.io.parse_example(serialized, _SPEC)
     features = tf.io.decode_raw(parsed[FEATURES], tf.float16)
-    features = tf.reshape(features, [-1, *feature_shape])
+    if feature_shape is not None:
+        features = tf.reshape(features, [-1, *feature_shape])
     return {
         "image_id": parsed[IMAGE_ID],
         "file_name": parsed[FILE_NAME],
@@ -108,10 +110,24 @@ def parse_examples(serialized: tf.Tensor, feature_shape=FEATURE_SHAPE) -> dict:
     }
 
 
-def read_records(paths, feature_shape=FEATURE_SHAPE) -> list[dict]:
-    """Every record of some shard files as plain numpy/python values (for tests and tools)."""
+def beside(shards: list[str]) -> tuple[int, int]:
+    """The feature shape metadata.json records in the data directory that holds `shards`."""
+    import os
+
+    from caption_io import metadata  # metadata does not import this module
+
+    if not shards:
+        raise ValueError("no shard files")
+    return metadata.read(os.path.dirname(shards[0]) or ".").features.shape
+
+
+def read_records(paths, feature_shape: tuple[int, int] | None = None) -> list[dict]:
+    """Every record of some shard files as plain numpy/python values (for tests and tools); the
+    features' shape is `feature_shape`, else the one metadata.json beside the first shard records."""
+    paths = list(paths)
+    feature_shape = feature_shape or beside(paths)
     out = []
-    ds = tf.data.TFRecordDataset(list(paths)).batch(64)
+    ds = tf.data.TFRecordDataset(paths).batch(64)
     for batch in ds:
         p = parse_examples(batch, feature_shape)
         captions, texts = p["captions"].to_list(), p["caption_text"].to_list()

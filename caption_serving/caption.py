@@ -7,8 +7,9 @@
 Each input is a local file, a gs:// object or an http(s) URL; --model and --plot
 may be gs:// too. Prints one caption a line (`INPUT<TAB>caption` when several inputs are given), or
 with --json one object a line: {"input", "caption", "score", "tokens", "attention"}
-where tokens are the caption's words and attention holds, per word, the 64 weights
-(8x8 grid) the model used when it generated that word; <end> is not included. With
+where tokens are the caption's words and attention holds, per word, the weights over the
+encoder's grid of cells (row-major; export.json's "encoder" record gives the grid: 8x8 = 64 for
+InceptionV3) the model used when it generated that word; <end> is not included. With
 --num-captions K > 1: K lines an image (caption<TAB>log-prob, best first), or in --json
 a "captions" list of {"caption", "score"}.
 
@@ -23,6 +24,7 @@ if __name__ == "__main__":  # the quiet start goes in before anything imports Te
 
     quiet.install()
 
+import functools
 import json
 import os
 import socket
@@ -35,7 +37,7 @@ import warnings
 import numpy as np
 from PIL import Image
 
-from caption_io import cli, decoding_defaults, fileio, images, savedmodel
+from caption_io import cli, decoding_defaults, fileio, geometry, images, savedmodel
 from caption_serving.client import (
     ModelError,
     add_decoding_flags,
@@ -153,8 +155,8 @@ def _parse_flags(argv) -> tuple:
 
 
 def _load(a) -> tuple:
-    """-> (the model, the caption length cap); a model that cannot be loaded is a ModelError
-    whose line names the flag (exit 2)."""
+    """-> (the model, its export.json as client.export_info gives it); a model that cannot be
+    loaded is a ModelError whose line names the flag (exit 2)."""
     # decode() refuses images over its own pixel cap with a clear reason; PIL's warning
     # for the same images would only be a second, noisier line.
     warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -162,18 +164,19 @@ def _load(a) -> tuple:
         model, info = load_model(a.model)
     except ModelError as e:  # the line names the flag; exit 2 (ModelError's)
         raise ModelError(f"--model {a.model}: {e}") from None
-    return model, a.max_length or savedmodel.export_max_length(info)
+    return model, info
 
 
-def _plotter(a):
-    """The plot module with --plot's directory made, or None without --plot. The module is
-    imported only here: matplotlib is not loaded for a run that draws nothing."""
+def _plotter(a, info: dict):
+    """plot.attention_png over the export's grid (from `info`, its export.json), with --plot's
+    directory made; or None without --plot. The module is imported only here: matplotlib is
+    not loaded for a run that draws nothing."""
     if not a.plot:
         return None
     from caption_serving import plot
 
     fileio.makedirs(a.plot)
-    return plot
+    return functools.partial(plot.attention_png, grid=geometry.of_encoder(info.get("encoder")).grid)
 
 
 def _load_inputs(sources: list[str], a) -> tuple[list, int]:
@@ -189,13 +192,14 @@ def _load_inputs(sources: list[str], a) -> tuple[list, int]:
     return good, failed
 
 
-def _write_plot(plot, a, source: str, pixels: np.ndarray, r: dict, taken: set[str]) -> None:
-    """One image's attention plot in --plot's directory, and its line on stderr."""
+def _write_plot(draw, a, source: str, pixels: np.ndarray, r: dict, taken: set[str]) -> None:
+    """One image's attention plot, drawn by `draw` (_plotter's), in --plot's directory, and its
+    line on stderr."""
     if not r["words"]:
         print(f"{source}: empty caption, no attention plot", file=sys.stderr)
         return
     path = fileio.join(a.plot, plot_name(source, taken))
-    fileio.write_bytes(path, plot.attention_png(pixels, r["words"], r["attention"]))
+    fileio.write_bytes(path, draw(pixels, r["words"], r["attention"]))
     print(f"{source}: attention plot in {path}", file=sys.stderr)
 
 
@@ -223,8 +227,9 @@ def main(argv=None) -> int:
     cli.command puts the quiet start in before TensorFlow is imported (this module imports
     it only when a model is loaded)."""
     a, controls = _parse_flags(argv)
-    model, max_length = _load(a)
-    plot = _plotter(a)
+    model, info = _load(a)
+    max_length = a.max_length or savedmodel.export_max_length(info)
+    draw = _plotter(a, info)
     several, failed, taken = len(a.inputs) > 1, 0, set()
 
     # Inputs go in modest batches: memory stays bounded and captions appear as they come.
@@ -238,8 +243,8 @@ def main(argv=None) -> int:
         except ModelError as e:  # an export older than the decoding controls
             raise ModelError(f"--model {a.model}: {e}") from None
         for (source, _, pixels), r in zip(good, results):
-            if plot is not None:
-                _write_plot(plot, a, source, pixels, r, taken)
+            if draw is not None:
+                _write_plot(draw, a, source, pixels, r, taken)
             _print_result(a, source, r, several)
     return 1 if failed else 0
 

@@ -2,8 +2,8 @@
 
     python -m caption_serving.export --job-dir JOB_DIR [--output DIR] [--data DATA_DIR] [--checkpoint last|best|PATH]
 
-The SavedModel holds everything: the InceptionV3 encoder with exactly the
-weights that made the training features, the image decoding and scaling, the
+The SavedModel holds everything: the image encoder (the data's backbone, model/backbones.py) with
+exactly the weights that made the training features, the image decoding and scaling, the
 caption decoder and the vocabulary. It needs TensorFlow and nothing else (no
 tensorflow-text op: captions are detokenised with a gather over the vocabulary).
 
@@ -30,7 +30,7 @@ from caption_io import vocab as vocab_lib
 from caption_io.jobdir import CONFIG_FILE
 from caption_io.savedmodel import EXPORT_INFO
 from caption_serving import warmup
-from model import Captioner, CaptionerConfig, decoding, inception
+from model import Captioner, CaptionerConfig, backbones, decoding
 
 CHECKPOINT_CHOICES = ("last", "best")  # or a checkpoint's path
 
@@ -45,9 +45,11 @@ OPTION_SPECS = [tf.TensorSpec([], tf.int32) for _ in savedmodel.INT_OPTIONS] + [
 
 
 class CaptionModule(tf.Module):
-    def __init__(self, captioner: Captioner, encoder, tokens: list[str], beam_size: int, max_length: int):
+    def __init__(self, captioner: Captioner, backbone: backbones.Backbone, encoder, tokens: list[str],
+                 beam_size: int, max_length: int):
         super().__init__()
         self.captioner = captioner
+        self._backbone = backbone  # how images are sized and scaled for `encoder`
         self.encoder = encoder
         self.vocab = tf.constant(tokens)
         self.default_beam_size = beam_size
@@ -75,10 +77,10 @@ class CaptionModule(tf.Module):
 
     def _pixels(self, images):
         def one(data):
-            return inception.prepare(inception.decode(data)[None])[0]
+            return self._backbone.prepare(backbones.decode(data)[None])[0]
 
-        return tf.map_fn(one, images, fn_output_signature=tf.TensorSpec(
-            [inception.INPUT_SIZE, inception.INPUT_SIZE, 3], tf.float32))
+        size = self._backbone.geometry.input_size
+        return tf.map_fn(one, images, fn_output_signature=tf.TensorSpec([size, size, 3], tf.float32))
 
     @staticmethod
     def _controls(num_captions, no_repeat_ngram, min_length, length_alpha) -> dict:
@@ -142,6 +144,10 @@ def build_module(job_dir: str, data_dir: str | None = None, beam_size: int = dec
     except jobdir.RecordedPathError as e:
         raise ExportError(str(e)) from None
     meta = metadata.read(data_dir)
+    metadata.check_encoder(jobdir.recorded_encoder(job_dir), meta, f"--job-dir {job_dir}", f"--data {data_dir}")
+    if (config.num_positions, config.feature_dim) != meta.geometry.feature_shape:
+        raise ExportError(f"--data {data_dir}: {meta.geometry.describe()} ({meta.encoder.name}), and the model "
+                          f"attends over {config.num_positions} positions of {config.feature_dim} channels")
     tokens = metadata.load_vocab(data_dir, meta)
     if len(tokens) != config.vocab_size:
         raise ExportError(f"--data {data_dir}: vocabulary of {len(tokens)} tokens, the model has {config.vocab_size}")
@@ -152,13 +158,14 @@ def build_module(job_dir: str, data_dir: str | None = None, beam_size: int = dec
     enc_path = fileio.join(data_dir, meta.encoder.file)
     if fileio.sha256(enc_path) != meta.encoder.sha256:
         raise ExportError(f"{enc_path}: not the encoder that made the features (sha256 differs from metadata.json)")
-    encoder = inception.load(enc_path)
+    backbone = backbones.get(meta.encoder.name)
+    encoder = backbone.load(enc_path)
     longest = meta.max_tokens
     max_length = max_length or savedmodel.default_max_length(longest)  # generated tokens (<end> included)
     info = {"checkpoint": fileio.absolute(ckpt), "encoder": meta.encoder.to_dict(), "config": config.to_dict(),
             "vocab_size": len(tokens), savedmodel.INFO_BEAM_SIZE: beam_size, savedmodel.INFO_MAX_LENGTH: max_length,
             "signatures": list(savedmodel.SIGNATURES), "data": data_dir}
-    return CaptionModule(captioner, encoder, tokens, beam_size, max_length), info
+    return CaptionModule(captioner, backbone, encoder, tokens, beam_size, max_length), info
 
 
 def export(job_dir: str, output: str | None = None, data_dir: str | None = None,

@@ -108,7 +108,9 @@ class Served:
                 "fixed": {k: v for k, v in CONTROL_DEFAULTS.items()
                           if k in self.specs[savedmodel.CAPTION_IMAGES] and k != savedmodel.NUM_CAPTIONS},
                 "max_body_bytes": limits.max_body_bytes, "max_pixels": limits.max_pixels,
-                "first_word_id": vocab.FIRST_WORD_ID, "grid": geometry.GRID}
+                "first_word_id": vocab.FIRST_WORD_ID,
+                # The encoder's grid of cells, [rows, columns]: the shape of a word's attention.
+                "grid": list(geometry.of_encoder(self.info.get("encoder")).grid)}
 
 
 # ---------------------------------------------------------------------------- one request

@@ -20,8 +20,8 @@ class CaptionerConfig:
     layers: int = 2                 # transformer: decoder blocks
     heads: int = 2                  # transformer: attention heads (units a multiple of it)
     ff_units: int = 0               # transformer: feed-forward width (0: 2 * units)
-    num_positions: int = geometry.POSITIONS  # the encoder's grid, flattened
-    feature_dim: int = geometry.CHANNELS     # channels of the stored features
+    num_positions: int = geometry.DEFAULT.positions  # the encoder's grid, flattened (its data's metadata.json)
+    feature_dim: int = geometry.DEFAULT.channels     # channels of the stored features
     dropout: float = 0.1            # GRU: on word embeddings and its output; transformer: on
                                     # its input and every sub-layer's output
     word_dropout: float = 0.0       # training: a fed word -> <unk> with this probability

@@ -33,9 +33,10 @@ import time
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from caption_io import cli, datadir, fileio, records
+from caption_io import cli, datadir, fileio
 from caption_io import metadata as metadata_lib
 from caption_io import vocab as vocab_lib
+from model import backbones
 from pipelines import launcher, shards, sources
 from pipelines.launcher import UsageError
 from pipelines.transforms import check, encode, metadata, stats, vocabulary
@@ -43,7 +44,6 @@ from pipelines.transforms import check, encode, metadata, stats, vocabulary
 log = logging.getLogger("pipelines.preprocess")
 
 # The data directory's names are caption_io.datadir's; these keep them readable through this module.
-ENCODER_FILE = datadir.ENCODER_FILE
 STATS_FILE = datadir.STATS_FILE
 METADATA_FILE = datadir.METADATA_FILE
 
@@ -60,7 +60,7 @@ def build(p: beam.Pipeline, opts: dict) -> None:
     encodes and writes each shard, streaming, with the vocabulary ready.
 
     opts: output, splits {split: manifest path}, annotation_rejects (path), num_shards
-    {split: n}, batch_size, total_images, vocab_size, min_count, encoder_path,
+    {split: n}, batch_size, total_images, vocab_size, min_count, encoder (the backbone), encoder_path,
     encoder_sha256, static (the planned caption_io.metadata.Metadata, which WriteMetadata completes).
     """
     out = opts["output"]
@@ -74,7 +74,7 @@ def build(p: beam.Pipeline, opts: dict) -> None:
     checked = entries | "CheckInputs" >> check.CheckInputs()
     vocab = checked["ok"] | "Vocabulary" >> vocabulary.BuildVocabulary(opts["vocab_size"], opts["min_count"])
     written = checked["ok"] | "EncodeShards" >> encode.EncodeShards(
-        out, opts["num_shards"], vocab, opts["encoder_path"], opts["encoder_sha256"],
+        out, opts["num_shards"], vocab, opts["encoder"], opts["encoder_path"], opts["encoder_sha256"],
         opts["batch_size"], opts["total_images"])
     summaries = written["shards"]
 
@@ -121,8 +121,12 @@ def parse_args(argv):
     ap.add_argument("--vocab-size", type=int, default=5000,
                     help="most frequent training words kept (plus 4 special tokens)")
     ap.add_argument("--min-count", type=int, default=1, help="words seen fewer times become <unk>")
+    ap.add_argument("--encoder", default=backbones.DEFAULT, choices=backbones.NAMES,
+                    help="the image encoder (keras.applications, without its top): its last convolutional grid "
+                         "is the features")
     ap.add_argument("--encoder-weights", default="imagenet",
-                    help="imagenet | random | PATH to InceptionV3 (no top) weights")
+                    help="imagenet | random | PATH to the --encoder's weights (no top, as the data directory's "
+                         "encoder/ holds them)")
     ap.add_argument("--seed", type=int, default=0, help="seed for random encoder weights and --max-captions")
     ap.add_argument("--num-shards", default="8",
                     help="shards per split: N, or split=N,... (e.g. train=64,val=4,test=4)")
@@ -238,18 +242,16 @@ def _plan_splits(args, entries: dict) -> tuple[dict, metadata_lib.MaxCaptions | 
 
 
 def _fix_encoder(args, out: str) -> tuple[str, str]:
-    """Builds the encoder (--encoder-weights, seeded) and saves it into the data directory, where
-    export will load exactly these weights. -> (its path, the digest of its weights)."""
-    from model import inception
-
+    """Builds the encoder (--encoder with --encoder-weights, seeded) and saves it into the data
+    directory, where export will load exactly these weights. -> (its path, the digest of its weights)."""
     t = time.time()
     try:
-        encoder = inception.build(args.encoder_weights, args.seed)
-    except inception.EncoderWeightsError as e:
+        encoder = backbones.get(args.encoder).build(args.encoder_weights, args.seed)
+    except backbones.EncoderWeightsError as e:
         raise UsageError(str(e)) from None
-    encoder_path = fileio.join(out, datadir.ENCODER_FILE)
-    inception.save(encoder, encoder_path)
-    encoder_digest = inception.weights_sha256(encoder)
+    encoder_path = fileio.join(out, datadir.encoder_file(args.encoder))
+    backbones.save(encoder, encoder_path)
+    encoder_digest = backbones.weights_sha256(encoder)
     log.info("encoder ready in %.1fs: %s", time.time() - t, encoder_path)
     return encoder_path, encoder_digest
 
@@ -269,21 +271,22 @@ def _write_manifests(out: str, splits: dict, rejects: list) -> tuple[dict, str]:
 def _static_metadata(args, source: dict, max_captions, encoder_path: str, splits: dict) -> metadata_lib.Metadata:
     """metadata.json but what the pipeline counts (vocab.size, features.stats_count, the splits'
     counts and shard lists: zero here), which WriteMetadata fills in."""
-    from model import inception
-
+    backbone = backbones.get(args.encoder)
+    geometry = backbone.geometry
     return metadata_lib.Metadata(
         format_version=metadata_lib.FORMAT_VERSION,
         created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         command=" ".join(["python -m pipelines.preprocess"] + list(args.argv)),
         source=metadata_lib.Source(**source, max_captions=max_captions),
         features=metadata_lib.Features(
-            shape=tuple(records.FEATURE_SHAPE), dtype="float16", stats_file=datadir.STATS_FILE, stats_count=0,
+            shape=geometry.feature_shape, dtype="float16", stats_file=datadir.STATS_FILE, stats_count=0,
             standardise="per channel, (x - mean) / std, statistics over the training split"),
         encoder=metadata_lib.Encoder(
-            architecture=inception.ARCHITECTURE, weights=args.encoder_weights,
+            name=backbone.name, architecture=backbone.architecture, weights=args.encoder_weights,
             seed=args.seed if args.encoder_weights == "random" else None,
-            file=datadir.ENCODER_FILE, sha256=fileio.sha256(encoder_path), input_size=inception.INPUT_SIZE,
-            input_scaling="bilinear resize to 299x299, then x / 127.5 - 1"),
+            file=datadir.encoder_file(backbone.name), sha256=fileio.sha256(encoder_path),
+            input_size=geometry.input_size, input_scaling=backbone.input_scaling, grid=geometry.grid,
+            channels=geometry.channels),
         vocab=metadata_lib.Vocab(file=datadir.VOCAB_FILE, size=0, max_words=args.vocab_size,
                                  min_count=args.min_count, specials=tuple(vocab_lib.SPECIALS), built_from="train"),
         splits={s: metadata.planned_split(args.num_shards[s], datadir.shard_pattern(s)) for s in splits},
@@ -295,8 +298,8 @@ def _static_metadata(args, source: dict, max_captions, encoder_path: str, splits
 def prepare(args) -> dict:
     """The launcher's work before the pipeline: validate, read the annotations
     into a manifest, fix the encoder weights. Returns the options for `build`."""
-    # TensorFlow loads first: an install that cannot import it fails before the output is touched.
-    from model import inception  # noqa: F401
+    # TensorFlow loads first (model.backbones imports it, at the top of this module): an install
+    # that cannot import it fails before the output is touched.
 
     out = args.output.rstrip("/")
     entries, rejects, source = _read_annotations(args)
@@ -308,7 +311,8 @@ def prepare(args) -> dict:
     return {"output": out, "splits": manifests, "annotation_rejects": rejects_path,
             "num_shards": {s: args.num_shards[s] for s in splits}, "batch_size": args.batch_size,
             "total_images": sum(len(e) for e in splits.values()),
-            "vocab_size": args.vocab_size, "min_count": args.min_count, "encoder_path": encoder_path,
+            "vocab_size": args.vocab_size, "min_count": args.min_count, "encoder": args.encoder,
+            "encoder_path": encoder_path,
             "encoder_sha256": encoder_digest, "static": static}
 
 

@@ -36,6 +36,19 @@ def test_gpu_benchmark_runs_every_path_at_toy_sizes():
     assert all(r["real_tokens_per_s"] > 0 and 0 < r["mfu"] for r in result["train_step"].values())
 
 
+def test_pipeline_throughput_measures_the_chosen_backbone_at_toy_size(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.pipeline_throughput", "--encoder", "mobilenet_v3_large",
+                           "--images", "8", "--batch-size", "4", "--workdir", str(tmp_path)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads([line for line in proc.stdout.splitlines() if line.startswith("RESULT ")][-1][7:])
+    assert result["encoder"] == "mobilenet_v3_large"
+    assert (result["input_size"], result["features"]) == (224, "7x7x960")
+    assert result["feature_bytes_per_image"] == 49 * 960 * 2
+    assert result["shard_bytes_per_image"] > result["feature_bytes_per_image"]
+    assert result["encoder_images_per_s"] > 0 and result["pipeline_images_per_s"] > 0
+
+
 def test_input_scale_writes_shards_the_trainer_streams(tmp_path):
     from benchmarks import input_scale
     from caption_io import metadata

@@ -19,7 +19,8 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from caption_serving import caption, client
+from caption_io import geometry
+from caption_serving import caption, client, plot
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -71,6 +72,11 @@ def direct(loaded, default_max_length):
 def read(path):
     with open(path, "rb") as f:
         return f.read()
+
+
+def positions(export_dir):
+    """The weights in one attention row of the export: its encoder's grid, flattened."""
+    return geometry.of_encoder(client.export_info(export_dir).get("encoder")).positions
 
 
 @pytest.fixture
@@ -148,7 +154,7 @@ def test_json_has_one_attention_row_per_word(export_dir, val_images, direct, cap
         assert r["tokens"] == r["caption"].split() and r["tokens"]
         # Decided: <end> has no row; one row per word of the caption.
         att = np.array(r["attention"])
-        assert att.shape == (len(r["tokens"]), 64)
+        assert att.shape == (len(r["tokens"]), positions(export_dir))
         np.testing.assert_allclose(att.sum(-1), 1.0, atol=1e-4)
         n_words = len(r["tokens"])
         np.testing.assert_allclose(att, want["attention"][i][:n_words], atol=1e-5)  # words come before <end>
@@ -184,6 +190,49 @@ def test_plot_is_a_png_with_one_panel_per_word(export_dir, val_images, tmp_path,
         panels = [ax for ax in fig.axes if ax.images]  # a panel: the image with its heat map
         assert len(panels) == len(row["tokens"]) > 0
         assert [ax.get_title() for ax in panels] == row["tokens"]
+
+
+def _panel(png: bytes) -> np.ndarray:
+    """The picture's area in a one-panel plot of a black picture, in grey levels: darker than the
+    white page in (nearly) full rows and columns, which the title's letters do not fill."""
+    grey = np.asarray(Image.open(io.BytesIO(png)).convert("L"), float)
+    dark = grey < 200
+    rows = np.flatnonzero(dark.sum(1) > 0.9 * dark.sum(1).max())
+    cols = np.flatnonzero(dark.sum(0) > 0.9 * dark.sum(0).max())
+    return grey[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+
+
+def _corners(panel: np.ndarray) -> dict:
+    """Mean grey of each corner's tenth of the panel."""
+    h, w = (max(n // 10, 1) for n in panel.shape)
+    return {"top left": panel[:h, :w].mean(), "top right": panel[:h, -w:].mean(),
+            "bottom left": panel[-h:, :w].mean(), "bottom right": panel[-h:, -w:].mean()}
+
+
+def test_a_plot_over_a_non_square_grid_lights_where_the_model_looked():
+    rows, columns = 7, 5
+    black = np.zeros((140, 100, 3), np.uint8)  # cells of 20 x 20 pixels
+    last_cell = np.eye(rows * columns)[-1]
+    top_row = np.where(np.arange(rows * columns) < columns, 1 / columns, 0.0)  # row-major: the first row
+    for weights, lit, unlit in [(last_cell, "bottom right", "top left"), (top_row, "top right", "bottom left")]:
+        corners = _corners(_panel(plot.attention_png(black, ["word"], weights[None], (rows, columns))))
+        assert corners[lit] > 100 and corners[unlit] < 30, (lit, corners)
+
+
+def test_a_heat_map_puts_each_cell_rows_down_and_columns_across():
+    heat = plot.heat_map(np.eye(35)[1 * 5 + 3], (7, 5), 100, 140)  # cell (row 1, column 3) of 7x5
+    assert heat.shape == (140, 100)
+    y, x = np.unravel_index(np.argmax(heat), heat.shape)
+    assert 20 <= y < 40 and 60 <= x < 80, (y, x)
+
+
+def test_a_grid_that_does_not_fit_the_attention_is_refused():
+    black = np.zeros((40, 40, 3), np.uint8)
+    with pytest.raises(ValueError, match=r"35 positions.*6x6"):
+        plot.attention_png(black, ["word"], np.full((1, 35), 1 / 35), (6, 6))
+    with pytest.raises(ValueError, match=r"35 positions.*not a square"):  # no grid given: a square is inferred
+        plot.attention_png(black, ["word"], np.full((1, 35), 1 / 35))
+    assert plot.attention_png(black, ["word"], np.full((1, 49), 1 / 49)).startswith(PNG_SIGNATURE)  # 7x7
 
 
 def test_urls_odd_formats_and_bad_inputs_in_one_call(export_dir, val_images, direct, http_dir, tmp_path):
@@ -302,6 +351,6 @@ def test_a_transformer_export_captions_with_attention_and_plots_like_the_grus(tr
     for i, r in enumerate(rows):
         assert r["caption"] == want["captions"][i].numpy().decode() and r["tokens"]
         att = np.array(r["attention"])
-        assert att.shape == (len(r["tokens"]), 64)
+        assert att.shape == (len(r["tokens"]), positions(export_dir))
         np.testing.assert_allclose(att.sum(-1), 1.0, atol=1e-4)
     assert sorted(os.listdir(tmp_path / "plots")) == sorted(f"{os.path.basename(p)}.attention.png" for p in paths)

@@ -241,7 +241,8 @@ def test_no_argv_means_the_process_is_the_command(monkeypatch, clean_logging):
 @pytest.mark.parametrize("where, name, code", [
     ("caption_io.fileio", "WriteError", 2), ("caption_io.vocab", "VocabError", 2),
     ("caption_io.images", "ImageError", 2), ("caption_io.jobdir", "RecordedPathError", 2),
-    ("model.inception", "EncoderWeightsError", 2), ("model.fused_attention", "KernelError", 2),
+    ("model.backbones", "EncoderWeightsError", 2), ("model.backbones", "BackboneError", 2),
+    ("model.fused_attention", "KernelError", 2),
     ("caption_serving.caption", "InputError", 1), ("caption_serving.caption", "ModelError", 2),
     ("caption_serving.export", "ExportError", 2), ("caption_serving.serve", "ServeError", 2),
     ("caption_serving.request", "RequestError", 2),

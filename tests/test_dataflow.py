@@ -13,7 +13,7 @@ import os
 
 import pytest
 
-from caption_io import fileio
+from caption_io import datadir, fileio
 from pipelines import preprocess
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -65,7 +65,7 @@ def test_translates_with_setup_file(gcs, gcs_coco):
     assert any(b"workflow.tar.gz" in p for p in staged), staged
     # The launcher's work went to the bucket; the pipeline itself ran nowhere.
     out = fileio.join(gcs, "data-setup")
-    assert fileio.exists(fileio.join(out, preprocess.ENCODER_FILE))
+    assert fileio.exists(fileio.join(out, datadir.encoder_file("inception_v3")))
     assert fileio.exists(fileio.join(out, "inputs", "train.jsonl"))
     assert not fileio.exists(fileio.join(out, preprocess.METADATA_FILE))
 

@@ -11,7 +11,7 @@ import shutil
 import pytest
 import tensorflow as tf
 
-from caption_io import checkpoints, metadata
+from caption_io import checkpoints, datadir, metadata
 from caption_serving import export
 from trainer import task
 
@@ -111,7 +111,7 @@ def test_shards_refused_by_a_full_disk_then_a_rerun_finishes_the_same_data(scene
     args = ["--coco-dir", scene_dir, "--output", out, "--encoder-weights", "random", "--seed", "1",
             "--num-shards", "train=2,val=1"]  # as small_data was made
     # Room for the encoder's weights and the small files, not for a shard (each over 1 MB).
-    encoder = os.path.getsize(os.path.join(small_data, "encoder", "inception_v3.weights.h5"))
+    encoder = os.path.getsize(os.path.join(small_data, datadir.encoder_file("inception_v3")))
     small_disk.fill(leave=encoder + 512 * 1024)
     assert preprocess.main(args) == 2
     line = capsys.readouterr().err.strip().splitlines()[-1]

@@ -14,10 +14,12 @@ import pytest
 
 from caption_eval import evaluate, gallery
 from caption_eval.evaluators import attention, coco_metrics, exact_objects
+from caption_io import geometry
 from tests.conftest import headless_chromium
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-W, H = 320, 240  # the scene set's image size: grid cells are 40 x 30 pixels
+W, H = 320, 240  # the scene set's image size: on InceptionV3's 8x8 grid, cells are 40 x 30 pixels
+EIGHT = geometry.INCEPTION_V3.grid
 
 
 # ------------------------------------------------------------------------------------ scoring
@@ -80,7 +82,7 @@ def test_malformed_result_entry_is_refused():
 
 # ----------------------------------------------------------------------- attention correctness
 def test_box_covering_four_cells():
-    cover = attention.cell_coverage([40, 30, 80, 60], W, H)  # columns 1-2, rows 1-2
+    cover = attention.cell_coverage([40, 30, 80, 60], W, H, EIGHT)  # columns 1-2, rows 1-2
     assert cover.sum() == pytest.approx(4.0)
     assert sorted(np.flatnonzero(cover)) == [9, 10, 17, 18]  # row-major: row * 8 + column
     assert cover.sum() / 64 == pytest.approx(4 / 64)
@@ -88,32 +90,60 @@ def test_box_covering_four_cells():
 
 def test_grid_is_row_major_rows_down_the_image():
     # Two cells side by side on row 1: x picks the column, y the row.
-    assert list(np.flatnonzero(attention.cell_coverage([40, 30, 80, 30], W, H))) == [9, 10]
+    assert list(np.flatnonzero(attention.cell_coverage([40, 30, 80, 30], W, H, EIGHT))) == [9, 10]
 
 
-def test_cells_match_the_encoders_feature_map():
-    """The convention cell_coverage assumes, checked on the encoder itself: a patch
-    in the top-right corner changes the features of the top-right cells most."""
+@pytest.mark.parametrize("name", ["inception_v3", "convnext_tiny"])  # an 8x8 grid and a 7x7 one
+def test_cells_match_the_encoders_feature_map(name):
+    """The convention cell_coverage assumes, checked on the encoder itself: a patch over the
+    top-right 2x2 cells changes the features of those cells most."""
     import tensorflow as tf
 
-    from model import inception
+    from model import backbones
 
-    plain = np.full((H, W, 3), 128, np.uint8)
+    backbone = backbones.get(name)
+    grid = backbone.geometry.grid
+    width, height = 40 * grid[1], 30 * grid[0]  # cells of 40 x 30 pixels
+    plain = np.full((height, width, 3), 128, np.uint8)
     patched = plain.copy()
-    patched[0:60, 240:320] = 255  # box [240, 0, 80, 60]: rows 0-1, columns 6-7
-    feats = inception.build("random", 0)(inception.prepare(tf.constant(np.stack([plain, patched]))),
-                                         training=False).numpy()
+    patched[0:60, width - 80:width] = 255  # box [width - 80, 0, 80, 60]: rows 0-1, the last two columns
+    feats = backbone.build("random", 0)(backbone.prepare(tf.constant(np.stack([plain, patched]))),
+                                        training=False).numpy()
     change = np.linalg.norm(feats[1] - feats[0], axis=1)
-    cover = attention.cell_coverage([240, 0, 80, 60], W, H)
+    cover = attention.cell_coverage([width - 80, 0, 80, 60], width, height, grid)
     assert set(np.argsort(change)[-4:]) == set(np.flatnonzero(cover))
 
 
 def test_partial_cells_count_by_area():
     # Half a cell wide, one cell high: half of one cell; the aspect is not kept (320x240).
-    cover = attention.cell_coverage([0, 0, 20, 30], W, H)
+    cover = attention.cell_coverage([0, 0, 20, 30], W, H, EIGHT)
     assert cover[0] == pytest.approx(0.5) and cover.sum() == pytest.approx(0.5)
     # A box past the image's edge counts only inside it.
-    assert attention.cell_coverage([300, 210, 100, 100], W, H).sum() == pytest.approx(0.5)  # 20 x 30 px
+    assert attention.cell_coverage([300, 210, 100, 100], W, H, EIGHT).sum() == pytest.approx(0.5)  # 20 x 30 px
+
+
+@pytest.mark.parametrize("grid, width, height", [((7, 7), 350, 280), ((3, 5), 320, 240)])
+def test_cell_coverage_on_other_grids(grid, width, height):
+    rows, columns = grid
+    cell_w, cell_h = width / columns, height / rows  # columns split the width, rows the height
+    cover = attention.cell_coverage([2 * cell_w, 1 * cell_h, cell_w, cell_h], width, height, grid)
+    exactly = np.zeros(rows * columns)
+    exactly[1 * columns + 2] = 1.0  # cell (row 1, column 2), row-major
+    np.testing.assert_allclose(cover, exactly, atol=1e-9)
+    # The whole top row, and a box of 2.25 x 1.5 cells at an odd place: its area, in cells.
+    top = attention.cell_coverage([0, 0, width, cell_h], width, height, grid)
+    assert list(np.flatnonzero(top)) == list(range(columns)) and top.sum() == pytest.approx(columns)
+    box = attention.cell_coverage([0.3 * cell_w, 0.5 * cell_h, 2.25 * cell_w, 1.5 * cell_h], width, height, grid)
+    assert box.sum() == pytest.approx(2.25 * 1.5)
+
+
+def test_attention_over_another_grid_is_refused_naming_both(tmp_path):
+    inst = _instances(tmp_path, [("red", "circle", [40, 30, 80, 60])])
+    seven = attention.AttentionCorrectness(inst, (7, 7))
+    seven.add(_item(5, ["red", "circle"], np.full((2, 49), 1 / 49)))
+    assert seven.summary()["ratio"] == pytest.approx(1.0) and "7x7 grid" in seven.summary()["cells"]
+    with pytest.raises(ValueError, match=r"64 positions.*7x7"):
+        seven.add(_item(5, ["red", "circle"], np.full((2, 64), 1 / 64)))
 
 
 def _instances(tmp_path, objects, elsewhere=()):
@@ -137,14 +167,14 @@ def _item(image_id, words, maps):
 
 def test_attention_share_on_constructed_maps(tmp_path):
     inst = _instances(tmp_path, [("red", "circle", [40, 30, 80, 60]), ("blue", "square", [200, 120, 80, 90])])
-    circle = attention.cell_coverage([40, 30, 80, 60], W, H)
+    circle = attention.cell_coverage([40, 30, 80, 60], W, H, EIGHT)
     on_circle = circle / circle.sum()       # all weight on the circle's four cells
     uniform = np.full(64, 1 / 64)
     words = ["a", "red", "circle", "and", "a", "blue", "square"]
     maps = np.stack([uniform, on_circle, on_circle, uniform, uniform, uniform, uniform])
-    ac = attention.AttentionCorrectness(inst)
+    ac = attention.AttentionCorrectness(inst, EIGHT)
     ac.add(_item(5, words, maps))
-    square_chance = attention.cell_coverage([200, 120, 80, 90], W, H).sum() / 64
+    square_chance = attention.cell_coverage([200, 120, 80, 90], W, H, EIGHT).sum() / 64
     assert ac.shares == pytest.approx([1.0, 1.0, square_chance, square_chance])
     assert ac.chances == pytest.approx([4 / 64, 4 / 64, square_chance, square_chance])
     s = ac.summary()
@@ -154,7 +184,7 @@ def test_attention_share_on_constructed_maps(tmp_path):
 
 def test_uniform_attention_scores_chance(tmp_path):
     inst = _instances(tmp_path, [("green", "triangle", [13, 17, 91, 77])])
-    ac = attention.AttentionCorrectness(inst)
+    ac = attention.AttentionCorrectness(inst, EIGHT)
     ac.add(_item(5, ["green", "triangle"], np.full((2, 64), 1 / 64)))
     s = ac.summary()
     assert s["share"] == pytest.approx(s["chance"]) and s["ratio"] == pytest.approx(1.0)
@@ -171,7 +201,7 @@ def test_which_objects_a_word_names(tmp_path):
     # the shape word, not fitting the phrase either, names its own objects.
     assert attention.named_objects("two red shapes".split(), objects, vocab) == [None, [0, 1], None]
     assert attention.named_objects("a blue circle".split(), objects, vocab)[1:] == [[], [0]]
-    ac = attention.AttentionCorrectness(inst)
+    ac = attention.AttentionCorrectness(inst, EIGHT)
     ac.add(_item(5, "two red shapes a blue circle".split(), np.full((6, 64), 1 / 64)))
     ac.add(_item(6, ["a", "red", "square"], np.full((3, 64), 1 / 64)))  # image 6 has neither: 2 more skipped
     assert ac.summary()["skipped"] == {"words_naming_several_objects": 1, "words_naming_no_object": 3}
@@ -199,8 +229,9 @@ def test_the_gallery_shows_the_worst_half_and_then_the_split_in_order():
 
 def test_gallery_without_images_still_lists_captions(tmp_path):
     item = {"image_id": 7, "file_name": "COCO_val2014_000000000007.jpg", "caption": "a red <circle>",
-            "references": ["a red circle"], "words": ["a", "red", "circle"], "attention": np.full((3, 64), 1 / 64)}
-    index = gallery.write(str(tmp_path / "g"), [item], [str(tmp_path / "nowhere")], {7: (W, H)})
+            "references": ["a red circle"], "words": ["a", "red", "circle"], "attention": np.full((3, 15), 1 / 15)}
+    # The plot is drawn over the data's grid, here a non-square one of 3 rows and 5 columns.
+    index = gallery.write(str(tmp_path / "g"), [item], [str(tmp_path / "nowhere")], (3, 5), {7: (W, H)})
     page = open(index).read()
     assert "not found" in page and "a red &lt;circle&gt;" in page and "a red circle" in page
     assert os.path.exists(tmp_path / "g" / "7-attention.png")
@@ -235,7 +266,7 @@ def gallery_page(tmp_path_factory):
                       "attention": rng.dirichlet(np.ones(64), size=len(words)) if words else np.zeros((0, 64)),
                       "cider": cider, "novel_pair": novel, "objects_right": right})
     out = tmp / "g"
-    gallery.write(str(out), items, [str(tmp / "images")], {5: (W, H)}, summary="CIDEr  0.820")
+    gallery.write(str(out), items, [str(tmp / "images")], EIGHT, {5: (W, H)}, summary="CIDEr  0.820")
     return out, items
 
 
@@ -348,7 +379,7 @@ def test_gallery_in_chromium_sorts_filters_and_opens_a_card(gallery_page, tmp_pa
         # Items without the optional keys: those filters are disabled, and nothing breaks.
         plain = [{k: item[k] for k in ("image_id", "file_name", "caption", "references", "words", "attention")}
                  for item in items]
-        index = gallery.write(str(tmp_path / "plain"), plain, [str(out.parent / "images")], {5: (W, H)})
+        index = gallery.write(str(tmp_path / "plain"), plain, [str(out.parent / "images")], EIGHT, {5: (W, H)})
         browser.get(f"file://{index}")
         WebDriverWait(browser, 10).until(lambda b: b.find_element(By.TAG_NAME, "body").get_attribute("data-ready"))
         assert shown() == ids and count() == "6 of 6 images shown"  # no CIDEr: split order

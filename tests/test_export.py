@@ -14,7 +14,7 @@ import tensorflow as tf
 
 from caption_io import images, metadata, records, vocab
 from caption_serving import client
-from model import Captioner, CaptionerConfig, decoding, inception
+from model import Captioner, CaptionerConfig, backbones, decoding
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -98,6 +98,7 @@ def _in_process_greedy(job, paths, max_length=20):
     model = Captioner(config)
     tf.train.Checkpoint(model=model).restore(
         tf.train.latest_checkpoint(os.path.join(job, "checkpoints"))).expect_partial()
+    inception = backbones.get(meta.encoder.name)
     encoder = inception.load(os.path.join(meta_job["data"], meta.encoder.file))
     pixels = np.stack([inception.prepare(images.decode(open(p, "rb").read())[None]).numpy()[0] for p in paths])
     out = decoding.greedy(model, encoder(pixels, training=False), max_length)
@@ -185,4 +186,4 @@ def test_serving_decoder_gives_the_pipelines_pixels(scene_dir, tmp_path):
     Image.open(jpg).save(png)
     for path in (jpg, png):
         blob = open(path, "rb").read()
-        np.testing.assert_array_equal(inception.decode(tf.constant(blob)).numpy(), images.decode(blob))
+        np.testing.assert_array_equal(backbones.decode(tf.constant(blob)).numpy(), images.decode(blob))

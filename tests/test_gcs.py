@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from caption_io import fileio, metadata, records
+from caption_io import fileio, geometry, metadata, records
 
 
 def test_small_files_round_trip(gcs):
@@ -129,7 +129,7 @@ def test_pipeline_writes_its_data_set_to_gcs(gcs, scene_dir):
             os.remove(p)
     assert len(train) == N_TRAIN == meta.splits["train"].images.written
     assert len(val) == N_VAL == meta.splits["val"].images.written
-    assert train[0]["features"].shape == records.FEATURE_SHAPE
+    assert train[0]["features"].shape == geometry.DEFAULT.feature_shape
     # The shards were renamed into place whole, and they are what metadata.json says they are.
     from pipelines import shards as shards_lib
     from pipelines import validate

@@ -50,10 +50,13 @@ CAPTIONS = {1: "a red circle in the top left", 2: "a blue square in the bottom r
             3: "a red circle and a blue triangle", 4: "a picture showing a green square"}
 
 
+SEVEN = (7, 7)  # a ConvNeXt-Tiny or MobileNetV3 data directory's grid: the attention figures take it
+
+
 def _item(image_id):
     words = CAPTIONS[image_id].split()
     return {"image_id": image_id, "file_name": f"{image_id}.jpg", "caption": CAPTIONS[image_id],
-            "words": words, "references": REFS[image_id], "attention": np.full((len(words), 64), 1 / 64)}
+            "words": words, "references": REFS[image_id], "attention": np.full((len(words), 49), 1 / 49)}
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +65,7 @@ def evaluated(tmp_path_factory):
     metrics.json nests them, the CocoMetrics, the boxes)."""
     boxes = _instances(tmp_path_factory.mktemp("boxes"))
     coco = coco_metrics.CocoMetrics()
-    nested = evaluate.split_evaluators(boxes, coco)
+    nested = evaluate.split_evaluators(boxes, coco, SEVEN)
     for image_id in SCENES:
         for e in [coco] + [e for e in nested.values() if e]:
             e.add(_item(image_id))
@@ -99,7 +102,7 @@ def test_novel_pair_scenes_are_scored_apart_from_the_rest(evaluated):
 
 def test_without_held_out_pairs_there_is_no_novel_figure(tmp_path):
     boxes = _instances(tmp_path, held_out=())
-    nested = evaluate.split_evaluators(boxes, coco_metrics.CocoMetrics())
+    nested = evaluate.split_evaluators(boxes, coco_metrics.CocoMetrics(), SEVEN)
     assert nested["novel_pairs"] is None and nested["exact_objects"] is not None
     assert not any(k.startswith("val_exact_objects_") for k in epoch_eval.figures(
         {**{k: 0.0 for k in coco_metrics.METRIC_KEYS}, "n_images": 1, "novel_pairs": None}))

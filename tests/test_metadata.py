@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from caption_io import metadata
+from caption_io import geometry, metadata
 from pipelines import validate
 
 
@@ -46,8 +46,7 @@ def test_a_file_from_before_shard_lists_round_trips(small_data):
 
 def test_another_format_version_is_refused_saying_which(small_data, tmp_path, capsys):
     d = _dir_with(tmp_path, dict(_raw(small_data), format_version=metadata.FORMAT_VERSION + 1))
-    want = (f"format_version {metadata.FORMAT_VERSION + 1}, and this code reads format_version "
-            f"{metadata.FORMAT_VERSION}")
+    want = f"format_version {metadata.FORMAT_VERSION + 1}, and this code reads format_version 1 or 2"
     with pytest.raises(metadata.MetadataError, match=want) as e:
         metadata.read(d)
     assert str(e.value).startswith(os.path.join(d, "metadata.json") + ": ")
@@ -55,6 +54,26 @@ def test_another_format_version_is_refused_saying_which(small_data, tmp_path, ca
     assert validate.main([d]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: ") and want in err[-1]
+
+
+def test_a_version_1_file_reads_as_the_inception_v3_data_it_is(small_data, tmp_path):
+    """Version 1 (before the choice of backbone) has no encoder name, grid or channels; a
+    version-1 data directory still trains and exports, as InceptionV3's 8x8x2048."""
+    old = _raw(small_data)
+    for key in ("name", "grid", "channels"):
+        del old["encoder"][key]
+    old["format_version"] = 1
+    meta = metadata.read(_dir_with(tmp_path, old))
+    assert (meta.encoder.name, meta.geometry) == ("inception_v3", geometry.INCEPTION_V3)
+    assert meta.to_dict() == _raw(small_data)  # read as the version-2 file it means
+
+
+def test_features_of_another_shape_than_the_encoder_makes_are_refused(small_data, tmp_path):
+    raw = _raw(small_data)
+    raw["features"]["shape"] = [49, 960]
+    with pytest.raises(metadata.MetadataError, match=r"features.shape \[49, 960\] is not the encoder's "
+                                                     r"8x8x2048 features of 299x299 images"):
+        metadata.read(_dir_with(tmp_path, raw))
 
 
 def _drop(*keys):
@@ -77,6 +96,7 @@ def _set_val_written(raw):
     (_drop("format_version"), "incomplete (no format_version)"),
     (_drop("splits", "train"), "incomplete (no splits.train)"),
     (_drop("encoder", "sha256"), "incomplete (no encoder.sha256)"),
+    (_drop("encoder", "grid"), "incomplete (no encoder.grid)"),
     (_set_val_written, "splits.val.images.written is 'five', not an integer"),
 ])
 def test_a_broken_file_is_one_clear_error(small_data, tmp_path, change, words):

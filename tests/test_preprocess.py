@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from caption_io import images, metadata, records, text, vocab
-from model import inception
+from model import backbones
 from pipelines import preprocess
 from tests.conftest import exit_code
 
@@ -96,6 +96,7 @@ def test_counts_add_up(faulty_run, faulty_scene):
 
 def test_features_equal_the_saved_encoder_output(faulty_run, faulty_scene):
     out, meta = faulty_run
+    inception = backbones.get(meta.encoder.name)
     encoder = inception.load(os.path.join(out, meta.encoder.file))
     recs = {r["file_name"]: r for r in _records(out, "train")}
     names = faulty_scene["odd_but_good"] + sorted(set(recs) - set(faulty_scene["odd_but_good"]))[:2]
@@ -312,7 +313,7 @@ def test_unreadable_annotations_exit_nonzero(scene_dir, tmp_path):
 
 def test_imagenet_weights_offline_fail_at_once_naming_the_choices(scene_dir, tmp_path):
     env = dict(os.environ, KERAS_HOME=str(tmp_path / "keras"))
-    if inception._imagenet_reachable():
+    if backbones.get("inception_v3")._imagenet_reachable():
         pytest.skip("this machine can download the ImageNet weights")
     proc = _cli("--coco-dir", scene_dir, "--output", str(tmp_path / "out"), "--encoder-weights", "imagenet", env=env)
     assert proc.returncode == 2

@@ -10,7 +10,7 @@ import pytest
 import tensorflow as tf
 
 from caption_eval import cider_d
-from caption_io import metadata, records
+from caption_io import geometry, metadata, records
 from model import CaptionerConfig
 from tests.conftest import exit_code
 from trainer import data, scst, task
@@ -60,7 +60,7 @@ def test_image_dataset_yields_each_image_once_with_all_its_references(small_data
     expected = {tuple(map(tuple, r["captions"])): r["features"] for r in records.read_records(files)}
     seen = []
     for features, refs, counts in scst.image_dataset(files, 4, seed=1):
-        assert features.dtype == tf.float16 and features.shape[1:] == records.FEATURE_SHAPE
+        assert features.dtype == tf.float16 and features.shape[1:] == geometry.DEFAULT.feature_shape
         for f, image_refs in zip(features.numpy(), scst.reference_sets(refs.numpy(), counts.numpy())):
             key = tuple(tuple(int(t) for t in row if t) for row in image_refs)
             np.testing.assert_array_equal(f, expected[key])

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 
 import httpx
 import numpy as np
@@ -274,6 +275,51 @@ def test_an_export_made_before_n_best_gets_no_number_of_captions_control(served,
     assert config["num_captions"] is False and config["fixed"] == {}
 
 
+def _stand_in(info: dict) -> serve.Served:
+    """A Served over a stand-in for a loaded export whose caption_images takes images alone:
+    what page_config reads (the signature's inputs, export.json), with no model to load."""
+    import tensorflow as tf
+
+    signature = types.SimpleNamespace(structured_input_signature=((), {"images": tf.TensorSpec([None], tf.string)}))
+    return serve.Served(types.SimpleNamespace(signatures={"caption_images": signature}), info)
+
+
+MOBILENET = {"name": "mobilenet_v3_large", "input_size": 224, "grid": [7, 7], "channels": 960}
+
+
+def _page_grid(info: dict) -> list:
+    return _stand_in(info).page_config(serve.Limits())["grid"]
+
+
+def test_the_page_is_told_the_exports_grid():
+    assert _page_grid({"encoder": MOBILENET}) == [7, 7]
+    assert _page_grid({"encoder": dict(MOBILENET, grid=[3, 5])}) == [3, 5]  # rows, columns
+    # Exports made before export.json recorded the encoder's geometry hold InceptionV3's.
+    assert _page_grid({"encoder": {"name": "inception_v3"}}) == [8, 8] and _page_grid({}) == [8, 8]
+
+
+HEAT_JS = """
+const canvas = heat(arguments[0]), ctx = canvas.getContext("2d");
+return {width: canvas.width, height: canvas.height,
+        grey: Array.from(ctx.getImageData(0, 0, canvas.width, canvas.height).data).filter((_, i) => i % 4 === 0)};
+"""
+
+
+def test_the_pages_heat_map_is_columns_wide_and_rows_high(tmp_path):
+    # A 3x5 grid: cell (row 1, column 3) lit, every other cell dark, at its row-major place.
+    page = tmp_path / "page.html"
+    page.write_text(serve._page(_stand_in({"encoder": dict(MOBILENET, grid=[3, 5])}), serve.Limits()))
+    weights = np.eye(15)[1 * 5 + 3].tolist()
+    browser = headless_chromium(tmp_path)
+    try:
+        browser.get(page.as_uri())
+        drawn = browser.execute_script(HEAT_JS, weights)
+    finally:
+        browser.quit()
+    assert (drawn["width"], drawn["height"]) == (5, 3)
+    assert drawn["grey"] == [255 * w for w in weights]
+
+
 # ------------------------------------------------------------------------------ concurrency
 def test_eight_concurrent_clients_get_their_own_answers(live, scene_images, direct):
     blobs = scene_images[0]
@@ -377,14 +423,14 @@ def test_the_console_script_serves_and_stops_on_ctrl_c(export_dir):
 
 # ----------------------------------------------------------------------------- in a browser
 CELLS_JS = """
-const [grid, edge] = arguments, canvas = document.getElementById("view"), ctx = canvas.getContext("2d");
+const [[rows, columns], edge] = arguments, canvas = document.getElementById("view"), ctx = canvas.getContext("2d");
 const at = (x, y) => Array.from(ctx.getImageData(Math.floor(x), Math.floor(y), 1, 1).data.slice(0, 3));
 const cells = [];
-for (let r = 0; r < grid; r++)
-  for (let c = 0; c < grid; c++)
-    cells.push(at((c + 0.5) * canvas.width / grid, (r + 0.5) * canvas.height / grid));
+for (let r = 0; r < rows; r++)
+  for (let c = 0; c < columns; c++)
+    cells.push(at((c + 0.5) * canvas.width / columns, (r + 0.5) * canvas.height / rows));
 const [r, c] = edge;  // the border between cell (r, c) and (r, c + 1)
-return {cells, edge: at((c + 1) * canvas.width / grid, (r + 0.5) * canvas.height / grid)};
+return {cells, edge: at((c + 1) * canvas.width / columns, (r + 0.5) * canvas.height / rows)};
 """
 
 
@@ -414,8 +460,8 @@ def test_the_page_in_chromium_shows_where_the_model_looked(live, scene_images, t
 
     config = live_info(live)
     path, row, norm = _two_word_scene(live, scene_images, config)
-    grid = config["grid"]
-    first = norm[0].reshape(grid, grid)
+    grid = config["grid"]  # [rows, columns]
+    first = norm[0].reshape(grid)
     steps = np.abs(np.diff(first, axis=1))
     edge = [int(i) for i in np.unravel_index(np.argmax(steps), steps.shape)]
 

@@ -331,7 +331,7 @@ def _poison_one_record(data_dir):
     writer = shards.ShardWriter(path)
     for r in recs:
         writer.write(records.make_example(r["image_id"], r["file_name"], r["features"], r["captions"],
-                                          r["caption_text"]))
+                                          r["caption_text"], meta.features.shape))
     written = writer.commit()
     entry = dataclasses.replace(entry, **{k: written[k] for k in ("records", "bytes", "sha256")})
     train = dataclasses.replace(train, files=(entry, *train.files[1:]))

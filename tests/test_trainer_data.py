@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from caption_io import metadata, records
+from caption_io import geometry, metadata, records
 from trainer import data
 
 
@@ -109,11 +109,11 @@ def test_shards_that_do_not_parse_are_refused(tmp_path):
     with tf.io.TFRecordWriter(str(bad)) as w:
         w.write(tf.train.Example().SerializeToString())
     with pytest.raises(data.DataError, match="not a captioner TFRecord shard"):
-        data.check_shards([str(bad)], records.FEATURE_SHAPE)
+        data.check_shards([str(bad)], geometry.DEFAULT.feature_shape)
     os.remove(bad)
     bad.write_bytes(b"definitely not a tfrecord file")
     with pytest.raises(data.DataError, match="not a captioner TFRecord shard"):
-        data.check_shards([str(bad)], records.FEATURE_SHAPE)
+        data.check_shards([str(bad)], geometry.DEFAULT.feature_shape)
 
 
 def test_padding_to_buckets_gives_a_few_fixed_lengths(small_data):

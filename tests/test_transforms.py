@@ -14,7 +14,7 @@ from apache_beam.testing.test_pipeline import TestPipeline as BeamPipeline
 from apache_beam.testing.util import assert_that, equal_to
 from PIL import Image
 
-from caption_io import records, vocab
+from caption_io import geometry, records, vocab
 from pipelines import shards
 from pipelines.transforms import check, encode, vocabulary
 
@@ -133,17 +133,17 @@ def test_a_shard_that_fails_part_way_never_appears_under_its_final_name(tmp_path
 
 @pytest.fixture(scope="module")
 def encoder_file(tmp_path_factory):
-    from model import inception
+    from model import backbones
 
     path = str(tmp_path_factory.mktemp("encoder") / "inception_v3.weights.h5")
-    model = inception.build("random", seed=2)
-    inception.save(model, path)
-    return path, inception.weights_sha256(model)
+    model = backbones.get("inception_v3").build("random", seed=2)
+    backbones.save(model, path)
+    return "inception_v3", path, backbones.weights_sha256(model)
 
 
 def test_encode_shards_writes_every_shard_streaming_and_rejects_what_it_cannot_read(
         pictures, encoder_file, tmp_path):
-    from model import inception
+    from model import backbones
 
     tokens = list(vocab.SPECIALS) + ["a", "red", "square"]
     entries = [_entry("train", i, pictures[f"good{i}"], "a red square", words=[["a", "red", "square"]])
@@ -162,9 +162,10 @@ def test_encode_shards_writes_every_shard_streaming_and_rejects_what_it_cannot_r
                               for i in range(5)]), label="summaries")
         assert_that(res["rejected"] | beam.Map(lambda r: (r["input"]["image_id"], r["images"], r["captions"])),
                     equal_to([(9, 1, 1)]), label="rejected")
-    got = records.read_records(sorted(glob.glob(records.shard_glob(out, "train"))))
+    inception = backbones.get("inception_v3")
+    got = records.read_records(sorted(glob.glob(records.shard_glob(out, "train"))), inception.geometry.feature_shape)
     assert sorted(r["image_id"] for r in got) == [0, 1, 2]
-    model = inception.load(encoder_file[0])
+    model = inception.load(encoder_file[1])
     for r in got:
         pixels = np.asarray(Image.open(pictures[f"good{r['image_id']}"]).convert("RGB"))
         expected = model(inception.prepare(pixels[None]), training=False).numpy()[0]
@@ -197,7 +198,7 @@ def test_encode_shards_keeps_finished_shards_and_redoes_changed_ones(pictures, e
     third = run(changed)
     moved = {n for n in first if third[n] != first[n]}
     assert moved == {records.shard_name("train", changed[1]["shard"], 3)}
-    rec = records.read_records([os.path.join(out, n) for n in moved])
+    rec = records.read_records([os.path.join(out, n) for n in moved], geometry.DEFAULT.feature_shape)
     assert rec[0]["caption_text"] == ["a square"]
 
 
@@ -216,9 +217,10 @@ def test_write_metadata_checks_the_counts_and_lists_every_shard(tmp_path):
     static = metadata_lib.Metadata(
         format_version=metadata_lib.FORMAT_VERSION, created="2026-01-01T00:00:00Z", command="a test",
         source=metadata_lib.Source(kind="coco", path="coco", year="2014"),
-        encoder=metadata_lib.Encoder(architecture="InceptionV3/mixed10", weights="random", seed=0, file="enc.h5",
-                                     sha256="0" * 64, input_size=299, input_scaling="x / 127.5 - 1"),
-        features=metadata_lib.Features(shape=records.FEATURE_SHAPE, dtype="float16", standardise="per channel",
+        encoder=metadata_lib.Encoder(name="inception_v3", architecture="InceptionV3/mixed10", weights="random", seed=0,
+                                     file="enc.h5", sha256="0" * 64, input_size=299, input_scaling="x / 127.5 - 1",
+                                     grid=(8, 8), channels=2048),
+        features=metadata_lib.Features(shape=geometry.DEFAULT.feature_shape, dtype="float16", standardise="per channel",
                                        stats_file=metadata.STATS_FILE, stats_count=0),
         vocab=metadata_lib.Vocab(file="vocab.txt", size=0, max_words=10, min_count=1, specials=vocab.SPECIALS,
                                  built_from="train"),

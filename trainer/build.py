@@ -14,7 +14,7 @@ from typing import NamedTuple
 import keras
 import tensorflow as tf
 
-from caption_io import fileio, jobdir, metadata
+from caption_io import fileio, geometry, jobdir, metadata
 from caption_io.jobdir import CONFIG_FILE
 from model import CaptionerConfig, fused_attention
 from trainer import data
@@ -23,8 +23,11 @@ from trainer.settings import JIT_CHOICES, Settings
 from trainer.steps import CaptionSteps
 
 
-def model_config(s: Settings, vocab_size: int) -> CaptionerConfig:
+def model_config(s: Settings, vocab_size: int, features: geometry.Geometry = geometry.DEFAULT) -> CaptionerConfig:
+    """The model the settings ask for, over `features` (the data's geometry: its grid, flattened,
+    and channels)."""
     return CaptionerConfig(vocab_size=vocab_size, embedding_dim=s.embedding_dim, units=s.units,
+                           num_positions=features.positions, feature_dim=features.channels,
                            decoder=s.decoder, layers=s.layers, heads=s.heads, ff_units=s.ff_units,
                            dropout=s.dropout, word_dropout=s.word_dropout, attention_reg=s.attention_reg, gate=s.gate,
                            compute_dtype="bfloat16" if s.mixed_precision else "float32")
@@ -43,14 +46,19 @@ def resolve_jit(choice: str, replicas: int) -> bool:
     return choice == "on"
 
 
-def resolve_config(s: Settings, vocab_size: int) -> CaptionerConfig:
+def resolve_config(s: Settings, meta, vocab_size: int) -> CaptionerConfig:
     """The config of a new job, or the saved one of a job being resumed (which
     must agree with the data and the flags)."""
-    wanted = model_config(s, vocab_size)
+    wanted = model_config(s, vocab_size, meta.geometry)
     path = fileio.join(s.job_dir, CONFIG_FILE)
     if not fileio.exists(path):
         return wanted
+    metadata.check_encoder(jobdir.recorded_encoder(s.job_dir), meta, f"--job-dir {s.job_dir}", f"--data {s.data}")
     saved = CaptionerConfig.from_json(fileio.read_text(path))
+    if (saved.num_positions, saved.feature_dim) != (wanted.num_positions, wanted.feature_dim):
+        raise TrainError(f"--job-dir {s.job_dir}: trained on features of {saved.num_positions} positions x "
+                         f"{saved.feature_dim} channels, and --data {s.data} holds {meta.geometry.describe()} "
+                         f"({meta.encoder.name}): use the data it trained on, or a new --job-dir")
     if saved.vocab_size != vocab_size:
         raise TrainError(f"--job-dir {s.job_dir}: its checkpoint has vocab size {saved.vocab_size} "
                          f"but --data {s.data} has {vocab_size}; use a new --job-dir")

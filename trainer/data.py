@@ -44,19 +44,21 @@ def jit_buckets(given: tuple[int, ...], max_tokens: int) -> tuple[int, ...]:
     return tuple(kept) + (max_tokens + 1,)
 
 
-def caption_dataset(files: list[str], batch_size: int, *, feature_shape=records.FEATURE_SHAPE,
+def caption_dataset(files: list[str], batch_size: int, *, feature_shape=None,
                     shuffle: bool = True, seed: int = 0, shuffle_buffer: int = 1024,
                     bucket_boundaries: tuple[int, ...] = (), input_context: tf.distribute.InputContext | None = None,
                     read_batch: int = 32, prefetch: int = 4, pad_to_bucket: bool = False) -> tf.data.Dataset:
-    """(features [B, 64, 2048] float16, tokens [B, T] int32) batches, T = the
+    """(features [B, positions, channels] float16, tokens [B, T] int32) batches, T = the
     longest caption in the batch (tokens include <start> and <end>), or with
-    pad_to_bucket the bucket's longest (boundary - 1), for compiled steps.
+    pad_to_bucket the bucket's longest (boundary - 1), for compiled steps. feature_shape: the data
+    directory's (None: read from the metadata.json beside the shards).
 
     Deterministic for a given seed: file order, interleave and shuffle are all
     seeded, so a run can be repeated and an epoch can be resumed by skipping
     the batches already trained on.
     """
     files = list(files)
+    feature_shape = feature_shape or records.beside(files)
     ds = tf.data.Dataset.from_tensor_slices(files)
     if input_context and input_context.num_input_pipelines > 1:
         # Each worker reads its own files when there are enough, else its own records.

@@ -56,6 +56,7 @@ class EpochEvaluation:
     """Captions and scores the subset with the model in training; one per training run.
 
     model: the trainer's Captioner (read at each run(), so it scores the current weights);
+    meta: the data directory's metadata (its source's boxes and images, its encoder's grid);
     tokens: the vocabulary; files: the val shards; images: the subset's size; samples: how
     many of its first images run() returns drawn, for TensorBoard (0 on workers that write none).
     """
@@ -67,9 +68,10 @@ class EpochEvaluation:
         self.max_length = savedmodel.default_max_length(meta.max_tokens)
         # The export's module around the model in training (no encoder: features are stored), and
         # what caption_split calls, a Captioner made of its caption_features.
-        self._module = export.CaptionModule(model, None, tokens, beam_size=1, max_length=self.max_length)
+        self._module = export.CaptionModule(model, None, None, tokens, beam_size=1, max_length=self.max_length)
         self._captioner = client.CaptionFunctions({savedmodel.CAPTION_FEATURES: self._module.caption_features})
         _, self.boxes = evaluate.split_boxes(meta, SPLIT)
+        self.grid, self.feature_shape = meta.geometry.grid, meta.features.shape
         self.image_dirs = evaluate.default_image_dirs(meta, SPLIT)
         self._pictures: dict[int, np.ndarray] = {}
         try:
@@ -82,10 +84,12 @@ class EpochEvaluation:
         """-> (the epoch's figures, as `figures` flattens them; the samples: their items, as
         caption_split gives them, each with "png", the attention plot, or None for an empty caption)."""
         coco = coco_metrics.CocoMetrics(meteor=self.meteor)
-        nested = evaluate.split_evaluators(self.boxes, coco)
+        nested = evaluate.split_evaluators(self.boxes, coco, self.grid)
         evaluators = [coco] + [e for e in nested.values() if e]
         shown = []
-        for item in evaluate.caption_split(self._captioner, self.files, 1, self.max_length, BATCH, self.images):
+        items = evaluate.caption_split(self._captioner, self.files, 1, self.max_length, BATCH, self.images,
+                                       feature_shape=self.feature_shape)
+        for item in items:
             for evaluator in evaluators:
                 evaluator.add(item)
             if len(shown) < self.samples:
@@ -111,7 +115,7 @@ class EpochEvaluation:
         if item["image_id"] not in self._pictures:
             self._pictures[item["image_id"]] = gallery.picture(item, self.image_dirs,
                                                                gallery.canvas_sizes(self.boxes))[0]
-        return plot.attention_png(self._pictures[item["image_id"]], item["words"], item["attention"])
+        return plot.attention_png(self._pictures[item["image_id"]], item["words"], item["attention"], self.grid)
 
     def close(self) -> None:
         self.meteor.close()

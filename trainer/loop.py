@@ -50,7 +50,7 @@ class Trainer:
         self.feature_shape = meta.features.shape
         self.train_files, self.val_files = build.shard_files(s, meta)
         mean, std = metadata.load_feature_stats(s.data, meta)
-        self.config = build.resolve_config(s, len(self.vocab))
+        self.config = build.resolve_config(s, meta, len(self.vocab))
 
         keras.utils.set_random_seed(s.seed)
         self.chief = distribute.is_chief(self.strategy)
@@ -191,7 +191,7 @@ class Trainer:
         s = self.s
         restored = self._restore_newest_intact()
         if self.chief:
-            report.write_job(s, self.config)
+            report.write_job(s, self.config, self.meta.encoder)
         self.history = report.read_history(s.job_dir, int(self.state.epoch)) if restored else []
         if restored:
             print(f"resuming from {restored}: epoch {int(self.state.epoch) + 1}, step {self.global_step()}",

@@ -59,12 +59,13 @@ def write_loss_plot(history: list[dict], path: str) -> None:
     fileio.write_bytes(path, buf.getvalue())
 
 
-def write_job(s, config) -> None:
-    """config.json (what rebuilds the model) and job.json (the settings, and the data directory
-    absolutely and relative to the job)."""
+def write_job(s, config, encoder) -> None:
+    """config.json (what rebuilds the model) and job.json (the settings, the data directory
+    absolutely and relative to the job, and the encoder that made its features: metadata.json's
+    record, which a resumed job and an export check their data against)."""
     fileio.write_text(fileio.join(s.job_dir, CONFIG_FILE), config.to_json())
-    fileio.write_json(fileio.join(s.job_dir, jobdir.JOB_FILE),
-                      jobdir.record_data(dict(s.to_dict(), job_dir=fileio.absolute(s.job_dir)), s.data, s.job_dir))
+    record = dict(s.to_dict(), job_dir=fileio.absolute(s.job_dir), **{jobdir.JOB_ENCODER: encoder.to_dict()})
+    fileio.write_json(fileio.join(s.job_dir, jobdir.JOB_FILE), jobdir.record_data(record, s.data, s.job_dir))
 
 
 def read_history(job_dir: str, epochs_done: int) -> list[dict]:

@@ -59,12 +59,13 @@ XENT_WEIGHT = 0.7
 
 
 # ------------------------------------------------------------------------------------ input
-def image_dataset(files: list[str], batch_size: int, *, feature_shape=records.FEATURE_SHAPE, shuffle: bool = True,
+def image_dataset(files: list[str], batch_size: int, *, feature_shape=None, shuffle: bool = True,
                   seed: int = 0, shuffle_buffer: int = 256, input_context: tf.distribute.InputContext | None = None,
                   read_batch: int = 32, prefetch: int = 2) -> tf.data.Dataset:
     """Batches of whole images for SCST, each image once an epoch (the cross-entropy data is one
     row per caption, but a reward needs all of an image's references at once):
-    (features [B, 64, 2048] float16, references [B, C, L] int32, reference_counts [B] int32).
+    (features [B, positions, channels] float16, references [B, C, L] int32, reference_counts [B] int32);
+    feature_shape: the data directory's (None: read from the metadata.json beside the shards).
 
     references holds every caption of an image as stored (<start> ... <end>), zero-padded to the
     batch's most captions C and longest caption L; reference_counts says how many rows of an
@@ -74,6 +75,7 @@ def image_dataset(files: list[str], batch_size: int, *, feature_shape=records.FE
     resumed by skipping the batches already trained on.
     """
     files = list(files)
+    feature_shape = feature_shape or records.beside(files)
     pipelines = input_context.num_input_pipelines if input_context else 1
     ds = tf.data.Dataset.from_tensor_slices(files)
     by_file = pipelines > 1 and len(files) >= pipelines

@@ -6,7 +6,7 @@ figures at the end:
 
     add(item)    item: the dict `caption_eval.evaluate.caption_split` yields per image,
                  {"image_id", "file_name", "references", "caption", "words",
-                  "attention" [len(words), 64]}
+                  "attention" [len(words), positions]: row-major over the encoder's grid}
     summary()    -> a JSON-serialisable dict, what metrics.json records for it
 """
 from __future__ import annotations

@@ -9,27 +9,27 @@ import numpy as np
 from caption_io import fileio, geometry
 from caption_io import text as text_lib
 
-GRID = geometry.GRID
 
+def cell_coverage(bbox, width: float, height: float, grid: tuple[int, int]) -> np.ndarray:
+    """[rows * columns] (row-major, as the encoder flattens its map): the fraction of each
+    cell's area inside the box [x, y, w, h] given in image pixels; grid: the encoder's
+    (rows, columns).
 
-def cell_coverage(bbox, width: float, height: float, grid: int = GRID) -> np.ndarray:
-    """[grid*grid] (row-major, as the encoder flattens its map): the fraction of
-    each cell's area inside the box [x, y, w, h] given in image pixels.
-
-    The encoder stretches the image to 299x299 without keeping its aspect ratio, so
-    the grid splits width and height each into `grid` equal parts. Fractional cover
-    rather than centre-in-box: a box of 1.5 cells counts as 1.5, not 1 or 2, so the
-    chance level is exactly the box's share of the image.
+    The encoder stretches the image to its square input without keeping its aspect ratio, so
+    the columns split the width, and the rows the height, into equal parts. Fractional cover
+    rather than centre-in-box: a box of 1.5 cells counts as 1.5, not 1 or 2, so the chance
+    level is exactly the box's share of the image.
     """
+    rows, columns = grid
     x, y, w, h = (float(v) for v in bbox)
-    edges = np.arange(grid + 1, dtype=np.float64)
 
-    def overlap(lo, hi):  # per grid interval [k, k+1]: the length inside [lo, hi]
+    def overlap(lo, hi, cells):  # per cell interval [k, k+1]: the length inside [lo, hi]
+        edges = np.arange(cells + 1, dtype=np.float64)
         return np.clip(np.minimum(edges[1:], hi) - np.maximum(edges[:-1], lo), 0.0, 1.0)
 
-    cols = overlap(x / width * grid, (x + w) / width * grid)
-    rows = overlap(y / height * grid, (y + h) / height * grid)
-    return np.outer(rows, cols).reshape(-1)
+    across = overlap(x / width * columns, (x + w) / width * columns, columns)
+    down = overlap(y / height * rows, (y + h) / height * rows, rows)
+    return np.outer(down, across).reshape(-1)
 
 
 def load_instances(path: str) -> dict:
@@ -97,11 +97,14 @@ class AttentionCorrectness:
     object there (a wrong word) has no right place to look, and one naming several
     (two red shapes, three people) could rightly look at any of them, so both are
     counted as skipped rather than scored. Shares are averaged over words; chance is
-    the share uniform attention would give (covered cells / 64), averaged the same way.
+    the share uniform attention would give (covered cells / all cells), averaged the same way.
+
+    grid: the encoder's (rows, columns), as the data directory's geometry gives it.
     """
 
-    def __init__(self, instances: dict):
+    def __init__(self, instances: dict, grid: tuple[int, int]):
         self.images, self.vocabulary = instances["images"], instances["vocabulary"]
+        self.grid = tuple(grid)
         self.shares, self.chances = [], []
         self.skipped = Counter()
 
@@ -117,13 +120,17 @@ class AttentionCorrectness:
             if len(targets) != 1:
                 self.skipped["words_naming_no_object" if not targets else "words_naming_several_objects"] += 1
                 continue
-            cover = cell_coverage(objects[targets[0]]["bbox"], image["width"], image["height"])
-            self.shares.append(float(np.dot(np.asarray(weights, np.float64), cover)))
+            weights = np.asarray(weights, np.float64)
+            geometry.grid_of(weights.size, self.grid)  # attention of another grid: a clear error, not a bad dot
+            cover = cell_coverage(objects[targets[0]]["bbox"], image["width"], image["height"], self.grid)
+            self.shares.append(float(np.dot(weights, cover)))
             self.chances.append(float(cover.sum() / cover.size))
 
     def summary(self) -> dict:
         share = float(np.mean(self.shares)) if self.shares else None
         chance = float(np.mean(self.chances)) if self.chances else None
+        rows, columns = self.grid
         return {"words": len(self.shares), "share": share, "chance": chance,
                 "ratio": share / chance if share is not None and chance else None,
-                "skipped": dict(self.skipped), "cells": "fraction of each 8x8 cell's area inside the box"}
+                "skipped": dict(self.skipped),
+                "cells": f"fraction of each cell's area inside the box, on the {rows}x{columns} grid"}

@@ -32,11 +32,11 @@ class NovelPairs:
 
     instances: as attention.load_instances reads them, from a file with held-out pairs.
     coco: the run's CocoMetrics; summary() reads its per-image CIDEr, so it must be
-    summarised first (the evaluation does so)."""
+    summarised first (the evaluation does so). grid: the encoder's (rows, columns)."""
 
-    def __init__(self, instances: dict, coco):
+    def __init__(self, instances: dict, coco, grid: tuple[int, int]):
         self.instances, self.coco = instances, coco
-        self.parts = {g: (exact_objects.ExactObjects(instances), attention.AttentionCorrectness(instances), [])
+        self.parts = {g: (exact_objects.ExactObjects(instances), attention.AttentionCorrectness(instances, grid), [])
                       for g in GROUPS}
 
     def add(self, item: dict) -> None:

@@ -30,20 +30,18 @@ log = logging.getLogger("pipelines.preprocess")
 class _LoadedEncoder:
     """The encoder and its compiled call, shared by all threads of a worker process."""
 
-    def __init__(self, weights_path):
+    def __init__(self, backbone, weights_path):
         import tensorflow as tf
 
-        from model import inception
-
-        self.model = inception.load(weights_path)
+        self.model = backbone.load(weights_path)
+        size = backbone.geometry.input_size
         # One trace for every batch size: the input signature leaves it open.
         self.call = tf.function(lambda x: self.model(x, training=False), reduce_retracing=True,
-                                input_signature=[tf.TensorSpec([None, inception.INPUT_SIZE, inception.INPUT_SIZE, 3],
-                                                               tf.float32)])
+                                input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32)])
 
 
 def _load(entry, prepare):
-    """(entry, [299, 299, 3] scaled pixels) or (entry, reason)."""
+    """(entry, the encoder's input [size, size, 3]) or (entry, reason)."""
     pixels, reason = check.read_pixels(entry)
     if reason is not None:  # the file changed since CheckImage read it
         return entry, reason
@@ -78,10 +76,11 @@ class EncodeShard(beam.DoFn):
     is kept as it is: a rerun after a crash redoes only unfinished shards.
     """
 
-    def __init__(self, output: str, shard_counts: dict, encoder_path: str, encoder_sha256: str,
+    def __init__(self, output: str, shard_counts: dict, encoder: str, encoder_path: str, encoder_sha256: str,
                  shared_handle, batch_size: int, total_images: int, read_threads: int = 4):
         self._output = output
         self._counts = dict(shard_counts)
+        self._encoder_name = encoder  # the backbone (model.backbones)
         self._encoder_path = encoder_path
         self._encoder_sha256 = encoder_sha256
         self._shared = shared_handle
@@ -90,11 +89,12 @@ class EncodeShard(beam.DoFn):
         self._threads = read_threads
 
     def setup(self):
-        from model import inception
+        from model import backbones
 
-        path = self._encoder_path
-        self._encoder = self._shared.acquire(lambda: _LoadedEncoder(path))
-        self._prepare = inception.prepare
+        backbone, path = backbones.get(self._encoder_name), self._encoder_path
+        self._encoder = self._shared.acquire(lambda: _LoadedEncoder(backbone, path))
+        self._prepare = backbone.prepare
+        self._feature_shape = backbone.geometry.feature_shape
         self._count = 0
         self._start = self._last_log = time.time()
         self._index, self._tokens_id = None, None
@@ -161,7 +161,7 @@ class EncodeShard(beam.DoFn):
         for (entry, _), f in zip(batch, features):
             ids = [vocab_lib.encode(c["words"], self._index) for c in entry["captions"]]
             writer.write(records.make_example(entry["image_id"], entry["file_name"], f, ids,
-                                              [c["text"] for c in entry["captions"]]))
+                                              [c["text"] for c in entry["captions"]], self._feature_shape))
         self._progress(len(batch))
         if split == "train":  # the model standardises with training statistics only
             acc = stats.ChannelStats().add_input(acc, features)
@@ -176,13 +176,13 @@ class EncodeShards(beam.PTransform):
     for it, so a data directory always holds the shards its metadata names.
     """
 
-    def __init__(self, output: str, shard_counts: dict, vocab, encoder_path: str, encoder_sha256: str,
-                 batch_size: int, total_images: int):
+    def __init__(self, output: str, shard_counts: dict, vocab, encoder: str, encoder_path: str,
+                 encoder_sha256: str, batch_size: int, total_images: int):
         super().__init__()
         self._output = output
         self._counts = dict(shard_counts)
         self._vocab = vocab
-        self._encoder = (encoder_path, encoder_sha256)
+        self._encoder = (encoder, encoder_path, encoder_sha256)
         self._batch_size = batch_size
         self._total = total_images
 
