@@ -2,7 +2,7 @@
 
 PIL does the decoding because it reads what users actually have (greyscale,
 CMYK JPEGs, PNGs under a .jpg name, ...) and says what is wrong when it cannot.
-Resizing and scaling happen in TensorFlow (model.inception.prepare), the same
+Resizing and scaling happen in TensorFlow (the backbone's prepare, model.backbones), the same
 ops the SavedModel runs, so features made here match what serving computes.
 """
 from __future__ import annotations

@@ -13,8 +13,10 @@ echo "== 1/4 scene set (COCO 2014 layout) -> $OUT/coco"
   --novel-pairs "${DEMO_NOVEL_PAIRS:-0}" >/dev/null
 
 echo "== 2/4 Beam pipeline (DirectRunner) -> $OUT/data"
+# DEMO_ENCODER=mobilenet_v3_large (or efficientnet_v2_s, convnext_tiny): another image encoder
+# (docs/data.md, "The image encoder"); with random weights it tests the path, not the backbone.
 "$PY" -m pipelines.preprocess --coco-dir "$OUT/coco" --output "$OUT/data" --overwrite \
-  --encoder-weights random --seed 0 --num-shards train=4,val=1
+  --encoder "${DEMO_ENCODER:-inception_v3}" --encoder-weights random --seed 0 --num-shards train=4,val=1
 
 echo "data directory: $OUT/data (metadata.json, vocab.txt, shards, rejected/)"
 
