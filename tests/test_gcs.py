@@ -122,8 +122,8 @@ def test_pipeline_writes_its_data_set_to_gcs(gcs, scene_dir):
         assert fileio.exists(fileio.join(out, f)), f
     locals_ = [fileio.local_copy(s) for s in shards]
     try:
-        train = records.read_records(locals_[:2])
-        val = records.read_records(locals_[2:])
+        train = records.read_records(locals_[:2], meta.features.shape)
+        val = records.read_records(locals_[2:], meta.features.shape)
     finally:
         for p in locals_:
             os.remove(p)
