@@ -35,6 +35,11 @@ from model import Captioner, CaptionerConfig, backbones, decoding
 CHECKPOINT_CHOICES = ("last", "best")  # or a checkpoint's path
 
 
+# A SavedModel that serves: without the gradients of the encoders' custom-gradient activations
+# (EfficientNetV2 has some 300), which saving would otherwise trace and write one by one.
+SAVE_OPTIONS = tf.saved_model.SaveOptions(experimental_custom_gradients=False)
+
+
 class ExportError(ValueError, cli.UserError):
     """A job that cannot be exported (one readable line)."""
 
@@ -195,14 +200,14 @@ def export(job_dir: str, output: str | None = None, data_dir: str | None = None,
         with fileio.writing(output):
             if fileio.exists(fileio.join(output, EXPORT_INFO)):
                 fileio.remove(fileio.join(output, EXPORT_INFO))
-            tf.saved_model.save(root, output, signatures=signatures)
+            tf.saved_model.save(root, output, signatures=signatures, options=SAVE_OPTIONS)
             warmup.write(output)
             fileio.write_json(fileio.join(output, EXPORT_INFO), info)
         return output
     staging = f"{output}{fileio.TMP_MARK}{os.getpid()}"
     try:
         with fileio.writing(output):
-            tf.saved_model.save(root, staging, signatures=signatures)
+            tf.saved_model.save(root, staging, signatures=signatures, options=SAVE_OPTIONS)
             warmup.write(staging)
             fileio.write_json(fileio.join(staging, EXPORT_INFO), info)
             _replace_dir(staging, output)
