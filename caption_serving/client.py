@@ -3,6 +3,7 @@ Beam batch captioning, evaluation and the benchmarks share (caption_io/savedmode
 from __future__ import annotations
 
 import io
+import logging
 import os
 import typing
 from collections.abc import Callable, Mapping
@@ -56,13 +57,24 @@ def load_model(path: str):
     import tensorflow as tf
 
     info = export_info(path)
+    loader_log = logging.getLogger("absl")  # TensorFlow's SavedModel loader logs through absl
+    loader_log.addFilter(_no_gradient_warning)
     try:
         loaded = tf.saved_model.load(path)
     except Exception as e:
         raise ModelError(f"cannot load the SavedModel ({str(e).strip().splitlines()[0]})") from None
+    finally:
+        loader_log.removeFilter(_no_gradient_warning)
     if savedmodel.CAPTION_IMAGES not in loaded.signatures:
         raise ModelError(f"not a captioner export (no {savedmodel.CAPTION_IMAGES} signature)")
     return loaded, info
+
+
+def _no_gradient_warning(record: logging.LogRecord) -> bool:
+    """Leave out the loader's warning that a function has "unsaved custom gradients": exports
+    leave the encoders' activation gradients out on purpose (export.SAVE_OPTIONS), and
+    captioning takes no gradient."""
+    return "unsaved custom gradients" not in record.getMessage()
 
 
 # Decoding's settings beside beam_size and max_length (caption_io/savedmodel.py: OPTIONS), at

@@ -89,6 +89,7 @@ def test_a_fresh_process_captions_with_the_export_and_plots_the_grid(backbone_jo
                            "--min-length", "2"], capture_output=True, text=True, timeout=300,
                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "custom gradients" not in proc.stderr  # left out of the export on purpose: not news to a user
     line = json.loads(proc.stdout.strip().splitlines()[-1])
     assert len(line["tokens"]) >= 2
     attention = np.asarray(line["attention"])
