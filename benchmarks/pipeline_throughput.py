@@ -81,8 +81,9 @@ def storage(data: str, opts: dict) -> dict:
 
     files = glob.glob(datadir.shard_glob(data, "train"))
     shard_bytes = sum(os.path.getsize(p) for p in files)
-    recs = records.read_records(files)
-    feature_bytes = int(np.prod(opts["static"].features.shape)) * 2
+    shape = opts["static"].features.shape
+    recs = records.read_records(files, shape)
+    feature_bytes = int(np.prod(shape)) * 2
     # The captions' payload: their UTF-8 text plus one byte per token id (varint).
     caption_bytes = sum(len(t.encode()) for r in recs for t in r["caption_text"]) + \
         sum(len(c) for r in recs for c in r["captions"])

@@ -114,22 +114,20 @@ def annotate(items: list[dict], coco, boxes: dict | None) -> list[dict]:
 
 
 # ------------------------------------------------------------------------- the evaluation run
-def caption_split(model, files: list[str], beam_size: int, max_length: int, batch_size: int = 32,
-                  limit: int | None = None, controls: dict | None = None,
-                  feature_shape: tuple[int, int] | None = None):
+def caption_split(model, files: list[str], feature_shape: tuple[int, int], beam_size: int, max_length: int,
+                  batch_size: int = 32, limit: int | None = None, controls: dict | None = None):
     """Per image of the shards, in order (the first `limit` alone, when given): {"image_id",
     "file_name", "references", "caption", "words", "attention" [len(words), positions]}. Streams: a
     COCO-sized split never holds more than one batch of feature maps. `model` is a
     client.Captioner with the caption_features signature: a loaded export, or the trainer's
     client.CaptionFunctions around the model in training;
-    controls: decoding controls beside the beam (client.CONTROL_DEFAULTS' names);
-    feature_shape: the stored features' [positions, channels] (None: metadata.json's, beside the shards)."""
+    feature_shape: the stored features' [positions, channels] (metadata.json's features.shape);
+    controls: decoding controls beside the beam (client.CONTROL_DEFAULTS' names)."""
     import tensorflow as tf
 
     from caption_io import records
     from caption_serving import client
 
-    feature_shape = feature_shape or records.beside(files)
     ds = tf.data.TFRecordDataset(files)
     if limit is not None:
         ds = ds.take(limit)
@@ -222,8 +220,7 @@ def evaluate(model_dir: str, data_dir: str | None = None, split: str = "val",
     evaluators = [coco] + [e for e in nested.values() if e]
 
     start = time.time()
-    items = caption_split(model, files, beam_size, max_length, batch_size, controls=controls,
-                          feature_shape=meta.features.shape)
+    items = caption_split(model, files, meta.features.shape, beam_size, max_length, batch_size, controls=controls)
     shown = _feed(items, evaluators, gallery_size, batch_size, meta.splits[split].images.written or None, start)
     caption_seconds = time.time() - start
     try:

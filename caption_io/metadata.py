@@ -118,25 +118,24 @@ class Encoder(_Part):
 
     @property
     def geometry(self) -> geometry_lib.Geometry:
-        return geometry_lib.of_encoder(self.to_dict())
+        rows, columns = self.grid
+        return geometry_lib.Geometry(self.input_size, rows, columns, self.channels)
 
     def makes_same_features(self, record: dict | None) -> bool:
-        """Whether the encoder a record describes (a job's or an export's copy of this part) makes
-        the same features: the same backbone with the same weights (the same seed for random ones,
-        the same file for a PATH). Records from before the choice of backbone are InceptionV3's."""
+        """Whether the encoder a record describes (job.json's copy of this part, as to_dict wrote
+        it) makes the same features: the same backbone with the same weights (the same seed for
+        random ones, the same file for a PATH)."""
         if not record:
-            return True  # a record from before encoders were recorded: nothing to compare
-        other = {**_V1_ENCODER, **record}
-        if (other["name"], other["weights"], other.get("seed")) != (self.name, self.weights, self.seed):
+            return True  # a job from before jobs kept their encoder: nothing to compare
+        if (record["name"], record["weights"], record["seed"]) != (self.name, self.weights, self.seed):
             return False
-        return self.weights in ("imagenet", "random") or other["sha256"] == self.sha256
+        return self.weights in ("imagenet", "random") or record["sha256"] == self.sha256
 
     @staticmethod
     def describe(record: dict) -> str:
         """A record's encoder in one phrase: "inception_v3 (random weights, seed 0)"."""
-        record = {**_V1_ENCODER, **record}
         weights = record["weights"]
-        what = f"random weights, seed {record.get('seed')}" if weights == "random" else f"{weights} weights"
+        what = f"random weights, seed {record['seed']}" if weights == "random" else f"{weights} weights"
         return f"{record['name']} ({what})"
 
     def identity(self) -> str:

@@ -87,8 +87,8 @@ class EpochEvaluation:
         nested = evaluate.split_evaluators(self.boxes, coco, self.grid)
         evaluators = [coco] + [e for e in nested.values() if e]
         shown = []
-        items = evaluate.caption_split(self._captioner, self.files, 1, self.max_length, BATCH, self.images,
-                                       feature_shape=self.feature_shape)
+        items = evaluate.caption_split(self._captioner, self.files, self.feature_shape, 1, self.max_length, BATCH,
+                                       self.images)
         for item in items:
             for evaluator in evaluators:
                 evaluator.add(item)
