@@ -29,7 +29,7 @@ import typing
 import numpy as np
 import tensorflow as tf
 
-from caption_io import cli, datadir, fileio
+from caption_io import cli, datadir, fileio, tokenizer
 from caption_io import geometry as geometry_lib
 from caption_io import vocab as vocab_lib
 
@@ -38,8 +38,10 @@ FILE_NAME = datadir.METADATA_FILE
 # (a key renamed, removed or given another meaning) comes with a new version.
 # 2: the encoder is one of several backbones, and its record says which and its geometry
 #    (name, grid, channels). Version 1 (InceptionV3 only) is still read, as that.
-FORMAT_VERSION = 2
-READS = (1, 2)
+# 3: the vocabulary's tokens are words, characters or word pieces (vocab.tokenizer, a
+#    caption_io.tokenizer mode). Versions 1 and 2 (words only) are still read, as that.
+FORMAT_VERSION = 3
+READS = (1, 2, 3)
 
 RERUN = "re-run `python -m pipelines.preprocess` for it (or copy the data directory again)"
 
@@ -152,10 +154,11 @@ _V1_ENCODER = {"name": "inception_v3", "grid": [geometry_lib.INCEPTION_V3.rows, 
 class Vocab(_Part):
     file: str
     size: int
-    max_words: int
+    max_words: int  # --vocab-size: tokens beyond the specials, at most
     min_count: int
     specials: tuple[str, ...]
     built_from: str
+    tokenizer: str  # what a token is: caption_io.tokenizer's words, chars or wordpiece
 
 
 @dataclasses.dataclass(frozen=True)
@@ -202,12 +205,18 @@ class Metadata(_Part):
         not know are left out."""
         version = d.get("format_version") if isinstance(d, dict) else None
         if isinstance(d, dict) and "format_version" in d and version not in READS:
+            readable = f"{', '.join(map(str, READS[:-1]))} or {READS[-1]}"
             raise MetadataError(f"{where}: format_version {version!r}, and this code reads format_version "
-                                f"{' or '.join(map(str, READS))}: re-run `python -m pipelines.preprocess` with "
-                                "this code, or use the code that wrote it")
+                                f"{readable}: re-run `python -m pipelines.preprocess` with this code, or use "
+                                "the code that wrote it")
         if version == 1 and isinstance(d.get("encoder"), dict):  # read as the version-2 record it means
-            d = dict(d, format_version=FORMAT_VERSION, encoder={**_V1_ENCODER, **d["encoder"]})
+            d = dict(d, encoder={**_V1_ENCODER, **d["encoder"]})
+        if version in (1, 2) and isinstance(d.get("vocab"), dict):  # their tokens were words
+            d = dict(d, format_version=FORMAT_VERSION, vocab={"tokenizer": tokenizer.WORDS, **d["vocab"]})
         meta = _from_json(cls, d, where, "")
+        if meta.vocab.tokenizer not in tokenizer.MODES:
+            raise MetadataError(f"{where}: vocab.tokenizer {meta.vocab.tokenizer!r} is not one of "
+                                f"{', '.join(tokenizer.MODES)}")
         if "train" not in meta.splits:
             raise MetadataError(f"{where}: incomplete (no splits.train)")
         if tuple(meta.features.shape) != meta.encoder.geometry.feature_shape:

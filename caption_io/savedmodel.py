@@ -11,10 +11,14 @@ Options, scalars (a signature cannot give an input a default, so each is always 
   float32 (beam search's length normalisation ((5 + n) / 6)^alpha); their defaults are
   caption_io/decoding_defaults.py's.
 Outputs, batch-major: captions string[B], tokens int32[B, T], scores float32[B],
-attention float32[B, T, POSITIONS], lengths int32[B]; n-best, best first: nbest_captions
-string[B, K], nbest_tokens int32[B, K, T'], nbest_scores float32[B, K], nbest_attention
-float32[B, K, T', POSITIONS], nbest_lengths int32[B, K] (0 marks an empty place: fewer
-distinct captions than asked).
+attention float32[B, T, POSITIONS], lengths int32[B], token_text string[B, T]; n-best, best
+first: nbest_captions string[B, K], nbest_tokens int32[B, K, T'], nbest_scores float32[B, K],
+nbest_attention float32[B, K, T', POSITIONS], nbest_lengths int32[B, K] (0 marks an empty
+place: fewer distinct captions than asked), nbest_token_text string[B, K, T'].
+A caption is its tokens as written (caption_io.tokenizer: word pieces joined, no space between
+CJK characters); token_text is each token as a reader sees it on its own ("" where the token is
+not a word, vocab.is_word), so the words a plot labels line up with their attention rows.
+Exports made before token_text existed lack it; their captions are words joined by spaces.
 """
 import typing
 
@@ -38,18 +42,20 @@ class Outputs(typing.NamedTuple):
     scores: str
     attention: str
     lengths: str
+    token_text: str
 
     def named(self, values: typing.Any, **given) -> dict:
         """{output name: value}: each field from `given`, else `values`' field of its name (a
-        model.decoded.Hypotheses: tokens, scores, attention, lengths; the captions' text is given)."""
+        model.decoded.Hypotheses: tokens, scores, attention, lengths; the text is given)."""
         return {name: given[field] if field in given else getattr(values, field)
                 for field, name in self._asdict().items()}
 
 
-BEST = Outputs("captions", "tokens", "scores", "attention", "lengths")
+BEST = Outputs("captions", "tokens", "scores", "attention", "lengths", "token_text")
 NBEST = Outputs(*(f"nbest_{name}" for name in BEST))
-CAPTIONS, TOKENS, SCORES, ATTENTION, LENGTHS = OUTPUTS = tuple(BEST)
-NBEST_CAPTIONS, NBEST_TOKENS, NBEST_SCORES, NBEST_ATTENTION, NBEST_LENGTHS = NBEST_OUTPUTS = tuple(NBEST)
+CAPTIONS, TOKENS, SCORES, ATTENTION, LENGTHS, TOKEN_TEXT = OUTPUTS = tuple(BEST)
+NBEST_CAPTIONS, NBEST_TOKENS, NBEST_SCORES, NBEST_ATTENTION, NBEST_LENGTHS, NBEST_TOKEN_TEXT = NBEST_OUTPUTS = \
+    tuple(NBEST)
 # Beside the SavedModel: what the export wrote down about it (defaults, data, encoder, checkpoint).
 EXPORT_INFO = "assets.extra/export.json"
 # export.json's record of serving_default's decoding, the other signatures' defaults too.

@@ -66,6 +66,3 @@ def words_of(ids, tokens: list[str]) -> list[str]:
             out.append(tokens[i])
     return out
 
-
-def decode(ids, tokens: list[str]) -> str:
-    return " ".join(words_of(ids, tokens))

@@ -122,8 +122,9 @@ def _call(fn, data_inputs: dict, beam_size: int, max_length: int, controls: dict
 
 def rows(out: dict) -> list[dict]:
     """A signature's batch output (numpy) -> per image {"caption", "score", "words",
-    "attention" [len(words), POSITIONS], "nbest": [...]}: the caption's words are exactly its
-    tokens that are words (vocab.is_word), in order, so their attention rows line up with them.
+    "attention" [len(words), POSITIONS], "nbest": [...]}: "words" are the text of the caption's
+    tokens that are words (vocab.is_word; a word piece is one, labelled "-dish"), in order, so
+    their attention rows line up with them.
     "nbest" (with the option signatures) holds the num_captions best captions, best first, each
     a dict of the same four keys; the first is the caption itself."""
     best, nbest = savedmodel.BEST, savedmodel.NBEST
@@ -145,11 +146,19 @@ def _row(out: dict, names: savedmodel.Outputs, *at: int) -> dict:
         return found
 
     caption = value(names.captions).decode("utf-8")
-    words = caption.split()
     tokens = value(names.tokens)
-    attention = value(names.attention)[vocab.is_word(tokens)]
+    is_word = vocab.is_word(tokens)
+    if names.token_text in out:
+        words = [_text(t) for t, w in zip(value(names.token_text), is_word) if w]
+    else:  # an export made before token_text: its captions are words joined by spaces
+        words = caption.split()
+    attention = value(names.attention)[is_word]
     assert len(words) == len(attention), (caption, tokens)
     return {"caption": caption, "score": float(value(names.scores)), "words": words, "attention": attention}
+
+
+def _text(value) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else value
 
 
 def caption_batch(loaded: Captioner, blobs: list[bytes], beam_size: int, max_length: int, **controls) -> list[dict]:

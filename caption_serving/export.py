@@ -5,7 +5,7 @@
 The SavedModel holds everything: the image encoder (the data's backbone, model/backbones.py) with
 exactly the weights that made the training features, the image decoding and scaling, the
 caption decoder and the vocabulary. It needs TensorFlow and nothing else (no
-tensorflow-text op: captions are detokenised with a gather over the vocabulary).
+tensorflow-text op: captions are spelled with gathers over the vocabulary, caption_io.tokenizer.Spelling).
 
 Its signatures, inputs and outputs are the contract in caption_io/savedmodel.py
 (SavedModel signatures cannot give inputs default values, so the one with options is a
@@ -25,8 +25,7 @@ import sys
 
 import tensorflow as tf
 
-from caption_io import checkpoints, cli, decoding_defaults, fileio, jobdir, metadata, savedmodel
-from caption_io import vocab as vocab_lib
+from caption_io import checkpoints, cli, decoding_defaults, fileio, jobdir, metadata, savedmodel, tokenizer
 from caption_io.jobdir import CONFIG_FILE
 from caption_io.savedmodel import EXPORT_INFO
 from caption_serving import warmup
@@ -57,6 +56,7 @@ class CaptionModule(tf.Module):
         self._backbone = backbone  # how images are sized and scaled for `encoder`
         self.encoder = encoder
         self.vocab = tf.constant(tokens)
+        self._spelling = tokenizer.Spelling(tokens)
         self.default_beam_size = beam_size
         self.default_max_length = max_length
         # The feature signature's shape comes from the model, so it is made here.
@@ -72,19 +72,17 @@ class CaptionModule(tf.Module):
         root.captioner, root.encoder, root.vocab = self.captioner, self.encoder, self.vocab
         return root
 
-    def _text(self, tokens):
-        """Token ids [..., T] -> the captions' text [...]: the words (vocab.is_word) joined by spaces."""
-        keep = vocab_lib.is_word(tokens)  # specials are left out of the text
-        words = tf.ragged.boolean_mask(tf.gather(self.vocab, tokens), keep)
-        return tf.strings.reduce_join(words, axis=-1, separator=" ")
+    def _text(self, tokens) -> dict:
+        """Token ids [..., T] -> the captions as written [...] and each token's text [..., T]."""
+        return {"captions": self._spelling.text(tokens), "token_text": self._spelling.token_text(tokens)}
 
     def _decode(self, features, beam_size, max_length, nbest=False, **controls):
         out = decoding.decode(self.captioner, features, max_length, beam_size=beam_size, **controls)
-        outputs = savedmodel.BEST.named(out.best, captions=self._text(out.best.tokens))
+        outputs = savedmodel.BEST.named(out.best, **self._text(out.best.tokens))
         if nbest:
             # An empty place (fewer distinct hypotheses than asked) has length 0; its score is
             # 0 rather than decoding's -inf, which JSON (TF Serving's REST answers) cannot carry.
-            outputs.update(savedmodel.NBEST.named(out.nbest, captions=self._text(out.nbest.tokens),
+            outputs.update(savedmodel.NBEST.named(out.nbest, **self._text(out.nbest.tokens),
                                                   scores=tf.where(out.nbest.lengths > 0, out.nbest.scores, 0.0)))
         return outputs
 

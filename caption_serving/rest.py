@@ -250,9 +250,9 @@ def rows_of(answer: dict) -> list[dict]:
         raise RestError(answer["error"])
     if "predictions" in answer:
         items = answer["predictions"]
-        columns = {k: [item[k] for item in items] for k in savedmodel.OUTPUTS}
+        columns = {k: [item[k] for item in items] for k in savedmodel.OUTPUTS if k in items[0]}
     else:
-        columns = {k: answer["outputs"][k] for k in savedmodel.OUTPUTS}
+        columns = {k: answer["outputs"][k] for k in savedmodel.OUTPUTS if k in answer["outputs"]}
     out = {k: np.asarray(v, dtype=np.float32 if k in (savedmodel.SCORES, savedmodel.ATTENTION) else None)
            for k, v in columns.items() if k != savedmodel.CAPTIONS}
     out[savedmodel.CAPTIONS] = [c.encode("utf-8") for c in columns[savedmodel.CAPTIONS]]

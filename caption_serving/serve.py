@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image
 
-from caption_io import cli, geometry, images, savedmodel, vocab
+from caption_io import cli, geometry, images, savedmodel, tokenizer, vocab
 from caption_serving import rest
 from caption_serving.client import CONTROL_DEFAULTS, ModelError, load_model, model_bytes
 
@@ -109,6 +109,7 @@ class Served:
                           if k in self.specs[savedmodel.CAPTION_IMAGES] and k != savedmodel.NUM_CAPTIONS},
                 "max_body_bytes": limits.max_body_bytes, "max_pixels": limits.max_pixels,
                 "first_word_id": vocab.FIRST_WORD_ID,
+                "piece_label": tokenizer.PIECE_LABEL,  # marks a token that continues its word
                 # The encoder's grid of cells, [rows, columns]: the shape of a word's attention.
                 "grid": list(geometry.of_encoder(self.info.get("encoder")).grid)}
 
@@ -147,7 +148,7 @@ def checked_image(data: bytes, index: int, max_pixels: int) -> bytes:
 
 
 def trimmed(out: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Tokens and attention (and their n-best) cut to the request's own longest caption. A batch
+    """Tokens, their text and attention (and their n-best) cut to the request's own longest caption. A batch
     pads them to its longest hypothesis, so without the cut a request's answer would depend on
     who shared its batch; with it, the same request gets the same answer however it was batched
     (TF Serving's answer can have more trailing <pad> columns: `lengths` says where each caption ends)."""
@@ -160,6 +161,8 @@ def trimmed(out: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         steps = int(lengths.max()) if lengths.size else 0
         out[names.tokens] = tokens[..., :steps]
         out[names.attention] = attention[..., :steps, :]
+        if names.token_text in out:  # exports made before it lack it
+            out[names.token_text] = out[names.token_text][..., :steps]
     return out
 
 

@@ -33,7 +33,7 @@ import time
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from caption_io import cli, datadir, fileio
+from caption_io import cli, datadir, fileio, tokenizer
 from caption_io import metadata as metadata_lib
 from caption_io import vocab as vocab_lib
 from model import backbones
@@ -60,7 +60,8 @@ def build(p: beam.Pipeline, opts: dict) -> None:
     encodes and writes each shard, streaming, with the vocabulary ready.
 
     opts: output, splits {split: manifest path}, annotation_rejects (path), num_shards
-    {split: n}, batch_size, total_images, vocab_size, min_count, encoder (the backbone), encoder_path,
+    {split: n}, batch_size, total_images, vocab_size, min_count, tokenizer (the vocabulary's mode),
+    encoder (the backbone), encoder_path,
     encoder_sha256, static (the planned caption_io.metadata.Metadata, which WriteMetadata completes).
     """
     out = opts["output"]
@@ -72,10 +73,11 @@ def build(p: beam.Pipeline, opts: dict) -> None:
                # Spread the work: ReadFromText of one small file is a single split.
                | "Reshuffle" >> beam.Reshuffle())
     checked = entries | "CheckInputs" >> check.CheckInputs()
-    vocab = checked["ok"] | "Vocabulary" >> vocabulary.BuildVocabulary(opts["vocab_size"], opts["min_count"])
+    vocab = checked["ok"] | "Vocabulary" >> vocabulary.BuildVocabulary(
+        opts["tokenizer"], opts["vocab_size"], opts["min_count"])
     written = checked["ok"] | "EncodeShards" >> encode.EncodeShards(
-        out, opts["num_shards"], vocab, opts["encoder"], opts["encoder_path"], opts["encoder_sha256"],
-        opts["batch_size"], opts["total_images"])
+        out, opts["num_shards"], vocab, opts["tokenizer"], opts["encoder"], opts["encoder_path"],
+        opts["encoder_sha256"], opts["batch_size"], opts["total_images"])
     summaries = written["shards"]
 
     rejects = (annotation_rejects, checked["rejected"], written["rejected"]) | "AllRejects" >> beam.Flatten()
@@ -118,9 +120,15 @@ def parse_args(argv):
     src.add_argument("--max-captions", type=int,
                      help="keep a seeded random subset of N training captions, with their images")
     ap.add_argument("--output", required=True, help="the data directory to write (local or gs://)")
+    ap.add_argument("--tokenizer", default=tokenizer.DEFAULT, choices=tokenizer.MODES,
+                    help="what a token is: words (split on spaces), chars (characters) or wordpiece (word "
+                         "pieces learned from the training captions); in every mode a Chinese or Japanese "
+                         "character is a token of its own")
     ap.add_argument("--vocab-size", type=int, default=5000,
-                    help="most frequent training words kept (plus 4 special tokens)")
-    ap.add_argument("--min-count", type=int, default=1, help="words seen fewer times become <unk>")
+                    help="most frequent training words (or characters, or the word pieces learned) kept, "
+                         "plus 4 special tokens")
+    ap.add_argument("--min-count", type=int, default=1,
+                    help="words (characters; wordpiece: pieces) seen fewer times are left out of the vocabulary")
     ap.add_argument("--encoder", default=backbones.DEFAULT, choices=backbones.NAMES,
                     help="the image encoder (keras.applications, without its top): its last convolutional grid "
                          "is the features")
@@ -288,7 +296,8 @@ def _static_metadata(args, source: dict, max_captions, encoder_path: str, splits
             input_size=geometry.input_size, input_scaling=backbone.input_scaling, grid=geometry.grid,
             channels=geometry.channels),
         vocab=metadata_lib.Vocab(file=datadir.VOCAB_FILE, size=0, max_words=args.vocab_size,
-                                 min_count=args.min_count, specials=tuple(vocab_lib.SPECIALS), built_from="train"),
+                                 min_count=args.min_count, specials=tuple(vocab_lib.SPECIALS), built_from="train",
+                                 tokenizer=args.tokenizer),
         splits={s: metadata.planned_split(args.num_shards[s], datadir.shard_pattern(s)) for s in splits},
         rejected=datadir.folder(datadir.REJECTED),
         inputs=datadir.folder(datadir.INPUTS),
@@ -311,7 +320,8 @@ def prepare(args) -> dict:
     return {"output": out, "splits": manifests, "annotation_rejects": rejects_path,
             "num_shards": {s: args.num_shards[s] for s in splits}, "batch_size": args.batch_size,
             "total_images": sum(len(e) for e in splits.values()),
-            "vocab_size": args.vocab_size, "min_count": args.min_count, "encoder": args.encoder,
+            "vocab_size": args.vocab_size, "min_count": args.min_count, "tokenizer": args.tokenizer,
+            "encoder": args.encoder,
             "encoder_path": encoder_path,
             "encoder_sha256": encoder_digest, "static": static}
 

@@ -38,11 +38,12 @@ def assign(entries: list[dict], count: int) -> None:
         entry["shard"] = rank % count
 
 
-def fingerprint(entries: list[dict], tokens: list[str], encoder_sha256: str) -> str:
+def fingerprint(entries: list[dict], tokens: list[str], tokenizer: str, encoder_sha256: str) -> str:
     """Everything a shard's bytes depend on: its images and captions (as
-    tokenised), the vocabulary and the encoder."""
+    tokenised), the vocabulary and its mode, and the encoder."""
     h = hashlib.sha256()
     h.update(encoder_sha256.encode())
+    h.update(tokenizer.encode())
     h.update("\n".join(tokens).encode("utf-8"))
     for e in entries:
         h.update(json.dumps([e["image_id"], e["file_name"], e["path"],

@@ -18,12 +18,18 @@ background, noise, exact placement, capitals and full stops) is either
 invisible after text normalisation or never mentioned.
 
     python -m pipelines.synthetic --output DIR [--train 1500] [--val 200] [--seed 0] [--novel-pairs N]
+                                  [--language en|zh]
 
 --novel-pairs N makes a split for generalisation: N (colour, shape) pairs, drawn from the seed,
 appear in no training scene, and NOVEL_SHARE of the val scenes each hold one of them beside seen
 pairs (the rest hold seen pairs only). Both annotation files name the pairs (info.novel_pairs)
 and each val image says whether it holds one ("novel_pair" in the instances file's images), so
 evaluation scores the novel scenes apart from the rest. Without the flag the files are as before.
+
+--language zh writes the captions in Chinese (no spaces between words; the same content, five
+wordings of their own), over the same pictures: the seed draws the same scenes in either language.
+The instances file keeps the English category names and colours, which evaluation compares, and
+both files say the captions' language (info.language). English, the default, writes no such key.
 """
 from __future__ import annotations
 
@@ -41,7 +47,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from caption_io import cli
-from caption_io.scenes import COLOURS, COLUMNS, ROWS, SHAPES, SIZES, objects_in_caption  # noqa: F401
+from caption_io.scenes import COLOURS, COLUMNS, ROWS, SHAPES, SIZES, ZH, objects_in_caption  # noqa: F401
 
 # The scene set's words (COLOURS, SHAPES, SIZES, the grid's COLUMNS and ROWS) and the reading of a
 # caption's objects (objects_in_caption) are caption_io.scenes', where evaluation reads them too.
@@ -49,6 +55,7 @@ from caption_io.scenes import COLOURS, COLUMNS, ROWS, SHAPES, SIZES, objects_in_
 WIDTH, HEIGHT = 320, 240  # deliberately not 299x299: the pipeline must resize
 JPEG_QUALITY = 90
 SPLITS = ("train", "val")
+LANGUAGES = ("en", "zh")
 
 # Saturated colours far from the greyish background (and from each other), so
 # "red" stays red after JPEG, noise and the encoder's resize.
@@ -149,14 +156,17 @@ def _join(parts: list[str]) -> str:
     return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
-def captions_for(objects: list[dict]) -> list[str]:
-    """The five captions (canonical: lower case, no punctuation but commas/colons)
-    of a scene, given its objects as dicts with colour, shape, size and bbox.
+def captions_for(objects: list[dict], language: str = "en") -> list[str]:
+    """The five captions (canonical: lower case, no punctuation but commas/colons; in Chinese
+    "、" between the items of a list, no full stop) of a scene, given its objects as dicts with
+    colour, shape, size and bbox.
 
     A pure function of what the picture shows: the five differ in wording, not
     in content, and objects are named left to right, then top to bottom.
     """
     objects = sorted(objects, key=lambda o: _cell(o["bbox"]))
+    if language == "zh":
+        return _captions_zh(objects)
     where = [(COLUMNS[c], ROWS[r]) for c, r in (_cell(o["bbox"]) for o in objects)]
     plain = _join([_phrase(o) for o in objects])
     sized = _join([_phrase(o, sized=True) for o in objects])
@@ -179,12 +189,60 @@ def captions_for(objects: list[dict]) -> list[str]:
     return [sized, f"there are {count} shapes: {plain}", f"a picture showing {plain}", placed, last]
 
 
-def _annotator_style(caption: str, rng: np.random.Generator) -> str:
+def _zh_thing(obj: dict, linked: bool = True, sized: bool = False) -> str:
+    """"红色的圆形" (linked), "红色圆形"; sized: "小的红色圆形". The size goes before the colour:
+    the colour and shape stay together, as objects_in_caption reads them."""
+    size = ZH[obj["size"]] + "的" if sized else ""
+    return f"{size}{ZH[obj['colour']]}{'的' if linked else ''}{ZH[obj['shape']]}"
+
+
+def _zh_place(col: str, row: str) -> str:
+    """The grid cell: "左上方", "右下方", "上方中间"."""
+    return f"{ZH[row]}方{ZH[col]}" if col == "middle" else f"{ZH[col]}{ZH[row]}方"
+
+
+def _zh_join(parts: list[str]) -> str:
+    return parts[0] if len(parts) == 1 else "、".join(parts[:-1]) + "和" + parts[-1]
+
+
+def _captions_zh(objects: list[dict]) -> list[str]:
+    """captions_for's five in Chinese, objects in caption order. The sentences are Chinese ones,
+    not the English word for word; what each says matches its English counterpart."""
+    where = [(COLUMNS[c], ROWS[r]) for c, r in (_cell(o["bbox"]) for o in objects)]
+    if len(objects) == 1:
+        (obj,), ((col, row),) = objects, where
+        side = ZH[col] if col == "middle" else ZH[col] + "边"
+        size = "较" + ZH[obj["size"]]
+        return [f"一个{_zh_thing(obj, False, sized=True)}在{_zh_place(col, row)}",
+                f"图片{side}有一个{_zh_thing(obj)}，尺寸{size}",
+                f"画面里有一个{_zh_thing(obj)}",
+                f"只有一个{_zh_thing(obj, False)}，靠近图片{ZH[row]}边",
+                f"一个{_zh_thing(obj, False)}，背景是灰色的"]
+    count = {2: "两", 3: "三"}[len(objects)]
+    plain = _zh_join([_zh_thing(o) for o in objects])
+    placed = _zh_join([f"{_zh_place(col, row)}的{_zh_thing(o, False)}" for o, (col, row) in zip(objects, where)])
+    if len(objects) == 2:
+        # Same column means the first is the upper one (top-to-bottom order).
+        relation = "左边" if where[0][0] != where[1][0] else "上面"
+        last = f"一个{_zh_thing(objects[0], False, True)}在{_zh_thing(objects[1], False, True)}的{relation}"
+    else:
+        last = _zh_join([_zh_thing(o, False) for o in objects]) + "，背景是灰色的"
+    return [_zh_join([f"一个{_zh_thing(o, False, True)}" for o in objects]),
+            f"有{count}个图形：{plain}",
+            "画面里有" + _zh_join([f"一个{_zh_thing(o)}" for o in objects]),
+            placed, last]
+
+
+def _annotator_style(caption: str, rng: np.random.Generator, language: str = "en") -> str:
     # Real COCO captions are inconsistently capitalised and punctuated; the
     # project's normalisation removes both, so this adds no content to learn.
+    # Chinese has no capitals: its lists are written with "，" as often as with "、". Either way
+    # two draws, so the pictures do not depend on the language.
     if rng.random() < 0.4:
-        caption = caption[0].upper() + caption[1:]
-    return caption + "." if rng.random() < 0.3 else caption
+        caption = caption.replace("、", "，") if language == "zh" else caption[0].upper() + caption[1:]
+    if rng.random() < 0.3:
+        caption += "。" if language == "zh" else "."
+    return caption
 
 
 def scene_objects(instances_json_path: str) -> dict[int, list[dict]]:
@@ -220,7 +278,8 @@ def _pair(kind: int) -> list[str]:
     return [COLOURS[kind // len(SHAPES)], SHAPES[kind % len(SHAPES)]]
 
 
-def _generate_split(output_dir: str, split: str, n: int, seed: int, held_out: tuple[int, ...] = ()) -> dict:
+def _generate_split(output_dir: str, split: str, n: int, seed: int, held_out: tuple[int, ...] = (),
+                    language: str = "en") -> dict:
     index = SPLITS.index(split)
     # One stream per split, so the val set does not change with --train.
     rng = np.random.default_rng([seed, index])
@@ -234,6 +293,8 @@ def _generate_split(output_dir: str, split: str, n: int, seed: int, held_out: tu
             "date_created": "2014-01-01", "seed": seed}
     if held_out:
         info["novel_pairs"] = [_pair(k) for k in held_out]
+    if language != "en":
+        info["language"] = language
     images, captions, instances = [], [], []
     for image_id in (int(i) for i in ids):
         novel = bool(held_out) and split != "train" and novelty.random() < NOVEL_SHARE
@@ -245,9 +306,9 @@ def _generate_split(output_dir: str, split: str, n: int, seed: int, held_out: tu
             images[-1]["novel_pair"] = novel
         # Annotation ids derive from the image id: unique across files and
         # stable whatever else is generated.
-        for k, caption in enumerate(captions_for(objects)):
+        for k, caption in enumerate(captions_for(objects, language)):
             captions.append({"id": image_id * 10 + k, "image_id": image_id,
-                             "caption": _annotator_style(caption, rng)})
+                             "caption": _annotator_style(caption, rng, language)})
         for k, obj in enumerate(objects):
             instances.append({"id": image_id * 10 + k, "image_id": image_id,
                               "category_id": SHAPES.index(obj["shape"]) + 1, "bbox": obj["bbox"],
@@ -266,9 +327,12 @@ def _generate_split(output_dir: str, split: str, n: int, seed: int, held_out: tu
     return out
 
 
-def generate(output_dir: str, n_train: int = 1500, n_val: int = 200, seed: int = 0, novel_pairs: int = 0) -> dict:
+def generate(output_dir: str, n_train: int = 1500, n_val: int = 200, seed: int = 0, novel_pairs: int = 0,
+             language: str = "en") -> dict:
     """Write the scene set under output_dir; returns paths and counts per split (and the
-    held-out pairs, with novel_pairs > 0: see the module docstring)."""
+    held-out pairs, with novel_pairs > 0; the language, when not English: see the module docstring)."""
+    if language not in LANGUAGES:
+        raise ValueError(f"language must be one of {', '.join(LANGUAGES)}, got {language!r}")
     for name, n in (("n_train", n_train), ("n_val", n_val)):
         if not 0 <= n < _ID_BLOCK:
             raise ValueError(f"{name} must be in [0, {_ID_BLOCK - 1}], got {n}")
@@ -277,11 +341,13 @@ def generate(output_dir: str, n_train: int = 1500, n_val: int = 200, seed: int =
     held_out = novel_kinds(novel_pairs, seed)
     output_dir = os.fspath(output_dir)
     os.makedirs(os.path.join(output_dir, "annotations"), exist_ok=True)
-    splits = {split: _generate_split(output_dir, split, n, seed, held_out)
+    splits = {split: _generate_split(output_dir, split, n, seed, held_out, language)
               for split, n in zip(SPLITS, (n_train, n_val))}
     out = {"output_dir": output_dir, "seed": seed, "splits": splits}
     if held_out:
         out["novel_pairs"] = [_pair(k) for k in held_out]
+    if language != "en":
+        out["language"] = language
     return out
 
 
@@ -305,9 +371,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--novel-pairs", type=int, default=0, metavar="N",
                         help="hold N colour-shape pairs out of training and put one into "
                              f"{NOVEL_SHARE:.0%}% of the val scenes (default 0: none)")
+    parser.add_argument("--language", choices=LANGUAGES, default="en",
+                        help="the captions' language: en (default) or zh, Chinese over the same pictures")
     args = parser.parse_args(argv)
     try:
-        summary = generate(args.output, args.train, args.val, args.seed, args.novel_pairs)
+        summary = generate(args.output, args.train, args.val, args.seed, args.novel_pairs, args.language)
     except ValueError as e:
         parser.error(str(e))
     except OSError as e:

@@ -208,6 +208,37 @@ def test_which_objects_a_word_names(tmp_path):
     assert ac.summary()["words"] == 1  # "circle": the only circle
 
 
+def test_which_objects_a_chinese_character_names(tmp_path):
+    """Chinese comes a character a word: the characters of a colour or shape name name its
+    objects, the "色" and "形" all of them end with (and the "三" of "three") only inside one."""
+    inst = _instances(tmp_path, [("red", "circle", [0, 0, 50, 50]), ("red", "square", [200, 0, 50, 50]),
+                                 ("blue", "triangle", [0, 120, 50, 50])])
+    objects, vocab = inst["images"][5]["objects"], inst["vocabulary"]
+    assert {"红色", "红", "圆形"} <= objects[0]["words"] and {"正方形", "三角形"} <= vocab
+
+    def named(caption):
+        return attention.named_objects(list(caption), objects, vocab)
+
+    # 一 个 红 色 的 圆 形 和 红 色 正 方 形: the phrase decides across the 的, as in English.
+    assert named("一个红色的圆形和红色正方形") == [None, None, [0], [0], None, [0], [0], None, [1], [1], [1], [1], [1]]
+    assert named("红圆形在左上方") == [[0], [0], [0], None, None, None, None]  # "方" of a place: nothing
+    assert named("有三个图形") == [None] * 5
+    assert named("红色的东西") == [[0, 1], [0, 1], None, None, None]  # both red shapes: ambiguous
+    assert named("一个蓝色的圆形")[2:] == [[2], [2], None, [0], [0]]  # no blue circle: each name alone
+    ac = attention.AttentionCorrectness(inst, EIGHT)
+    ac.add(_item(5, list("有三个图形：红色的东西和蓝色三角形"), np.full((17, 64), 1 / 64)))
+    assert ac.summary()["words"] == 5 and ac.summary()["skipped"] == {"words_naming_several_objects": 2}
+
+
+def test_exact_objects_reads_chinese_captions(tmp_path):
+    inst = _instances(tmp_path, [("red", "circle", [0, 0, 50, 50]), ("blue", "square", [200, 0, 50, 50])])
+    ex = exact_objects.ExactObjects(inst)
+    for caption in ("一个红色的圆形和一个蓝色的正方形", "红 色 圆 形 和 蓝 色 正 方 形",
+                    "一个红色的圆形和一个蓝色的圆形"):
+        ex.add({"image_id": 5, "caption": caption})
+    assert ex.summary()["2"] == {"images": 3, "exact": 2, "share": 2 / 3}
+
+
 def test_exact_objects_by_scene_size(tmp_path):
     inst = _instances(tmp_path, [("red", "circle", [0, 0, 50, 50]), ("blue", "square", [200, 0, 50, 50])])
     ex = exact_objects.ExactObjects(inst)

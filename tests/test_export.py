@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from caption_io import images, metadata, records, vocab
+from caption_io import images, metadata, records, tokenizer, vocab
 from caption_serving import client
 from model import Captioner, CaptionerConfig, backbones, decoding
 
@@ -102,7 +102,7 @@ def _in_process_greedy(job, paths, max_length=20):
     encoder = inception.load(os.path.join(meta_job["data"], meta.encoder.file))
     pixels = np.stack([inception.prepare(images.decode(open(p, "rb").read())[None]).numpy()[0] for p in paths])
     out = decoding.greedy(model, encoder(pixels, training=False), max_length)
-    return [vocab.decode(t, tokens) for t in out.tokens.numpy()], out
+    return [tokenizer.decode(t, tokens) for t in out.tokens.numpy()], out
 
 
 def test_savedmodel_captions_without_the_project_like_in_process_greedy(each_trained_job, scene_dir):

@@ -127,6 +127,14 @@ def test_variety_on_counted_captions():
     assert "says_where" not in nowhere.summary()
 
 
+def test_chinese_captions_say_where_by_their_characters():
+    v = variety.Variety(scenes.POSITION_WORDS)
+    for caption in ["画面里有一个红色的圆形", "一个红色圆形，背景是灰色的", "有三个图形：红色的圆形和蓝色的正方形",
+                    "左上方的红色圆形", "图片中间有一个红色的圆形", "一个小的红色圆形在大的蓝色三角形的上面"]:
+        v.add({"words": [ch for ch in caption if ch not in "，：、"]})
+    assert v.summary()["says_where"] == 3 / 6
+
+
 def test_variety_reaches_the_table_and_the_epoch_record(evaluated):
     metrics, _, _ = evaluated
     v = metrics["variety"]

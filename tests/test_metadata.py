@@ -46,7 +46,7 @@ def test_a_file_from_before_shard_lists_round_trips(small_data):
 
 def test_another_format_version_is_refused_saying_which(small_data, tmp_path, capsys):
     d = _dir_with(tmp_path, dict(_raw(small_data), format_version=metadata.FORMAT_VERSION + 1))
-    want = f"format_version {metadata.FORMAT_VERSION + 1}, and this code reads format_version 1 or 2"
+    want = f"format_version {metadata.FORMAT_VERSION + 1}, and this code reads format_version 1, 2 or 3"
     with pytest.raises(metadata.MetadataError, match=want) as e:
         metadata.read(d)
     assert str(e.value).startswith(os.path.join(d, "metadata.json") + ": ")
@@ -62,10 +62,24 @@ def test_a_version_1_file_reads_as_the_inception_v3_data_it_is(small_data, tmp_p
     old = _raw(small_data)
     for key in ("name", "grid", "channels"):
         del old["encoder"][key]
+    del old["vocab"]["tokenizer"]
     old["format_version"] = 1
     meta = metadata.read(_dir_with(tmp_path, old))
     assert (meta.encoder.name, meta.geometry) == ("inception_v3", geometry.INCEPTION_V3)
-    assert meta.to_dict() == _raw(small_data)  # read as the version-2 file it means
+    assert meta.to_dict() == _raw(small_data)  # read as the version-3 file it means
+
+
+def test_a_version_2_file_reads_as_the_word_vocabulary_it_has(small_data, tmp_path):
+    """Version 2 (before the tokenizer modes) has no vocab.tokenizer: its tokens were words."""
+    old = _raw(small_data)
+    del old["vocab"]["tokenizer"]
+    old["format_version"] = 2
+    meta = metadata.read(_dir_with(tmp_path, old))
+    assert meta.vocab.tokenizer == "words" and meta.to_dict() == _raw(small_data)
+
+
+def _set_tokenizer(raw):
+    raw["vocab"]["tokenizer"] = "bpe"
 
 
 def test_features_of_another_shape_than_the_encoder_makes_are_refused(small_data, tmp_path):
@@ -97,6 +111,8 @@ def _set_val_written(raw):
     (_drop("splits", "train"), "incomplete (no splits.train)"),
     (_drop("encoder", "sha256"), "incomplete (no encoder.sha256)"),
     (_drop("encoder", "grid"), "incomplete (no encoder.grid)"),
+    (_drop("vocab", "tokenizer"), "incomplete (no vocab.tokenizer)"),
+    (_set_tokenizer, "vocab.tokenizer 'bpe' is not one of words, chars, wordpiece"),
     (_set_val_written, "splits.val.images.written is 'five', not an integer"),
 ])
 def test_a_broken_file_is_one_clear_error(small_data, tmp_path, change, words):

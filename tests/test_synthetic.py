@@ -1,5 +1,6 @@
 """The synthetic COCO-format scene set: formats, consistency with the pictures, determinism, CLI."""
 import collections
+import hashlib
 import itertools
 import json
 import os
@@ -276,6 +277,7 @@ def test_cli_writes_scene_set(tmp_path):
     ["--output", "OUT", "--train", "many"],
     ["--output", "OUT", "--seed", "-2"],
     ["--output", "OUT", "--novel-pairs", "18"],  # there are 18 pairs: none would be left to train on
+    ["--output", "OUT", "--language", "fr"],
     ["--output", "FILE/sub", "--train", "1", "--val", "1"],  # unwritable: a file is in the way
     ["--train", "1"],  # no --output
 ])
@@ -326,3 +328,122 @@ def test_the_held_out_pairs_follow_the_seed_alone_and_no_flag_writes_none(tmp_pa
     assert "novel_pairs" not in captions["info"] and all("novel_pair" not in im for im in instances["images"])
 
 
+
+
+# ----------------------------------------------------------------- Chinese captions (--language zh)
+ZH_PUNCTUATION = "、，。："
+
+
+def spaced(text):
+    """The project's normalisation of a Chinese caption in plain Python: punctuation to spaces,
+    each character a word of its own."""
+    return " ".join(ch for ch in text if ch not in ZH_PUNCTUATION)
+
+
+def named_in_order(caption):
+    """The (colour, shape) pairs of a Chinese caption in the order it names them."""
+    canonical = {synthetic.ZH[w]: w for w in synthetic.COLOURS + synthetic.SHAPES}
+    colours = "|".join(synthetic.ZH[c] for c in synthetic.COLOURS)
+    shapes = "|".join(synthetic.ZH[s] for s in synthetic.SHAPES)
+    return [(canonical[c], canonical[s]) for c, s in re.findall(f"({colours})的?({shapes})", caption)]
+
+
+@pytest.fixture(scope="module")
+def zh_scene_set(tmp_path_factory):
+    out = tmp_path_factory.mktemp("scenes_zh")
+    summary = synthetic.generate(out, n_train=80, n_val=20, seed=3, language="zh")
+    return out, summary
+
+
+def test_chinese_captions_name_exactly_the_objects_in_five_wordings(zh_scene_set):
+    out, summary = zh_scene_set
+    assert summary["language"] == "zh"
+    for split in synthetic.SPLITS:
+        captions, instances = split_files(out, split)
+        assert captions["info"]["language"] == instances["info"]["language"] == "zh"
+        scenes = synthetic.scene_objects(out / "annotations" / f"instances_{split}2014.json")
+        by_image = collections.defaultdict(list)
+        for ann in captions["annotations"]:
+            by_image[ann["image_id"]].append(ann["caption"])
+        for image_id, texts in by_image.items():
+            objects = scenes[image_id]
+            pairs = [(o["colour"], o["shape"]) for o in objects]
+            assert len(texts) == 5 and len({spaced(t) for t in texts}) == 5
+            # The five, punctuation aside, are the scene's: a function of the instance data alone.
+            assert sorted(map(spaced, texts)) == sorted(map(spaced, synthetic.captions_for(objects, "zh")))
+            for text in texts:
+                assert not re.search(r"[A-Za-z\s]", text), text  # Chinese, written without spaces
+                assert synthetic.objects_in_caption(text) == set(pairs), text
+                assert synthetic.objects_in_caption(spaced(text)) == set(pairs), text
+                assert named_in_order(text) == pairs, text  # left to right, then top to bottom
+                sizes = [ch for ch in text if ch in (synthetic.ZH["small"], synthetic.ZH["large"])]
+                assert sizes in ([], [synthetic.ZH[o["size"]] for o in objects]), text
+
+
+def test_chinese_annotator_style_adds_no_content(zh_scene_set):
+    out, _ = zh_scene_set
+    captions, _ = split_files(out, "train")
+    texts = [a["caption"] for a in captions["annotations"]]
+    assert 0.1 < sum(t.endswith("。") for t in texts) / len(texts) < 0.5
+    # Three-object lists: written with "、" or, by some annotators, "，".
+    lists = [t for t in texts if t.startswith("有三个图形")]
+    assert any("、" in t for t in lists) and any("、" not in t for t in lists)
+
+
+def test_one_object_chinese_captions_say_where_it_is(zh_scene_set):
+    out, _ = zh_scene_set
+    scenes = synthetic.scene_objects(out / "annotations" / "instances_train2014.json")
+    seen = set()
+    for objects in scenes.values():
+        if len(objects) != 1:
+            continue
+        x, y, w, h = objects[0]["bbox"]
+        col = ("左", "中间", "右")[int((x + w / 2) * 3 // 320)]
+        row = "上" if y + h / 2 < 120 else "下"
+        place = f"{row}方{col}" if col == "中间" else f"{col}{row}方"
+        first = synthetic.captions_for(objects, "zh")[0]
+        assert first.endswith(f"在{place}"), (first, objects)
+        seen.add(place)
+    assert len(seen) >= 4
+
+
+def test_chinese_captions_are_over_the_same_pictures_and_objects(zh_scene_set, tmp_path):
+    out, _ = zh_scene_set
+    synthetic.generate(tmp_path, n_train=80, n_val=20, seed=3)
+    en, zh = tree_bytes(tmp_path), tree_bytes(out)
+    assert {k: v for k, v in en.items() if k.endswith(".jpg")} == {k: v for k, v in zh.items() if k.endswith(".jpg")}
+    for split in synthetic.SPLITS:
+        (_, en_instances), (_, zh_instances) = split_files(tmp_path, split), split_files(out, split)
+        assert "language" not in en_instances["info"]
+        assert {**zh_instances, "info": en_instances["info"]} == en_instances  # English names, colours
+
+
+def test_english_files_are_as_they_were_before_the_language_flag(tmp_path):
+    # Digests of the files the generator wrote before Chinese captions existed: English stays byte-identical.
+    synthetic.generate(tmp_path, n_train=6, n_val=3, seed=11)
+    digest = {name: hashlib.sha256((tmp_path / "annotations" / name).read_bytes()).hexdigest()
+              for name in ("captions_train2014.json", "instances_val2014.json")}
+    assert digest == {"captions_train2014.json": "a02ada4f7aed2eed8420f98d66870eea2be12173c942bf27ed67fe86a04c3f11",
+                      "instances_val2014.json": "4987b8254d7233fe09b0c3343805880925d416ec1923784b2a86295b1efddddb"}
+
+
+def test_objects_in_chinese_captions():
+    f = synthetic.objects_in_caption
+    red_circle = {("red", "circle")}
+    for text in ("一个红色的圆形在左上方", "一 个 红 色 的 圆 形 在 左 上 方", "红色圆形", "红圆形", "红的圆形"):
+        assert f(text) == red_circle, text
+    assert f("左上方的红色圆形、上方中间的黄色三角形和右下方的蓝色正方形。") == \
+        {("red", "circle"), ("yellow", "triangle"), ("blue", "square")}
+    assert f("有三个图形，背景是灰色的") == set()  # "三" is three here, not a triangle
+    assert f("红色的圆") == set() and f("红色的小圆形") == set()  # only "colour (的) shape" counts
+    assert f("a red circle beside 蓝色的正方形") == {("red", "circle"), ("blue", "square")}
+
+
+def test_cli_writes_chinese_captions(tmp_path, capsys, clean_logging):
+    assert exit_code(synthetic.main, ["--output", str(tmp_path), "--train", "2", "--val", "1",
+                                      "--language", "zh"]) == 0
+    assert json.loads(capsys.readouterr().out)["language"] == "zh"
+    captions = load(tmp_path / "annotations" / "captions_val2014.json")
+    assert captions["info"]["language"] == "zh" and len(captions["annotations"]) == 5
+    with pytest.raises(ValueError, match="language"):
+        synthetic.generate(tmp_path / "fr", n_train=1, n_val=1, language="fr")

@@ -86,7 +86,7 @@ def test_vocabulary_counts_training_words_only(max_words, min_count, expected):
         _entry("val", 3, "z", "", words=[["a", "zebra", "zebra", "zebra"]]),  # val words never count
     ]
     with BeamPipeline() as p:
-        tokens = p | beam.Create(entries) | vocabulary.BuildVocabulary(max_words, min_count)
+        tokens = p | beam.Create(entries) | vocabulary.BuildVocabulary("words", max_words, min_count)
         assert_that(tokens, equal_to([list(vocab.SPECIALS) + expected]))
 
 
@@ -155,7 +155,7 @@ def test_encode_shards_writes_every_shard_streaming_and_rejects_what_it_cannot_r
     out = str(tmp_path / "out")
     with BeamPipeline() as p:
         vocab_pc = p | "Vocab" >> beam.Create([tokens])
-        res = p | beam.Create(entries) | encode.EncodeShards(out, {"train": 5}, vocab_pc, *encoder_file,
+        res = p | beam.Create(entries) | encode.EncodeShards(out, {"train": 5}, vocab_pc, "words", *encoder_file,
                                                              batch_size=2, total_images=4)
         assert_that(res["shards"] | beam.Map(lambda s: (s["name"], s["records"], s["captions"], s["stats"]["count"])),
                     equal_to([(f"train-0000{i}-of-00005.tfrecord", *((1, 1, 64) if i < 3 else (0, 0, 0)))
@@ -187,7 +187,7 @@ def test_encode_shards_keeps_finished_shards_and_redoes_changed_ones(pictures, e
     def run(es):
         with BeamPipeline() as p:
             vocab_pc = p | "Vocab" >> beam.Create([tokens])
-            p | beam.Create(es) | encode.EncodeShards(out, {"train": 3}, vocab_pc, *encoder_file,
+            p | beam.Create(es) | encode.EncodeShards(out, {"train": 3}, vocab_pc, "words", *encoder_file,
                                                       batch_size=2, total_images=3)
         return {n: os.stat(os.path.join(out, n)).st_ino for n in os.listdir(out) if n.endswith(".tfrecord")}
 
@@ -223,7 +223,7 @@ def test_write_metadata_checks_the_counts_and_lists_every_shard(tmp_path):
         features=metadata_lib.Features(shape=geometry.DEFAULT.feature_shape, dtype="float16", standardise="per channel",
                                        stats_file=metadata.STATS_FILE, stats_count=0),
         vocab=metadata_lib.Vocab(file="vocab.txt", size=0, max_words=10, min_count=1, specials=vocab.SPECIALS,
-                                 built_from="train"),
+                                 built_from="train", tokenizer="words"),
         splits={"train": metadata.planned_split(2, "train-SSSSS-of-NNNNN.tfrecord")},
         rejected="rejected/", inputs="inputs/")
     fn = metadata.WriteMetadata(str(tmp_path), static)

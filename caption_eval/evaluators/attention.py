@@ -6,7 +6,7 @@ from collections import Counter
 
 import numpy as np
 
-from caption_io import fileio, geometry
+from caption_io import cjk, fileio, geometry, scenes
 from caption_io import text as text_lib
 
 
@@ -37,8 +37,10 @@ def load_instances(path: str) -> dict:
     "vocabulary": every word that names some object, "novel_pairs": the (colour, shape) pairs
     held out of training, or None}. An object is {"name", "colour" (scene set only, else None),
     "bbox", "words"}: its words are its category name's words plus its colour, normalised like
-    captions. "novel_pair" says whether the image holds a held-out pair (None where the file
-    holds out none: a scene set made with pipelines.synthetic --novel-pairs does)."""
+    captions, and the Chinese names of its colour and shape (scenes.zh_names; only the scene
+    set's words have any), so a Chinese caption names the object too. "novel_pair" says whether
+    the image holds a held-out pair (None where the file holds out none: a scene set made with
+    pipelines.synthetic --novel-pairs does)."""
     data = fileio.read_json(path)
     cats = {c["id"]: c["name"] for c in data["categories"]}
     cat_words = dict(zip(cats, text_lib.words(list(cats.values()))))
@@ -48,6 +50,7 @@ def load_instances(path: str) -> dict:
     for ann in sorted(data["annotations"], key=lambda a: a["id"]):
         colour = ann.get("colour")
         words = set(cat_words[ann["category_id"]]) | ({colour} if colour else set())
+        words |= {name for w in words for name in scenes.zh_names(w)}
         vocabulary |= words
         images[int(ann["image_id"])]["objects"].append(
             {"name": cats[ann["category_id"]], "colour": colour, "bbox": ann["bbox"], "words": words})
@@ -63,29 +66,63 @@ def _object_word(word: str, vocabulary: set) -> str | None:
     return None
 
 
+def _character(word: str) -> bool:
+    return len(word) == 1 and cjk.is_cjk(word)
+
+
+def _stems(words: list[str], vocabulary: set) -> list[str | None]:
+    """Per word, the vocabulary word it is (part of), or None.
+
+    Chinese comes a character a word ("红", "色", "的", "圆", "形"), so a run of characters is
+    read against the vocabulary, longest word first: each character of "红色" is "红色". A
+    character is an object word only inside such a word: the "色" and "形" every colour and
+    shape ends with name nothing alone, nor the "三" of "三个" (three) or the "方" of "左上方".
+    """
+    stems = [None if _character(w) else _object_word(w, vocabulary) for w in words]
+    i = 0
+    while i < len(words):
+        run = i
+        while run < len(words) and _character(words[run]):
+            run += 1
+        for end in range(run, i, -1):
+            if "".join(words[i:end]) in vocabulary:
+                stems[i:end] = ["".join(words[i:end])] * (end - i)
+                i = end
+                break
+        else:
+            i += 1
+    return stems
+
+
 def named_objects(words: list[str], objects: list[dict], vocabulary: set) -> list[list[int] | None]:
     """Per word: None when it names no kind of object, else the indices of the
     image's objects it names (may be empty, or several: the caller decides).
 
-    A run of object words is read as one phrase ("red circle", "hot dog"), so in a
-    scene with a red circle and a red square, the "red" of "red circle" names the
-    circle alone. When no object fits the whole phrase (the caption is wrong), each
-    word names the objects that fit it alone.
+    A run of object words is read as one phrase ("red circle", "hot dog"; in Chinese
+    "红色的圆形" too, across the "的"), so in a scene with a red circle and a red square,
+    the "red" of "red circle" names the circle alone. When no object fits the whole
+    phrase (the caption is wrong), each word names the objects that fit it alone.
+    Each character of a Chinese name is a word naming what the name does (see _stems).
     """
     out: list[list[int] | None] = [None] * len(words)
-    stems = [_object_word(w, vocabulary) for w in words]
+    stems = _stems(words, vocabulary)
+
+    def in_phrase(t: int) -> bool:  # an object word, or a 的 between two
+        return stems[t] is not None or (words[t] == scenes.ZH_LINK and t + 1 < len(words) and stems[t + 1] is not None)
+
     i = 0
     while i < len(words):
         if stems[i] is None:
             i += 1
             continue
         j = i
-        while j < len(words) and stems[j] is not None:
+        while j < len(words) and in_phrase(j):
             j += 1
-        phrase = stems[i:j]
+        phrase = [w for w in stems[i:j] if w is not None]
         whole = [k for k, o in enumerate(objects) if all(w in o["words"] for w in phrase)]
         for t in range(i, j):
-            out[t] = whole or [k for k, o in enumerate(objects) if stems[t] in o["words"]]
+            if stems[t] is not None:
+                out[t] = whole or [k for k, o in enumerate(objects) if stems[t] in o["words"]]
         i = j
     return out
 

@@ -1,6 +1,6 @@
 """Exact objects: on the scene set, whether a caption names exactly the image's
-(colour, shape) objects. What counts as a colour or shape word is the scene set's
-vocabulary, caption_io.scenes, which the generator draws with too."""
+(colour, shape) objects. What counts as a colour or shape word, in English or Chinese,
+is the scene set's vocabulary, caption_io.scenes, which the generator draws with too."""
 from __future__ import annotations
 
 from collections import defaultdict

@@ -20,7 +20,6 @@ import numpy as np
 from apache_beam.metrics import Metrics
 
 from caption_io import datadir, fileio, records
-from caption_io import vocab as vocab_lib
 from pipelines import shards
 from pipelines.transforms import NAMESPACE, check, stats
 
@@ -67,6 +66,10 @@ def _loaded(entries, prepare, threads: int, depth: int):
             yield pending.popleft().result()
 
 
+def _key(entry) -> tuple:
+    return entry["image_id"], entry["file_name"]
+
+
 class EncodeShard(beam.DoFn):
     """((split, index), entries) + vocabulary -> the shard file, then one summary
     {split, name, records, bytes, sha256, images, captions, max_tokens, stats}
@@ -76,10 +79,11 @@ class EncodeShard(beam.DoFn):
     is kept as it is: a rerun after a crash redoes only unfinished shards.
     """
 
-    def __init__(self, output: str, shard_counts: dict, encoder: str, encoder_path: str, encoder_sha256: str,
-                 shared_handle, batch_size: int, total_images: int, read_threads: int = 4):
+    def __init__(self, output: str, shard_counts: dict, tokenizer: str, encoder: str, encoder_path: str,
+                 encoder_sha256: str, shared_handle, batch_size: int, total_images: int, read_threads: int = 4):
         self._output = output
         self._counts = dict(shard_counts)
+        self._tokenizer = tokenizer  # the vocabulary's mode (caption_io.tokenizer)
         self._encoder_name = encoder  # the backbone (model.backbones)
         self._encoder_path = encoder_path
         self._encoder_sha256 = encoder_sha256
@@ -97,7 +101,7 @@ class EncodeShard(beam.DoFn):
         self._feature_shape = backbone.geometry.feature_shape
         self._count = 0
         self._start = self._last_log = time.time()
-        self._index, self._tokens_id = None, None
+        self._caption_ids, self._tokens_id = None, None
 
     def _progress(self, n):
         Metrics.counter(NAMESPACE, "images_encoded").inc(n)
@@ -112,7 +116,7 @@ class EncodeShard(beam.DoFn):
         (split, index), values = element
         entries = sorted((e for e in values if e is not None), key=lambda e: (e["image_id"], e["file_name"]))
         name = datadir.shard_name(split, index, self._counts[split])
-        fingerprint = shards.fingerprint(entries, tokens, self._encoder_sha256)
+        fingerprint = shards.fingerprint(entries, tokens, self._tokenizer, self._encoder_sha256)
         done = shards.read_done(self._output, name, fingerprint)
         if done is not None:
             Metrics.counter(NAMESPACE, "shards_kept").inc()
@@ -125,9 +129,14 @@ class EncodeShard(beam.DoFn):
         yield {k: v for k, v in done.items() if k not in ("rejected", "fingerprint")}
 
     def _write(self, split, name, entries, tokens) -> dict:
-        if self._tokens_id != id(tokens):  # the side input is one list; index it once
-            self._index = {w: i for i, w in enumerate(tokens)}
+        if self._tokens_id != id(tokens):  # the side input is one list; build its encoder once
+            from caption_io import tokenizer
+
+            self._caption_ids = tokenizer.Encoder(tokens, self._tokenizer)
             self._tokens_id = id(tokens)
+        # The shard's captions as token ids, in one call: {entry's key: [ids per caption]}.
+        flat = iter(self._caption_ids([c["words"] for e in entries for c in e["captions"]]))
+        ids = {_key(e): [next(flat) for _ in e["captions"]] for e in entries}
         acc, rejected = stats.ChannelStats().create_accumulator(), []
         writer = shards.ShardWriter(fileio.join(self._output, name))
         try:
@@ -138,10 +147,10 @@ class EncodeShard(beam.DoFn):
                     continue
                 batch.append((entry, pixels))
                 if len(batch) == self._batch_size:
-                    acc = self._encode_batch(batch, writer, acc, split)
+                    acc = self._encode_batch(batch, ids, writer, acc, split)
                     batch = []
             if batch:
-                acc = self._encode_batch(batch, writer, acc, split)
+                acc = self._encode_batch(batch, ids, writer, acc, split)
             summary = writer.commit()
         except BaseException:
             writer.abort()
@@ -150,17 +159,16 @@ class EncodeShard(beam.DoFn):
         written = [e for e in entries if e["image_id"] not in lost]
         images = len(written)
         captions = sum(len(e["captions"]) for e in written)
-        longest = max((len(c["words"]) + 2 for e in written for c in e["captions"]), default=0)
+        longest = max((len(i) for e in written for i in ids[_key(e)]), default=0)
         Metrics.counter(NAMESPACE, "images_written").inc(images)
         Metrics.counter(NAMESPACE, "captions_written").inc(captions)
         return dict(summary, split=split, images=images, captions=captions, max_tokens=longest,
                     stats=stats.to_json(acc), rejected=rejected)
 
-    def _encode_batch(self, batch, writer, acc, split):
+    def _encode_batch(self, batch, ids, writer, acc, split):
         features = self._encoder.call(np.stack([p for _, p in batch])).numpy().astype(records.FEATURE_DTYPE)
         for (entry, _), f in zip(batch, features):
-            ids = [vocab_lib.encode(c["words"], self._index) for c in entry["captions"]]
-            writer.write(records.make_example(entry["image_id"], entry["file_name"], f, ids,
+            writer.write(records.make_example(entry["image_id"], entry["file_name"], f, ids[_key(entry)],
                                               [c["text"] for c in entry["captions"]], self._feature_shape))
         self._progress(len(batch))
         if split == "train":  # the model standardises with training statistics only
@@ -176,12 +184,13 @@ class EncodeShards(beam.PTransform):
     for it, so a data directory always holds the shards its metadata names.
     """
 
-    def __init__(self, output: str, shard_counts: dict, vocab, encoder: str, encoder_path: str,
+    def __init__(self, output: str, shard_counts: dict, vocab, tokenizer: str, encoder: str, encoder_path: str,
                  encoder_sha256: str, batch_size: int, total_images: int):
         super().__init__()
         self._output = output
         self._counts = dict(shard_counts)
         self._vocab = vocab
+        self._tokenizer = tokenizer
         self._encoder = (encoder, encoder_path, encoder_sha256)
         self._batch_size = batch_size
         self._total = total_images
@@ -194,6 +203,7 @@ class EncodeShards(beam.PTransform):
         keyed = entries | "KeyByShard" >> beam.Map(lambda e: ((e["split"], e["shard"]), e))
         grouped = (keyed, every_shard) | "WithEveryShard" >> beam.Flatten() | "GroupByShard" >> beam.GroupByKey()
         out = grouped | "Encode" >> beam.ParDo(
-            EncodeShard(self._output, self._counts, *self._encoder, shared.Shared(), self._batch_size, self._total),
+            EncodeShard(self._output, self._counts, self._tokenizer, *self._encoder, shared.Shared(),
+                        self._batch_size, self._total),
             beam.pvalue.AsSingleton(self._vocab)).with_outputs("rejected", main="shards")
         return {"shards": out.shards, "rejected": out.rejected}

@@ -1,9 +1,8 @@
-"""The vocabulary, counted over the checked training captions."""
+"""The vocabulary, counted over the checked training captions' words and made into tokens
+in the data's mode (caption_io.tokenizer: the words, their characters or learned word pieces)."""
 from __future__ import annotations
 
 import apache_beam as beam
-
-from caption_io import vocab as vocab_lib
 
 
 def _train_words(entry):
@@ -14,10 +13,11 @@ def _train_words(entry):
 
 class BuildVocabulary(beam.PTransform):
     """Checked entries (any split; only train counts) -> a one-element
-    PCollection: the vocabulary's tokens in id order (vocab.select_words)."""
+    PCollection: the vocabulary's tokens in id order (tokenizer.vocabulary)."""
 
-    def __init__(self, max_words: int, min_count: int = 1):
+    def __init__(self, mode: str, max_words: int, min_count: int = 1):
         super().__init__()
+        self._mode = mode
         self._max_words = max_words
         self._min_count = min_count
 
@@ -26,4 +26,10 @@ class BuildVocabulary(beam.PTransform):
                 | "Words" >> beam.FlatMap(_train_words)
                 | "CountWords" >> beam.combiners.Count.PerElement()
                 | "AllCounts" >> beam.combiners.ToDict()
-                | "SelectWords" >> beam.Map(vocab_lib.select_words, self._max_words, self._min_count))
+                | "SelectTokens" >> beam.Map(_tokens, self._mode, self._max_words, self._min_count))
+
+
+def _tokens(counts: dict, mode: str, max_words: int, min_count: int) -> list[str]:
+    from caption_io import tokenizer  # TensorFlow import: on the worker, not at pipeline build
+
+    return tokenizer.vocabulary(counts, mode, max_words, min_count)
