@@ -251,7 +251,7 @@ def read_json(path: str):
 
 
 def write_json(path: str, obj) -> None:
-    write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    write_text(path, json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
 
 
 def list_files(prefix_dir: str, suffix: str = "") -> list[str]:

@@ -9,14 +9,17 @@ mkdir -p "$OUT"
 echo "== 1/4 scene set (COCO 2014 layout) -> $OUT/coco"
 # DEMO_NOVEL_PAIRS=3: three colour-shape pairs never trained on, in half the val scenes
 # (docs/training.md, "Captions of new combinations").
+# DEMO_LANGUAGE=zh: the captions in Chinese (docs/data.md, "Captions in any language").
 "$PY" -m pipelines.synthetic --output "$OUT/coco" --train "${DEMO_TRAIN:-3000}" --val "${DEMO_VAL:-200}" --seed 0 \
-  --novel-pairs "${DEMO_NOVEL_PAIRS:-0}" >/dev/null
+  --novel-pairs "${DEMO_NOVEL_PAIRS:-0}" --language "${DEMO_LANGUAGE:-en}" >/dev/null
 
 echo "== 2/4 Beam pipeline (DirectRunner) -> $OUT/data"
 # DEMO_ENCODER=mobilenet_v3_large (or efficientnet_v2_s, convnext_tiny): another image encoder
 # (docs/data.md, "The image encoder"); with random weights it tests the path, not the backbone.
+# DEMO_TOKENIZER=wordpiece (or chars): what a token is.
 "$PY" -m pipelines.preprocess --coco-dir "$OUT/coco" --output "$OUT/data" --overwrite \
-  --encoder "${DEMO_ENCODER:-inception_v3}" --encoder-weights random --seed 0 --num-shards train=4,val=1
+  --encoder "${DEMO_ENCODER:-inception_v3}" --encoder-weights random --seed 0 --num-shards train=4,val=1 \
+  --tokenizer "${DEMO_TOKENIZER:-words}"
 
 echo "data directory: $OUT/data (metadata.json, vocab.txt, shards, rejected/)"
 
