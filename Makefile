@@ -6,7 +6,7 @@ PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 DEMO    ?= demo_out
 
-.PHONY: demo test lint java cxx chromium clean
+.PHONY: demo test lint java cxx chromium fonts clean
 
 # The venv is rebuilt when setup.py changes (its dependencies are declared there).
 $(STAMP): setup.py
@@ -38,6 +38,15 @@ chromium:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null \
 	  || echo "could not install chromium: the browser test will be skipped"; }
 
+# Attention plots title each panel with its word, and matplotlib's default font (DejaVu Sans) has
+# no Chinese or Japanese glyphs. Install WenQuanYi Micro Hei where fontconfig knows no Chinese font:
+# Chinese, Japanese kana and Korean in one 1.6 MB package (fonts-noto-cjk is 57 MB).
+fonts:
+	@fc-list :lang=zh 2>/dev/null | grep -q . || test -e /usr/share/fonts/truetype/wqy/wqy-microhei.ttc || { \
+	  echo "installing a Chinese/Japanese font for attention plots' titles (fonts-wqy-microhei)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fonts-wqy-microhei >/dev/null \
+	  || echo "could not install fonts-wqy-microhei: Chinese and Japanese titles in attention plots draw as boxes"; }
+
 # The linter first (settings in pyproject.toml), then the docs site built strictly (a broken link or
 # a page missing from mkdocs.yml fails), into a scratch folder: a finding fails the run before the tests.
 lint: $(STAMP)
@@ -49,10 +58,10 @@ lint: $(STAMP)
 # (subprocess start-ups, Java, Beam's runner). --dist loadfile: a file's tests run in one worker, so
 # a module's fixtures are made once. --no-loadscope-reorder: files go out in the order tests/conftest.py
 # puts them in (the longest first), not by how many tests each holds.
-test: lint java cxx chromium
+test: lint java cxx chromium fonts
 	$(PY) -m pytest -q -rs --durations=25 -n auto --dist loadfile --no-loadscope-reorder
 
-demo: $(STAMP) java cxx
+demo: $(STAMP) java cxx fonts
 	bash scripts/demo.sh $(DEMO)
 
 clean:
