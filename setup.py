@@ -23,6 +23,7 @@ REQUIRED = [
 ]
 
 SERVE = ["starlette>=1.10,<2", "uvicorn>=0.54,<1"]
+LITERT = ["ai-edge-litert>=2.3,<3"]
 
 EXTRAS = {
     "eval": ["pycocoevalcap>=1.2"],
@@ -30,10 +31,12 @@ EXTRAS = {
     "cloud": ["google-cloud-aiplatform>=1.60"],
     # caption-serve (caption_serving/serve.py): an ASGI app on Starlette, run by uvicorn.
     "serve": SERVE,
+    # python -m caption_serving.litert and `caption --model X.tflite`: LiteRT's interpreter (59 MB).
+    "litert": LITERT,
     # The GCS tests serve a bucket from a loopback emulator; the serve tests drive Chromium with selenium.
     # pytest-xdist: make test runs a worker a core.
     "test": ["pytest>=8", "pytest-xdist>=3.8,<4", "pycocoevalcap>=1.2", "google-cloud-aiplatform>=1.60",
-             "gcp-storage-emulator>=2024.1", "ruff>=0.17,<0.18", *SERVE, "httpx>=0.27", "selenium>=4.30,<5",
+             "gcp-storage-emulator>=2024.1", "ruff>=0.17,<0.18", *SERVE, *LITERT, "httpx>=0.27", "selenium>=4.30,<5",
              # The docs site (mkdocs.yml): `make test` builds it with --strict (no broken link or page).
              "mkdocs>=1.6,<2", "mkdocs-material>=9.8,<10"],
 }

@@ -3,6 +3,7 @@
     caption IMAGE_OR_URL... --model EXPORT_DIR [--beam-size 3] [--max-length N]
             [--plot OUT_DIR] [--json]          (or: python -m caption_serving.caption ...)
             [--num-captions K] [--no-repeat-ngram N] [--min-length M] [--length-alpha A]
+    caption IMAGE_OR_URL... --model captioner.tflite [...]   (a LiteRT file: caption_serving/litert.py)
 
 Each input is a local file, a gs:// object or an http(s) URL; --model and --plot
 may be gs:// too. Prints one caption a line (`INPUT<TAB>caption` when several inputs are given), or
@@ -38,6 +39,7 @@ import numpy as np
 from PIL import Image
 
 from caption_io import cli, decoding_defaults, fileio, geometry, images, savedmodel
+from caption_serving import litert_runner
 from caption_serving.client import (
     ModelError,
     add_decoding_flags,
@@ -103,14 +105,15 @@ def read_file(path: str, max_bytes: int) -> bytes:
         raise InputError(e.strerror or str(e)) from None
 
 
-def load_input(source: str, timeout: float, max_bytes: int) -> tuple[bytes, np.ndarray]:
-    """-> (bytes for the model, uint8 RGB pixels for the plot); raises InputError."""
+def load_input(source: str, timeout: float, max_bytes: int, savedmodel_bytes: bool = True) -> tuple[bytes, np.ndarray]:
+    """-> (bytes for the model, uint8 RGB pixels for the plot); raises InputError. Without
+    savedmodel_bytes the file's own bytes (a LiteRT model takes the pixels: no TensorFlow)."""
     data = fetch(source, timeout, max_bytes) if is_url(source) else read_file(source, max_bytes)
     try:
         pixels = images.decode(data)  # not an image, truncated, too many pixels: a reason each
     except images.ImageError as e:
         raise InputError(str(e)) from None
-    return model_bytes(data, pixels), pixels
+    return (model_bytes(data, pixels) if savedmodel_bytes else data), pixels
 
 
 # ------------------------------------------------------------------------------------- output
@@ -132,9 +135,9 @@ def _parse_flags(argv) -> tuple:
     """-> (the parsed flags, the decoding controls); a bad flag exits 2 through the parser."""
     ap = cli.Parser(prog="caption", description=__doc__.split("\n\n")[0])
     ap.add_argument("inputs", nargs="+", metavar="IMAGE_OR_URL")
-    ap.add_argument("--model", required=True, help="the SavedModel directory (JOB_DIR/export)")
-    ap.add_argument("--beam-size", type=int, default=decoding_defaults.BEAM_SIZE,
-                    help=f"1 is greedy decoding (default {decoding_defaults.BEAM_SIZE})")
+    ap.add_argument("--model", required=True, help="the SavedModel directory (JOB_DIR/export), or a .tflite file")
+    ap.add_argument("--beam-size", type=int, help=f"1 is greedy decoding (default {decoding_defaults.BEAM_SIZE}; "
+                    "a .tflite file: the one it was converted with)")
     ap.add_argument("--max-length", type=int, default=0,
                     help="most tokens to generate, <end> included (default: the export's)")
     ap.add_argument("--plot", metavar="OUT_DIR", help="write OUT_DIR/<name>.attention.png per image")
@@ -145,10 +148,11 @@ def _parse_flags(argv) -> tuple:
     ap.add_argument("--batch-size", type=int, default=16, help="images per model call (default 16)")
     add_decoding_flags(ap)
     a = ap.parse_args(argv)
-    if a.beam_size < 1 or a.max_length < 0 or a.timeout <= 0 or a.max_bytes < 1 or a.batch_size < 1:
+    no_beams = a.beam_size is not None and a.beam_size < 1  # None: the default (a .tflite file's own)
+    if no_beams or a.max_length < 0 or a.timeout <= 0 or a.max_bytes < 1 or a.batch_size < 1:
         ap.error("--beam-size, --timeout, --max-bytes and --batch-size must be positive, --max-length >= 0")
     try:
-        controls = decoding_controls(a, a.beam_size)
+        controls = decoding_controls(a, a.beam_size or decoding_defaults.BEAM_SIZE)
     except ValueError as e:
         ap.error(str(e))
     return a, controls
@@ -161,7 +165,7 @@ def _load(a) -> tuple:
     # for the same images would only be a second, noisier line.
     warnings.simplefilter("ignore", Image.DecompressionBombWarning)
     try:
-        model, info = load_model(a.model)
+        model, info = (litert_runner.load if litert_runner.is_litert(a.model) else load_model)(a.model)
     except ModelError as e:  # the line names the flag; exit 2 (ModelError's)
         raise ModelError(f"--model {a.model}: {e}") from None
     return model, info
@@ -185,7 +189,7 @@ def _load_inputs(sources: list[str], a) -> tuple[list, int]:
     good, failed = [], 0
     for source in sources:
         try:
-            good.append((source, *load_input(source, a.timeout, a.max_bytes)))
+            good.append((source, *load_input(source, a.timeout, a.max_bytes, not litert_runner.is_litert(a.model))))
         except InputError as e:
             print(f"error: {source}: {e}", file=sys.stderr)
             failed += 1
@@ -211,7 +215,7 @@ def _print_result(a, source: str, r: dict, several: bool) -> None:
                 "tokens": r["words"], "attention": np.round(r["attention"].astype(float), 6).tolist()}
         if a.num_captions > 1:
             line["captions"] = [{"caption": n["caption"], "score": round(n["score"], 6)} for n in r["nbest"]]
-        print(json.dumps(line))
+        print(json.dumps(line, ensure_ascii=False))
     elif a.num_captions > 1:  # one line a caption, best first, each with its log-probability
         for n in r["nbest"]:
             text = f"{n['caption']}\t{n['score']:.3f}"
@@ -219,6 +223,15 @@ def _print_result(a, source: str, r: dict, several: bool) -> None:
     else:
         print(f"{source}\t{r['caption']}" if several else r["caption"])
     sys.stdout.flush()
+
+
+def _caption(model, good: list, beam_size: int | None, max_length: int, controls: dict) -> list[dict]:
+    """Rows (client.rows's) for the inputs that loaded: a SavedModel takes the files' bytes, a
+    LiteRT runner the pixels decoded here (beam_size None: the default, or the file's own)."""
+    if isinstance(model, litert_runner.Runner):
+        return model.caption_batch([pixels for _, _, pixels in good], beam_size, max_length, **controls)
+    return caption_batch(model, [blob for _, blob, _ in good], beam_size or decoding_defaults.BEAM_SIZE,
+                         max_length, **controls)
 
 
 @cli.command
@@ -239,8 +252,8 @@ def main(argv=None) -> int:
         if not good:
             continue
         try:
-            results = caption_batch(model, [blob for _, blob, _ in good], a.beam_size, max_length, **controls)
-        except ModelError as e:  # an export older than the decoding controls
+            results = _caption(model, good, a.beam_size, max_length, controls)
+        except ModelError as e:  # an export older than the decoding controls, or options a LiteRT file lacks
             raise ModelError(f"--model {a.model}: {e}") from None
         for (source, _, pixels), r in zip(good, results):
             if draw is not None:
