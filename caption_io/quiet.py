@@ -70,8 +70,11 @@ _ABSL_START_UP = tuple((re.compile(f), re.compile(m)) for f, m in (
 _PLAIN_START_UP = (
     re.compile(rb"WARNING: All log messages before absl::InitializeLog\(\) is called are written to STDERR"),
     re.compile(rb"To enable the following instructions: .*rebuild TensorFlow with the appropriate compiler flags\."),
+    # LiteRT's interpreter, each time one is made (caption --model X.tflite): it runs on the CPU.
+    re.compile(rb"INFO: Created TensorFlow Lite XNNPACK delegate for CPU\."),
 )
-_PLAIN_STARTS = (b"WARNING: All log messages before absl::InitializeLog()", b"To enable the following instructions:")
+_PLAIN_STARTS = (b"WARNING: All log messages before absl::InitializeLog()", b"To enable the following instructions:",
+                 b"INFO: Created TensorFlow Lite XNNPACK delegate")
 _MAYBE_ABSL = re.compile(rb"[IWEF](\d{0,3}|\d{4}( .*)?)", re.S)
 
 _state = None  # (filter process, saved fd of the real stderr) while installed
