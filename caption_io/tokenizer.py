@@ -166,7 +166,10 @@ class Spelling:
         before_cjk = tf.concat([[False], tf.gather(self.cjk_end, flat)[:-1]], axis=0)
         glued = tf.gather(self.continues, flat) | (before_cjk & tf.gather(self.cjk_start, flat))
         written = tf.strings.join([tf.where(glued, "", " "), tf.gather(self.surface, flat)])
-        return tf.strings.strip(tf.strings.reduce_join(kept.with_flat_values(written), axis=-1))
+        text = tf.strings.strip(tf.strings.reduce_join(kept.with_flat_values(written), axis=-1))
+        # [B, K] ids come out ragged in K (every row has K): a dense tensor, which a SavedModel
+        # output must be for TF Serving to fetch it by name.
+        return text.to_tensor() if isinstance(text, tf.RaggedTensor) else text
 
     def token_text(self, ids):
         """ids int [..., T] -> each token as a reader sees it [..., T] ("" where it is not a word)."""

@@ -10,7 +10,8 @@ tensorflow-text op: captions are spelled with gathers over the vocabulary, capti
 Its signatures, inputs and outputs are the contract in caption_io/savedmodel.py
 (SavedModel signatures cannot give inputs default values, so the one with options is a
 second signature; the input names are the traced functions' argument names). Beside it,
-in assets.extra/, export.json and TF Serving's warm-up requests (caption_serving/warmup.py).
+in assets.extra/, export.json, TF Serving's warm-up requests (caption_serving/warmup.py) and
+batching parameters (caption_serving/batching_config.py).
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ import tensorflow as tf
 from caption_io import checkpoints, cli, decoding_defaults, fileio, jobdir, metadata, savedmodel, tokenizer
 from caption_io.jobdir import CONFIG_FILE
 from caption_io.savedmodel import EXPORT_INFO
-from caption_serving import warmup
+from caption_serving import batching_config, warmup
 from model import Captioner, CaptionerConfig, backbones, decoding
 
 CHECKPOINT_CHOICES = ("last", "best")  # or a checkpoint's path
@@ -200,6 +201,7 @@ def export(job_dir: str, output: str | None = None, data_dir: str | None = None,
                 fileio.remove(fileio.join(output, EXPORT_INFO))
             tf.saved_model.save(root, output, signatures=signatures, options=SAVE_OPTIONS)
             warmup.write(output)
+            batching_config.write(output)
             fileio.write_json(fileio.join(output, EXPORT_INFO), info)
         return output
     staging = f"{output}{fileio.TMP_MARK}{os.getpid()}"
@@ -207,6 +209,7 @@ def export(job_dir: str, output: str | None = None, data_dir: str | None = None,
         with fileio.writing(output):
             tf.saved_model.save(root, staging, signatures=signatures, options=SAVE_OPTIONS)
             warmup.write(staging)
+            batching_config.write(staging)
             fileio.write_json(fileio.join(staging, EXPORT_INFO), info)
             _replace_dir(staging, output)
     finally:

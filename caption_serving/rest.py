@@ -38,6 +38,11 @@ class RestError(Exception):
         self.status = status
 
 
+class OverLimit(RestError):
+    """A request over one of the server's limits (a body, an image's pixels): REST answers with
+    the error's status, gRPC with RESOURCE_EXHAUSTED, as TF Serving answers a message over its cap."""
+
+
 class Spec:
     """One signature input as the parser needs it: numpy dtype, shape (None: any size)."""
 
@@ -138,10 +143,16 @@ def _tensor(value, spec: Spec, name: str) -> np.ndarray:
     array = np.empty(len(flat), dtype=object if spec.dtype == "string" else spec.dtype)
     array[:] = flat
     array = array.reshape(shape)
+    check_shape(shape, spec, name)
+    return array
+
+
+def check_shape(shape, spec: Spec, name: str) -> None:
+    """Refuse an input whose shape the signature does not take, saying which it takes."""
+    shape = list(shape)
     if len(shape) != len(spec.shape) or any(want is not None and want != got for want, got in zip(spec.shape, shape)):
         want = "[" + ", ".join("?" if d is None else str(d) for d in spec.shape) + "]"
         raise RestError(f"{name}: shape {shape}, the signature wants {want}")
-    return array
 
 
 def _shape_of(value) -> list[int]:
@@ -235,6 +246,12 @@ def response(fmt: str, outputs: dict[str, np.ndarray]) -> dict:
     return {"predictions": [{name: values[i] for name, values in plain.items()} for i in range(n)]}
 
 
+def status(version: str) -> dict:
+    """A model's status, as TF Serving gives it for a loaded version."""
+    return {"model_version_status": [
+        {"version": version, "state": "AVAILABLE", "status": {"error_code": "OK", "error_message": ""}}]}
+
+
 def dumps(obj) -> bytes:
     """JSON as TF Serving writes it: NaN and Infinity as bare tokens (JavaScript reads them)."""
     return json.dumps(obj, allow_nan=True, separators=(",", ":")).encode("utf-8")
@@ -243,17 +260,22 @@ def dumps(obj) -> bytes:
 # -------------------------------------------------------------------------------- client
 def rows_of(answer: dict) -> list[dict]:
     """A captioner's predict answer from TF Serving or caption-serve, row or columnar, ->
-    per image what client.rows gives ({"caption", "score", "words", "attention"})."""
+    per image what client.rows gives ({"caption", "score", "words", "attention"}, and "nbest"
+    when the answer holds the n-best outputs: caption_images' and caption_features')."""
     from caption_serving import client
 
     if "error" in answer:
         raise RestError(answer["error"])
+    names = (*savedmodel.OUTPUTS, *savedmodel.NBEST_OUTPUTS)
     if "predictions" in answer:
         items = answer["predictions"]
-        columns = {k: [item[k] for item in items] for k in savedmodel.OUTPUTS if k in items[0]}
+        columns = {k: [item[k] for item in items] for k in names if k in items[0]}
     else:
-        columns = {k: answer["outputs"][k] for k in savedmodel.OUTPUTS if k in answer["outputs"]}
-    out = {k: np.asarray(v, dtype=np.float32 if k in (savedmodel.SCORES, savedmodel.ATTENTION) else None)
-           for k, v in columns.items() if k != savedmodel.CAPTIONS}
-    out[savedmodel.CAPTIONS] = [c.encode("utf-8") for c in columns[savedmodel.CAPTIONS]]
+        columns = {k: answer["outputs"][k] for k in names if k in answer["outputs"]}
+    floats = (savedmodel.SCORES, savedmodel.ATTENTION, savedmodel.NBEST_SCORES, savedmodel.NBEST_ATTENTION)
+    texts = (savedmodel.CAPTIONS, savedmodel.NBEST_CAPTIONS)
+    out = {k: np.asarray(v, dtype=np.float32 if k in floats else None) for k, v in columns.items() if k not in texts}
+    for k in texts:  # as the SavedModel gives them: UTF-8 bytes
+        if k in columns:
+            out[k] = np.vectorize(lambda c: c.encode("utf-8"), otypes=[object])(np.array(columns[k], dtype=object))
     return client.rows(out)

@@ -151,7 +151,7 @@ def test_tf_servings_documented_row_body_gets_tf_servings_answer(api, export_dir
     theirs = _isolated(REST, export_dir, stdin=json.dumps(body))["response"]
     assert list(mine) == ["predictions"] and len(mine["predictions"]) == 2
     for m, t in zip(mine["predictions"], theirs["predictions"]):
-        assert set(m) == set(t) == {"captions", "tokens", "scores", "attention", "lengths"}
+        assert set(m) == set(t) == set(savedmodel.OUTPUTS)
         n = t["lengths"]
         assert m["lengths"] == n and m["tokens"][:n] == t["tokens"][:n] and m["captions"] == t["captions"]
     # The same client code reads both answers to the same captions, scores and attention.
@@ -218,7 +218,8 @@ def test_requests_tf_serving_refuses(api, body, status, words):
 def test_unknown_models_versions_and_routes_are_404s(api):
     for method, path, words in (("POST", "/v1/models/other:predict", "Latest(other)"),
                                 ("GET", "/v1/models/captioner/versions/2", "Specific(captioner, 2)"),
-                                ("GET", "/v1/models/captioner/metadata", "Malformed request"),
+                                ("GET", "/v1/models/captioner/signatures", "Malformed request"),
+                                ("POST", "/v1/models/captioner/metadata:predict", "Malformed request"),
                                 ("POST", "/v1/models/captioner:classify", "Malformed request"),
                                 ("GET", "/nothing/here", "Not Found")):
         r = api.request(method, path)
@@ -369,7 +370,7 @@ def live_info(live) -> dict:
 
 # --------------------------------------------------------------------------- the command's edge
 @pytest.mark.parametrize("argv, words", [
-    (["--port", "70000"], "--port must be in 0..65535"),
+    (["--port", "70000"], "--port and --grpc-port must be in 0..65535"),
     (["--timeout", "0"], "must be positive"),
     (["--max-pixels", "100000001"], "--max-pixels can be at most 100000000"),
     (["--model-name", "a/b"], "--model-name"),
@@ -384,13 +385,13 @@ def test_bad_flags_are_one_error_line(argv, words, capsys, tmp_path):
 
 
 def test_an_unusable_model_or_address_is_one_error_line(tmp_path, capsys):
-    assert serve.main(["--model", str(tmp_path / "none"), "--port", "0"]) == 2
+    assert serve.main(["--model", str(tmp_path / "none"), "--port", "0", "--grpc-port", "0"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"error: --model {tmp_path / 'none'}: no such directory"]
     taken = serve.listen("127.0.0.1", 0)
     try:
         port = taken.getsockname()[1]
-        assert serve.main(["--model", str(tmp_path), "--port", str(port)]) == 2
+        assert serve.main(["--model", str(tmp_path), "--port", str(port), "--grpc-port", "0"]) == 2
     finally:
         taken.close()
     err = capsys.readouterr().err.strip().splitlines()
@@ -401,8 +402,8 @@ def test_the_console_script_serves_and_stops_on_ctrl_c(export_dir):
     exe = os.path.join(os.path.dirname(sys.executable), "caption-serve")
     assert os.path.exists(exe), "pip install -e . installs the caption-serve console script"
     port = free_port()
-    proc = subprocess.Popen([exe, "--model", export_dir, "--port", str(port)], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([exe, "--model", export_dir, "--port", str(port), "--grpc-port", "0"], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 120
         while True:

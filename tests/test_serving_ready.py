@@ -49,6 +49,8 @@ n = len(values)
 batch_major = {k: int(v.shape[0]) == n for k, v in out.items()}
 def plain(x):
     x = x.tolist() if hasattr(x, "tolist") else x
+    if isinstance(x, list):
+        return [plain(v) for v in x]
     return x.decode("utf-8") if isinstance(x, bytes) else x
 predictions = [{k: plain(v.numpy()[i]) for k, v in out.items()} for i in range(n)]
 print(json.dumps({"input": name, "input_dtype": inputs[name].dtype.name, "batch_major": batch_major,
