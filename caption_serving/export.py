@@ -56,7 +56,6 @@ class CaptionModule(tf.Module):
         self.captioner = captioner
         self._backbone = backbone  # how images are sized and scaled for `encoder`
         self.encoder = encoder
-        self.vocab = tf.constant(tokens)
         self._spelling = tokenizer.Spelling(tokens)
         self.default_beam_size = beam_size
         self.default_max_length = max_length
@@ -66,11 +65,12 @@ class CaptionModule(tf.Module):
             *OPTION_SPECS])
 
     def weights_only(self) -> tf.Module:
-        """What the SavedModel saves beside its signatures: the captioner, the encoder and the
-        vocabulary. Saving this module itself would serialise its tf.functions too, tracing each
-        again (a third of an export's time) for callers that use the signatures alone."""
+        """What the SavedModel saves beside its signatures: the captioner's and the encoder's
+        weights (the vocabulary is in the signatures' graphs, as the constants they gather from).
+        Saving this module itself would serialise its tf.functions too, tracing each again (a third
+        of an export's time) for callers that use the signatures alone."""
         root = tf.Module()
-        root.captioner, root.encoder, root.vocab = self.captioner, self.encoder, self.vocab
+        root.captioner, root.encoder = self.captioner, self.encoder
         return root
 
     def _text(self, tokens) -> dict:
