@@ -20,7 +20,8 @@ N_TRAIN, N_VAL = 14, 5
 # a worker one file at a time (--dist loadfile), and a long file last would keep one worker busy
 # while the other has nothing left to do.
 LONGEST_FIRST = ("test_learning.py", "test_trainer.py", "test_job_paths.py", "test_preprocess.py",
-                 "test_distributed.py", "test_epoch_metrics.py", "test_disk_full.py")
+                 "test_distributed.py", "test_epoch_metrics.py", "test_disk_full.py", "test_backbones.py",
+                 "test_languages.py", "test_litert.py")
 
 
 def pytest_collection_modifyitems(items):

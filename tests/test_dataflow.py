@@ -53,7 +53,7 @@ def test_translates_with_setup_file(gcs, gcs_coco):
     names = _transform_names(result["pipeline"])
     for split in ("train", "val"):
         assert f"Read[{split}]" in names
-    for step in ("CheckInputs/Tokenize", "CheckInputs/CheckImage", "Vocabulary/SelectWords",
+    for step in ("CheckInputs/Tokenize", "CheckInputs/CheckImage", "Vocabulary/SelectTokens",
                  "EncodeShards/GroupByShard", "EncodeShards/Encode"):
         assert step in names, step
     # Only the small manifest entries are grouped by shard; no step groups the encoded records.

@@ -100,7 +100,8 @@ def test_the_pipeline_writes_each_caption_as_tokens_that_spell_it_again(mode, si
     from pipelines import preprocess
 
     out = str(tmp_path / "data")
-    preprocess.run(["--coco-dir", scene_dir, "--output", out, "--encoder-weights", "random", "--seed", "1",
+    preprocess.run(["--coco-dir", scene_dir, "--output", out, "--encoder", "mobilenet_v3_large",
+                    "--encoder-weights", "random", "--seed", "1",
                       "--num-shards", "1", "--tokenizer", mode, "--vocab-size", str(size)])
     meta = metadata.read(out)
     tokens = metadata.load_vocab(out, meta)
