@@ -148,7 +148,7 @@ class Spelling:
     def __init__(self, tokens: list[str]):
         import tensorflow as tf
 
-        words = [vocab_lib.is_word([i])[0] for i in range(len(tokens))]
+        words = vocab_lib.is_word(range(len(tokens)))
         self.surface = tf.constant([surface(t) for t in tokens])
         self.labels = tf.constant([label(t) if w else "" for t, w in zip(tokens, words)])
         self.continues = tf.constant(np.array([continues(t) for t in tokens]))

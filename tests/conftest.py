@@ -219,6 +219,27 @@ def headless_chromium(tmp_path):
 GCS_BUCKET = "captioner-test"
 
 
+def in_threads(work, n: int, timeout: float = 300) -> list:
+    """work(0) .. work(n - 1), each in a thread of its own, all at once (concurrent clients).
+    -> (i, repr(error)) of each that raised, so a test reports which client saw what."""
+    import threading
+
+    errors = []
+
+    def one(i):
+        try:
+            work(i)
+        except Exception as e:
+            errors.append((i, repr(e)))
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=timeout)
+    return errors
+
+
 def free_port() -> int:
     """A loopback TCP port nothing listens on now (for servers and TF_CONFIG clusters)."""
     with socket.socket() as s:

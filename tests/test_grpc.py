@@ -27,7 +27,7 @@ from tensorflow_serving.apis import (
 
 from caption_io import savedmodel, vocab
 from caption_serving import batching_config, client, rest, serve
-from tests.conftest import exit_code
+from tests.conftest import exit_code, in_threads
 from tests.test_serve import STATUS, LiveServer, columnar, same_rows
 
 PREDICT = "/v1/models/captioner:predict"
@@ -235,26 +235,19 @@ def test_the_limits_are_resource_exhausted_and_deadline_exceeded(served, blobs):
 
 def test_eight_concurrent_grpc_clients_get_their_own_answers(both, served, blobs):
     beam, length = savedmodel.export_beam_size(served.info), savedmodel.export_max_length(served.info)
-    results, errors, barrier = {}, [], threading.Barrier(8)
+    results, barrier = {}, threading.Barrier(8)
 
     def one_client(c):
-        try:
-            with grpc.insecure_channel(f"127.0.0.1:{both.state.grpc_port}") as channel:
-                stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
-                # Two settings: serving_default's, and greedy through caption_images; those never share a call.
-                request = predict_request([blobs[c]]) if c % 2 else \
-                    predict_request([blobs[c]], "caption_images", **options(1, length))
-                barrier.wait()
-                results[c] = numpy_outputs(stub.Predict(request, timeout=120))
-        except Exception as e:  # reported below, with the client that saw it
-            errors.append((c, repr(e)))
+        with grpc.insecure_channel(f"127.0.0.1:{both.state.grpc_port}") as channel:
+            stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+            # Two settings: serving_default's, and greedy through caption_images; those never share a call.
+            request = predict_request([blobs[c]]) if c % 2 else \
+                predict_request([blobs[c]], "caption_images", **options(1, length))
+            barrier.wait()
+            results[c] = numpy_outputs(stub.Predict(request, timeout=120))
 
     calls, merged = both.state.batcher.calls, both.state.batcher.merged
-    threads = [threading.Thread(target=one_client, args=(c,)) for c in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=300)
+    errors = in_threads(one_client, 8)
     assert not errors, errors
     for c, out in results.items():
         want = client.caption_batch(served.loaded, [blobs[c]], beam if c % 2 else 1, length)

@@ -22,7 +22,7 @@ import pytest
 
 from caption_io import savedmodel
 from caption_serving import client, rest, serve
-from tests.conftest import free_port, headless_chromium
+from tests.conftest import free_port, headless_chromium, in_threads
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PREDICT = "/v1/models/captioner:predict"
@@ -325,32 +325,25 @@ def test_the_pages_heat_map_is_columns_wide_and_rows_high(tmp_path):
 def test_eight_concurrent_clients_get_their_own_answers(live, scene_images, direct):
     blobs = scene_images[0]
     config = live_info(live)  # serving_default decodes with the export's defaults
-    results, errors, barrier = {}, [], threading.Barrier(8)
+    results, barrier = {}, threading.Barrier(8)
 
     def one_client(c):
-        try:
-            with httpx.Client(base_url=live.url, timeout=120) as http:
-                barrier.wait()
-                for k in range(2):
-                    mine = [blobs[(2 * c + k) % len(blobs)], blobs[(2 * c + k + 5) % len(blobs)]]
-                    beam, max_length = config["beam_size"], config["max_length"]
-                    if k == 1:  # row format, serving_default (the export's defaults)
-                        body = {"instances": [b64(b) for b in mine]}
-                    else:  # two settings: requests with one are never merged with the other's
-                        beam = 1 if c % 2 else beam
-                        body = columnar(mine, beam, max_length)
-                    r = http.post(PREDICT, json=body)
-                    r.raise_for_status()
-                    results[(c, k)] = (mine, beam, max_length, r.json())
-        except Exception as e:  # reported below, with the client that saw it
-            errors.append((c, repr(e)))
+        with httpx.Client(base_url=live.url, timeout=120) as http:
+            barrier.wait()
+            for k in range(2):
+                mine = [blobs[(2 * c + k) % len(blobs)], blobs[(2 * c + k + 5) % len(blobs)]]
+                beam, max_length = config["beam_size"], config["max_length"]
+                if k == 1:  # row format, serving_default (the export's defaults)
+                    body = {"instances": [b64(b) for b in mine]}
+                else:  # two settings: requests with one are never merged with the other's
+                    beam = 1 if c % 2 else beam
+                    body = columnar(mine, beam, max_length)
+                r = http.post(PREDICT, json=body)
+                r.raise_for_status()
+                results[(c, k)] = (mine, beam, max_length, r.json())
 
     calls_before = live.app.state.batcher.calls
-    threads = [threading.Thread(target=one_client, args=(c,)) for c in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=300)
+    errors = in_threads(one_client, 8)
     assert not errors, errors
     assert len(results) == 16
     for mine, beam, max_length, answer in results.values():
