@@ -25,7 +25,8 @@ INTERRUPTED = "interrupted"
 LOG_FORMAT = "%(message)s"
 VERBOSE_LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 # The project's own loggers log progress at INFO; everyone else's only from WARNING.
-PROJECT_LOGGERS = ("caption_io", "caption_serving", "caption_eval", "model", "pipelines", "trainer")
+# "__main__": a command run as `python -m pipelines.preprocess` logs through it.
+PROJECT_LOGGERS = ("caption_io", "caption_serving", "caption_eval", "model", "pipelines", "trainer", "__main__")
 
 _verbose = False
 

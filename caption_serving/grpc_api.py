@@ -5,7 +5,7 @@ ModelService's GetModelStatus, so that a client written with tensorflow-serving-
 Production clients of TF Serving mostly call it over gRPC: an image travels as the bytes of a
 string tensor, with no base64 or JSON. The server runs on the REST app's event loop (grpc.aio)
 and submits to the same batcher, so requests of both APIs share model calls, limits and the
-checks of their images (serve.checked_inputs), and get the same captions for the same image.
+checks of their images (predict.checked_inputs), and get the same captions for the same image.
 
 What TF Serving answers, and so what this answers (its status codes are TensorFlow's):
   - a model_spec naming another model, or a version other than 1: NOT_FOUND; a version label:
@@ -16,7 +16,7 @@ What TF Serving answers, and so what this answers (its status codes are TensorFl
   - a message over --max-body-bytes: RESOURCE_EXHAUSTED (gRPC's own receive limit), and here an
     image over --max-pixels too; no answer within --timeout or the client's deadline:
     DEADLINE_EXCEEDED; a failed model call: its TensorFlow error's code.
-Outputs are trimmed as the REST API trims them (serve.trimmed), and written as TF Serving
+Outputs are trimmed as the REST API trims them (predict.trimmed), and written as TF Serving
 writes them, each value in its typed field (float_val, int_val, string_val), not packed in
 tensor_content: client code that reads response.outputs["scores"].float_val works on both.
 """
@@ -35,7 +35,7 @@ from grpc import aio
 from tensorflow_serving.apis import model_service_pb2_grpc, prediction_service_pb2_grpc
 
 from caption_io import savedmodel
-from caption_serving import rest, serve
+from caption_serving import predict, rest
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ def refusal(e: rest.RestError) -> Refused:
     return Refused(_BY_STATUS.get(e.status, Code.INTERNAL), str(e))
 
 
-def check_model_spec(request, served: serve.Served, status: bool = False) -> None:
+def check_model_spec(request, served: predict.Served, status: bool = False) -> None:
     """Refuse a request whose model_spec is not the served model's version 1. GetModelStatus
     (`status`) words it as TF Serving does, and, as there, ignores a version label."""
     if not request.HasField("model_spec"):
@@ -75,7 +75,7 @@ def check_model_spec(request, served: serve.Served, status: bool = False) -> Non
     if spec.WhichOneof("version_choice") == "version_label" and not status:
         raise Refused(Code.INVALID_ARGUMENT, f"Unrecognized servable version label: {spec.version_label}")
     version = spec.version.value if spec.HasField("version") else None
-    if spec.name == served.name and version in (None, int(serve.VERSION)):
+    if spec.name == served.name and version in (None, int(predict.VERSION)):
         return
     if status:
         raise Refused(Code.NOT_FOUND, f"Could not find version {version} of model {spec.name}" if version is not None
@@ -112,7 +112,7 @@ def request_inputs(request, specs: dict[str, rest.Spec]) -> dict[str, np.ndarray
     return inputs
 
 
-def output_names(request, served: serve.Served, signature: str) -> list[str]:
+def output_names(request, served: predict.Served, signature: str) -> list[str]:
     """The outputs a request asks for (its output_filter; none: all), checked as TF Serving checks them."""
     outputs = sorted(served.loaded.signatures[signature].structured_outputs)
     for i, alias in enumerate(request.output_filter):
@@ -124,7 +124,7 @@ def output_names(request, served: serve.Served, signature: str) -> list[str]:
     return list(request.output_filter) or outputs
 
 
-def parse_predict(request, served: serve.Served, limits: serve.Limits) -> tuple[str, dict, list[str]]:
+def parse_predict(request, served: predict.Served, limits: predict.Limits) -> tuple[str, dict, list[str]]:
     """A PredictRequest -> (signature, checked inputs, the outputs to answer with), or Refused.
     Its images are decoded here, in a worker thread, as the REST API decodes a body's."""
     check_model_spec(request, served)
@@ -133,12 +133,12 @@ def parse_predict(request, served: serve.Served, limits: serve.Limits) -> tuple[
         raise Refused(Code.FAILED_PRECONDITION, f'Serving signature key "{signature}" not found.')
     outputs = output_names(request, served, signature)
     try:
-        return signature, serve.checked_inputs(request_inputs(request, served.specs[signature]), limits), outputs
+        return signature, predict.checked_inputs(request_inputs(request, served.specs[signature]), limits), outputs
     except rest.RestError as e:
         raise refusal(e) from None
 
 
-def predict_response(served: serve.Served, signature: str, out: dict[str, np.ndarray], names: list[str]):
+def predict_response(served: predict.Served, signature: str, out: dict[str, np.ndarray], names: list[str]):
     """Outputs -> TF Serving's PredictResponse (its model_spec names the version that answered)."""
     from tensorflow_serving.apis import predict_pb2
 
@@ -165,9 +165,9 @@ def tensor_proto(array: np.ndarray):
     return proto
 
 
-def _answering_spec(spec, served: serve.Served, signature: str = "") -> None:
+def _answering_spec(spec, served: predict.Served, signature: str = "") -> None:
     spec.name, spec.signature_name = served.name, signature
-    spec.version.value = int(serve.VERSION)
+    spec.version.value = int(predict.VERSION)
 
 
 # ------------------------------------------------------------------------------ metadata
@@ -191,13 +191,13 @@ def read_signature_defs(export_dir: str):
     return get_model_metadata_pb2.SignatureDefMap(signature_def=graph.signature_def)
 
 
-def signature_defs(served: serve.Served):
+def signature_defs(served: predict.Served):
     if served.path is None:
         raise rest.RestError("this server was not given its export's directory, which the metadata is read from", 500)
     return read_signature_defs(served.path)
 
 
-def metadata_response(request, served: serve.Served):
+def metadata_response(request, served: predict.Served):
     """GetModelMetadata's answer: the signature defs, packed in an Any as TF Serving packs them."""
     from tensorflow_serving.apis import get_model_metadata_pb2
 
@@ -213,7 +213,7 @@ def metadata_response(request, served: serve.Served):
     return response
 
 
-def metadata_json(served: serve.Served) -> dict:
+def metadata_json(served: predict.Served) -> dict:
     """GET /v1/models/NAME/metadata: the gRPC answer as TF Serving's REST API writes it, each
     part in protobuf's JSON with field names kept and default values written out."""
     from google.protobuf import json_format
@@ -227,13 +227,13 @@ def metadata_json(served: serve.Served) -> dict:
             "metadata": {SIGNATURE_DEF: json_format.MessageToDict(signature_defs(served), **options)}}
 
 
-def status_response(request, served: serve.Served):
+def status_response(request, served: predict.Served):
     """GetModelStatus's answer: the one version, AVAILABLE."""
     from tensorflow_serving.apis import get_model_status_pb2
 
     check_model_spec(request, served, status=True)
     response = get_model_status_pb2.GetModelStatusResponse()
-    version = response.model_version_status.add(version=int(serve.VERSION),
+    version = response.model_version_status.add(version=int(predict.VERSION),
                                                 state=get_model_status_pb2.ModelVersionStatus.AVAILABLE)
     version.status.SetInParent()  # OK, no message: set, as TF Serving sets it
     return response
@@ -255,7 +255,7 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
     """Predict and GetModelMetadata (Classify, Regress and MultiInference: UNIMPLEMENTED, as TF
     Serving answers them for a model without such signatures)."""
 
-    def __init__(self, served: serve.Served, limits: serve.Limits, state):
+    def __init__(self, served: predict.Served, limits: predict.Limits, state):
         self.served, self.limits, self.state = served, limits, state  # state.batcher: the app's
 
     async def Predict(self, request, context):
@@ -265,7 +265,7 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
             if deadline is not None and deadline < limits.timeout:
                 limits = dataclasses.replace(limits, timeout=max(deadline, 0.0))
             signature, inputs, names = await asyncio.to_thread(parse_predict, request, self.served, limits)
-            out = await serve.answer(self.state.batcher, self.served, limits, signature, inputs, start)
+            out = await predict.answer(self.state.batcher, self.served, limits, signature, inputs, start)
             return await asyncio.to_thread(predict_response, self.served, signature, out, names)
         return await _answer(context, work)
 
@@ -278,7 +278,7 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
 class ModelService(model_service_pb2_grpc.ModelServiceServicer):
     """GetModelStatus (HandleReloadConfigRequest: UNIMPLEMENTED; the served model is fixed)."""
 
-    def __init__(self, served: serve.Served):
+    def __init__(self, served: predict.Served):
         self.served = served
 
     async def GetModelStatus(self, request, context):
@@ -288,7 +288,7 @@ class ModelService(model_service_pb2_grpc.ModelServiceServicer):
 
 
 @contextlib.asynccontextmanager
-async def serving(state, served: serve.Served, limits: serve.Limits, address: tuple[str, int] | None):
+async def serving(state, served: predict.Served, limits: predict.Limits, address: tuple[str, int] | None):
     """TF Serving's gRPC API on address (host, port) while the block runs (None: no gRPC), on the
     running event loop, submitting to state.batcher. Sets state.grpc_port to the bound port; an
     address it cannot bind is a ServeError, kept in state.startup_error for the command to report."""
@@ -305,7 +305,7 @@ async def serving(state, served: serve.Served, limits: serve.Limits, address: tu
     try:
         state.grpc_port = server.add_insecure_port(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
     except RuntimeError as e:
-        state.startup_error = serve.ServeError(f"cannot listen on {host}:{port} for gRPC ({e})")
+        state.startup_error = predict.ServeError(f"cannot listen on {host}:{port} for gRPC ({e})")
         raise state.startup_error from None
     await server.start()
     log.info("caption-serve: %s:%d (TF Serving's gRPC API: PredictionService, ModelService)", host, state.grpc_port)

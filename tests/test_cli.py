@@ -270,8 +270,9 @@ def test_logs_go_to_stderr_and_verbose_turns_on_debug(capsys, clean_logging):
     logging.getLogger("pipelines.preprocess").info("progress")
     logging.getLogger("pipelines.preprocess").debug("detail")
     logging.getLogger("some.library").info("library chatter")
+    logging.getLogger("__main__").info("a command run with python -m")
     out, err = capsys.readouterr()
-    assert out == "" and err == "progress\n"
+    assert out == "" and err == "progress\na command run with python -m\n"
     cli.Parser(prog="x").parse_args(["--verbose"])  # the flag itself turns it on
     assert cli.is_verbose()
     logging.getLogger("pipelines.preprocess").debug("detail")

@@ -26,7 +26,7 @@ from tensorflow_serving.apis import (
 )
 
 from caption_io import savedmodel, vocab
-from caption_serving import batching_config, client, rest, serve
+from caption_serving import batching_config, client, predict, rest, serve
 from tests.conftest import exit_code, in_threads
 from tests.test_serve import STATUS, LiveServer, columnar, same_rows
 
@@ -43,7 +43,7 @@ def export_dir(trained_job):
 @pytest.fixture(scope="module")
 def served(export_dir):
     loaded, info = client.load_model(export_dir)
-    return serve.Served(loaded, info, path=export_dir)
+    return predict.Served(loaded, info, path=export_dir)
 
 
 @pytest.fixture(scope="module")
@@ -56,8 +56,8 @@ def blobs(scene_dir):
 class Both:
     """One app serving REST and gRPC on loopback (gRPC on a port of its own choosing)."""
 
-    def __init__(self, served, limits: serve.Limits | None = None):
-        self.server = LiveServer(serve.make_app(served, limits or serve.Limits(), ("127.0.0.1", 0)))
+    def __init__(self, served, limits: predict.Limits | None = None):
+        self.server = LiveServer(serve.make_app(served, limits or predict.Limits(), ("127.0.0.1", 0)))
         self.state = self.server.app.state
         self.channel = grpc.insecure_channel(f"127.0.0.1:{self.state.grpc_port}")
         self.predictions = prediction_service_pb2_grpc.PredictionServiceStub(self.channel)
@@ -221,7 +221,7 @@ def test_each_error_has_tf_servings_status_code(both, served, blobs):
 
 
 def test_the_limits_are_resource_exhausted_and_deadline_exceeded(served, blobs):
-    strict = Both(served, serve.Limits(max_body_bytes=50_000, max_pixels=1000, timeout=0.001))
+    strict = Both(served, predict.Limits(max_body_bytes=50_000, max_pixels=1000, timeout=0.001))
     try:
         too_big = refused(strict.predictions.Predict, predict_request([bytes(60_000)]))
         too_many_pixels = refused(strict.predictions.Predict, predict_request([blobs[0]]))

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from caption_io import savedmodel
-from caption_serving import client, rest, serve
+from caption_serving import client, predict, rest, serve
 from tests.conftest import free_port, headless_chromium, in_threads
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -59,7 +59,7 @@ def export_dir(trained_job):
 @pytest.fixture(scope="module")
 def served(export_dir):
     """The export loaded once, shared by every app these tests make."""
-    return serve.Served(*client.load_model(export_dir))
+    return predict.Served(*client.load_model(export_dir))
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +121,7 @@ def api(live):
 @contextlib.contextmanager
 def app_with(served, **limits):
     """A client of a server of its own, with these limits (the model is the shared one)."""
-    server = LiveServer(serve.make_app(served, serve.Limits(**limits)))
+    server = LiveServer(serve.make_app(served, predict.Limits(**limits)))
     try:
         with httpx.Client(base_url=server.url, timeout=120) as c:
             yield c
@@ -272,24 +272,24 @@ def test_an_export_made_before_n_best_gets_no_number_of_captions_control(served,
     older = copy.copy(served)
     older.specs = {**served.specs, "caption_images": {k: v for k, v in served.specs["caption_images"].items()
                                                       if k not in client.CONTROL_DEFAULTS}}
-    config = older.page_config(serve.Limits())
+    config = older.page_config(predict.Limits())
     assert config["num_captions"] is False and config["fixed"] == {}
 
 
-def _stand_in(info: dict) -> serve.Served:
+def _stand_in(info: dict) -> predict.Served:
     """A Served over a stand-in for a loaded export whose caption_images takes images alone:
     what page_config reads (the signature's inputs, export.json), with no model to load."""
     import tensorflow as tf
 
     signature = types.SimpleNamespace(structured_input_signature=((), {"images": tf.TensorSpec([None], tf.string)}))
-    return serve.Served(types.SimpleNamespace(signatures={"caption_images": signature}), info)
+    return predict.Served(types.SimpleNamespace(signatures={"caption_images": signature}), info)
 
 
 MOBILENET = {"name": "mobilenet_v3_large", "input_size": 224, "grid": [7, 7], "channels": 960}
 
 
 def _page_grid(info: dict) -> list:
-    return _stand_in(info).page_config(serve.Limits())["grid"]
+    return _stand_in(info).page_config(predict.Limits())["grid"]
 
 
 def test_the_page_is_told_the_exports_grid():
@@ -309,7 +309,7 @@ return {width: canvas.width, height: canvas.height,
 def test_the_pages_heat_map_is_columns_wide_and_rows_high(tmp_path):
     # A 3x5 grid: cell (row 1, column 3) lit, every other cell dark, at its row-major place.
     page = tmp_path / "page.html"
-    page.write_text(serve._page(_stand_in({"encoder": dict(MOBILENET, grid=[3, 5])}), serve.Limits()))
+    page.write_text(serve._page(_stand_in({"encoder": dict(MOBILENET, grid=[3, 5])}), predict.Limits()))
     weights = np.eye(15)[1 * 5 + 3].tolist()
     browser = headless_chromium(tmp_path)
     try:
