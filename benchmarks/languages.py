@@ -12,7 +12,7 @@ evaluated by it (beam search, the val split: eval-val/metrics.json). Finished st
 a run can be resumed. Prints one RESULT line of JSON and a table: CIDEr (zh: over characters),
 BLEU-4, exact objects on one-object scenes and over all, and the vocabulary's size.
 
-The targets (issue 30): zh's exact objects on one-object scenes within 0.05 of en's, and
+The targets: zh's exact objects on one-object scenes within 0.05 of en's, and
 en-wordpiece's CIDEr within 5% of en's.
 """
 from __future__ import annotations
