@@ -177,7 +177,7 @@ class ScstSteps:
             self.optimizer = StepAdam(learning_rate=learning_rate, name="scst_adam")
             self.optimizer.build(self.model.trainable_variables)
         self.train_step, self._replica_batch = None, None
-        self._greedy = tf.function(self._greedy_tokens, reduce_retracing=True)
+        self._greedy = tf.function(self._greedy_tokens, reduce_retracing=True, autograph=False)
 
     # -------------------------------------------------------------- the pieces of a step
     def draw(self, features, seed, first_image=0, batch_images=None):
@@ -331,7 +331,7 @@ class ScstSteps:
         def total(v):
             return strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None)
 
-        @tf.function(input_signature=[element_spec, tf.TensorSpec([2], tf.int64)])
+        @tf.function(input_signature=[element_spec, tf.TensorSpec([2], tf.int64)], autograph=False)
         def train_step(batch, seed):
             out = strategy.run(self._replica_train, args=(*batch, seed))
             loss, reward, baseline, samples, tokens, seconds = [total(v) for v in out[:6]]
