@@ -122,6 +122,9 @@ def test_variety_on_counted_captions():
     assert s["mean_length"] == pytest.approx((6 + 6 + 6 + 12 + 7) / 5)
     assert s["says_where"] == 2 / 5
     assert "says_where" not in variety.Variety().summary() | {"captions": 0}
+    chinese = variety.Variety()
+    chinese.add({"words": list("一个红色的圆")})
+    assert chinese.summary()["top_openings"] == [["一个", 1]]
     nowhere = variety.Variety()  # data that is not the scene set: no position words to count
     nowhere.add({"words": ["a", "dog"]})
     assert "says_where" not in nowhere.summary()

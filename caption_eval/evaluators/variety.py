@@ -3,7 +3,8 @@ safe sentence about all of them (self-critical training pulls towards the latter
 
     distinct_captions  different captions over captions (1.0: all different; 1/n: one
                        caption for every image)
-    openings           distinct first two words ("a picture", "there is", ...)
+    openings           distinct first two words ("a picture", "there is", ...; written as the
+                       caption writes them: "一个", not "一 个")
     vocabulary         distinct words used over the split
     mean_length        words a caption
     says_where         share of captions with a word that places an object ("left",
@@ -12,6 +13,8 @@ safe sentence about all of them (self-critical training pulls towards the latter
 from __future__ import annotations
 
 from collections import Counter
+
+from caption_io import tokenizer
 
 
 class Variety:
@@ -33,7 +36,7 @@ class Variety:
         out = {"captions": n,
                "distinct_captions": len(counts) / n,
                "openings": len(openings),
-               "top_openings": [[" ".join(o), k] for o, k in openings.most_common(3)],
+               "top_openings": [[tokenizer.join(list(o)), k] for o, k in openings.most_common(3)],
                "vocabulary": len({w for c in self.captions for w in c}),
                "mean_length": sum(map(len, self.captions)) / n}
         if self.position_words is not None:
