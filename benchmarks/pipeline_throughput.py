@@ -1,12 +1,13 @@
 """Preprocessing throughput next to the bare encoder's, in the same run, for one backbone or each.
 
     python -m benchmarks.pipeline_throughput [--encoder inception_v3|...|all] [--images 800] [--batch-size 16]
+           [--encoder-precision float32|bfloat16]
 
 The encoder is the real cost of preprocessing; decoding, tokenising, Beam and
-record writing should hide behind it. For each backbone (model/backbones.py; float32,
---encoder-weights random) prints images/s for both, their ratio (target >= 0.8),
-and the bytes per image in the shards against the float16 features (positions x
-channels x 2 bytes: 8x8x2048 -> 262,144 for InceptionV3, 7x7x960 -> 94,080 for
+record writing should hide behind it. For each backbone (model/backbones.py; --encoder-weights
+random; float32, or bfloat16 with --encoder-precision, in the pipeline and bare alike) prints
+images/s for both, their ratio (target >= 0.8), and the bytes per image in the shards against
+the float16 features (positions x channels x 2 bytes: 8x8x2048 -> 262,144 for InceptionV3, 7x7x960 -> 94,080 for
 MobileNetV3-Large) plus the captions (target within 5%), then a RESULT JSON line.
 `--encoder all` measures every backbone in this process, one after another, at the
 same --images, and ends with a table of them all. The docs' table comes from
@@ -28,15 +29,17 @@ import time
 import numpy as np
 
 
-def bare_encoder_rate(backbone: str, weights_path: str, image_paths: list[str], batch_size: int) -> float:
+def bare_encoder_rate(backbone: str, weights_path: str, image_paths: list[str], batch_size: int,
+                      compute: str = "float32") -> float:
     import tensorflow as tf
 
     from caption_io import images
-    from model import backbones
+    from model import backbones, precision
 
     backbone = backbones.get(backbone)
     model = backbone.load(weights_path)
-    call = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
+    precision.set_compute(model, compute)
+    call = tf.function(lambda x: precision.encode(model, x), reduce_retracing=True)
     pixels = [backbone.prepare(images.decode(open(p, "rb").read())[None]).numpy()[0] for p in image_paths]
     batches = [np.stack(pixels[i:i + batch_size]) for i in range(0, len(pixels), batch_size)]
     call(batches[0])  # trace and warm up outside the timing
@@ -56,7 +59,7 @@ def scene_set(work: str, n: int) -> str:
     return coco
 
 
-def timed_run(coco: str, data: str, encoder: str, batch_size: int):
+def timed_run(coco: str, data: str, encoder: str, batch_size: int, compute: str = "float32"):
     """(launcher seconds, Beam pipeline seconds, the prepared options) of preprocessing coco into data."""
     import apache_beam as beam
     from apache_beam.options.pipeline_options import PipelineOptions
@@ -66,7 +69,8 @@ def timed_run(coco: str, data: str, encoder: str, batch_size: int):
     t0 = time.perf_counter()
     pargs, beam_args = preprocess.parse_args(["--coco-dir", coco, "--output", data, "--overwrite",
                                               "--encoder", encoder, "--encoder-weights", "random",
-                                              "--num-shards", "4", "--batch-size", str(batch_size)])
+                                              "--num-shards", "4", "--batch-size", str(batch_size),
+                                              "--encoder-precision", compute])
     pargs.argv = []
     opts = preprocess.prepare(pargs)
     t1 = time.perf_counter()
@@ -94,9 +98,9 @@ def storage(data: str, opts: dict) -> dict:
             "storage_overhead": round(per_image / floor - 1, 4)}
 
 
-def measure(encoder: str, images: int, batch_size: int, work: str) -> dict:
+def measure(encoder: str, images: int, batch_size: int, work: str, compute: str = "float32") -> dict:
     """One backbone's figures (the RESULT line's dict): the pipeline at images/2 and images, the
-    bare encoder on the same images, and the shards' bytes."""
+    bare encoder on the same images, and the shards' bytes; the encoder computing in `compute`."""
     from model import backbones
 
     g = backbones.get(encoder).geometry
@@ -104,16 +108,18 @@ def measure(encoder: str, images: int, batch_size: int, work: str) -> dict:
     # loading the encoder in the worker, writing metadata), which a real run of
     # 100k images never notices; the marginal rate is the steady state.
     half = images // 2
-    _, t_half, _ = timed_run(scene_set(work, half), os.path.join(work, f"data-{encoder}-{half}"), encoder, batch_size)
+    _, t_half, _ = timed_run(scene_set(work, half), os.path.join(work, f"data-{encoder}-{half}"), encoder, batch_size,
+                             compute)
     coco, data = scene_set(work, images), os.path.join(work, f"data-{encoder}-{images}")
-    launch, t_full, opts = timed_run(coco, data, encoder, batch_size)
+    launch, t_full, opts = timed_run(coco, data, encoder, batch_size, compute)
     pipeline_rate = images / t_full
     marginal_rate = (images - half) / max(t_full - t_half, 1e-9)
     command_rate = images / (launch + t_full)
     paths = sorted(glob.glob(os.path.join(coco, "train2014", "*.jpg")))
-    encoder_rate = bare_encoder_rate(encoder, opts["encoder_path"], paths, batch_size)
+    encoder_rate = bare_encoder_rate(encoder, opts["encoder_path"], paths, batch_size, compute)
     return {
-        "encoder": encoder, "input_size": g.input_size, "features": f"{g.rows}x{g.columns}x{g.channels}",
+        "encoder": encoder, "encoder_precision": compute, "input_size": g.input_size,
+        "features": f"{g.rows}x{g.columns}x{g.channels}",
         "images": images, "batch_size": batch_size,
         "encoder_images_per_s": round(encoder_rate, 2),
         "pipeline_images_per_s": round(pipeline_rate, 2),
@@ -166,13 +172,15 @@ def main():
     ap.add_argument("--images", type=int, default=800, help="images of each pipeline run (and each backbone)")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--workdir", default=None)
+    ap.add_argument("--encoder-precision", default="float32", choices=("float32", "bfloat16"),
+                    help="what the encoder computes in, in the pipeline and bare (model/precision.py)")
     args = ap.parse_args()
 
     work = args.workdir or tempfile.mkdtemp(prefix="bench-pipeline-")
     names = backbones.NAMES if args.encoder == "all" else (args.encoder,)
     results = []
     for name in names:
-        results.append(measure(name, args.images, args.batch_size, work))
+        results.append(measure(name, args.images, args.batch_size, work, args.encoder_precision))
         report(results[-1])
     if args.encoder == "all":
         table(results)

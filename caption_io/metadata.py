@@ -117,6 +117,14 @@ class Encoder(_Part):
     input_scaling: str
     grid: tuple[int, ...]  # the feature map's [rows, columns]
     channels: int
+    # What it computed the features in (model/precision.py): float32 or bfloat16; None where a
+    # file does not say, and then the features are float32's.
+    precision: str | None = _optional()
+
+    @property
+    def computed_in(self) -> str:
+        """The precision the features were computed in: float32 or bfloat16."""
+        return self.precision or "float32"
 
     @property
     def geometry(self) -> geometry_lib.Geometry:

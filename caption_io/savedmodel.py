@@ -60,6 +60,9 @@ NBEST_CAPTIONS, NBEST_TOKENS, NBEST_SCORES, NBEST_ATTENTION, NBEST_LENGTHS, NBES
 EXPORT_INFO = "assets.extra/export.json"
 # export.json's record of serving_default's decoding, the other signatures' defaults too.
 INFO_BEAM_SIZE, INFO_MAX_LENGTH = "default_beam_size", "default_max_length"
+# export.json's record of the image signatures' encoder precision (model/precision.py's Choice:
+# precision, asked, why, speedup); an export without one encodes in float32.
+INFO_ENCODER_PRECISION = "encoder_precision"
 # TF Serving replays these PredictionLog records (a TFRecord file) when it loads the model,
 # so the first real request does not pay for the graph's first run.
 WARMUP_REQUESTS = "assets.extra/tf_serving_warmup_requests"
@@ -80,3 +83,8 @@ def export_beam_size(info: dict) -> int:
 def export_max_length(info: dict) -> int:
     """The longest caption an export makes by default (`info`: its export.json, {} when it has none)."""
     return int(info.get(INFO_MAX_LENGTH, decoding_defaults.MAX_LENGTH))
+
+
+def export_encoder_precision(info: dict) -> str:
+    """The precision an export's image signatures encode in (`info`: its export.json, {} when it has none)."""
+    return (info.get(INFO_ENCODER_PRECISION) or {}).get("precision", "float32")

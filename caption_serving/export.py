@@ -1,10 +1,12 @@
 """Export a trained job as a SavedModel that captions raw image bytes.
 
     python -m caption_serving.export --job-dir JOB_DIR [--output DIR] [--data DATA_DIR] [--checkpoint last|best|PATH]
+           [--encoder-precision auto|float32|bfloat16]
 
 The SavedModel holds everything: the image encoder (the data's backbone, model/backbones.py) with
-exactly the weights that made the training features, the image decoding and scaling, the
-caption decoder and the vocabulary. It needs TensorFlow and nothing else (no
+exactly the weights that made the training features (computing in float32, or in bfloat16 where
+--encoder-precision says so or auto measures it faster here: model/precision.py), the image
+decoding and scaling, the caption decoder and the vocabulary. It needs TensorFlow and nothing else (no
 tensorflow-text op: captions are spelled with gathers over the vocabulary, caption_io.tokenizer.Spelling).
 
 Its signatures, inputs and outputs are the contract in caption_io/savedmodel.py
@@ -20,6 +22,7 @@ if __name__ == "__main__":  # the quiet start goes in before TensorFlow is impor
 
     quiet.install()
 
+import logging
 import os
 import shutil
 import sys
@@ -30,9 +33,10 @@ from caption_io import checkpoints, cli, decoding_defaults, fileio, jobdir, meta
 from caption_io.jobdir import CONFIG_FILE
 from caption_io.savedmodel import EXPORT_INFO
 from caption_serving import batching_config, warmup
-from model import Captioner, CaptionerConfig, backbones, decoding
+from model import Captioner, CaptionerConfig, backbones, decoding, precision
 
 CHECKPOINT_CHOICES = ("last", "best")  # or a checkpoint's path
+log = logging.getLogger(__name__)
 
 
 # A SavedModel that serves: without the gradients of the encoders' custom-gradient activations
@@ -59,8 +63,9 @@ class CaptionModule(tf.Module):
         self._spelling = tokenizer.Spelling(tokens)
         self.default_beam_size = beam_size
         self.default_max_length = max_length
-        # The feature signature's shape comes from the model, so it is made here.
-        self.caption_features = tf.function(self._caption_features, input_signature=[
+        # The feature signature's shape comes from the model, so it is made here. The signatures are
+        # TensorFlow ops and explicit loops: without autograph's conversion an export takes half the time.
+        self.caption_features = tf.function(self._caption_features, autograph=False, input_signature=[
             tf.TensorSpec([None, captioner.config.num_positions, captioner.config.feature_dim], tf.float32),
             *OPTION_SPECS])
 
@@ -87,30 +92,27 @@ class CaptionModule(tf.Module):
                                                   scores=tf.where(out.nbest.lengths > 0, out.nbest.scores, 0.0)))
         return outputs
 
-    def _pixels(self, images):
-        def one(data):
-            return self._backbone.prepare(backbones.decode(data)[None])[0]
-
-        size = self._backbone.geometry.input_size
-        return tf.map_fn(one, images, fn_output_signature=tf.TensorSpec([size, size, 3], tf.float32))
+    def _features(self, images):
+        """Image file bytes [B] -> the encoder's features [B, positions, channels], float32 whatever
+        the precision the encoder computes in (model/precision.py)."""
+        return precision.encode(self.encoder, self._backbone.prepare_files(images))
 
     @staticmethod
     def _controls(num_captions, no_repeat_ngram, min_length, length_alpha) -> dict:
         return {"num_captions": num_captions, "no_repeat_ngram": no_repeat_ngram, "min_length": min_length,
                 "length_penalty_alpha": length_alpha}
 
-    @tf.function(input_signature=[tf.TensorSpec([None], tf.string), *OPTION_SPECS])
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string), *OPTION_SPECS], autograph=False)
     def caption_images(self, images, beam_size, max_length, num_captions, no_repeat_ngram, min_length,
                        length_alpha):
-        features = self.encoder(self._pixels(images), training=False)
-        return self._decode(features, beam_size, max_length, nbest=True,
+        return self._decode(self._features(images), beam_size, max_length, nbest=True,
                             **self._controls(num_captions, no_repeat_ngram, min_length, length_alpha))
 
-    @tf.function(input_signature=[tf.TensorSpec([None], tf.string)])
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string)], autograph=False)
     def serving_default(self, images):
         # Decoding's defaults as constants: the graph TF Serving runs has no control it does not use.
-        features = self.encoder(self._pixels(images), training=False)
-        return self._decode(features, tf.constant(self.default_beam_size), tf.constant(self.default_max_length))
+        return self._decode(self._features(images), tf.constant(self.default_beam_size),
+                            tf.constant(self.default_max_length))
 
     def _caption_features(self, features, beam_size, max_length, num_captions, no_repeat_ngram, min_length,
                           length_alpha):
@@ -146,7 +148,11 @@ def _restore(captioner: Captioner, job_dir: str, which: str) -> str:
 
 
 def build_module(job_dir: str, data_dir: str | None = None, beam_size: int = decoding_defaults.BEAM_SIZE,
-                 max_length: int | None = None, checkpoint: str = "last") -> tuple[CaptionModule, dict]:
+                 max_length: int | None = None, checkpoint: str = "last",
+                 encoder_precision: str | None = None) -> tuple[CaptionModule, dict]:
+    """encoder_precision: the image signatures' encoder's (model/precision.py; None: the flag's
+    default); auto is measured here, when the export is made, and export.json records the choice."""
+    asked = precision.check(encoder_precision or precision.default())
     cfg_path = fileio.join(job_dir, CONFIG_FILE)
     if not fileio.exists(cfg_path):
         raise ExportError(f"--job-dir {job_dir}: no {CONFIG_FILE} (is this a training job directory?)")
@@ -172,21 +178,26 @@ def build_module(job_dir: str, data_dir: str | None = None, beam_size: int = dec
         raise ExportError(f"{enc_path}: not the encoder that made the features (sha256 differs from metadata.json)")
     backbone = backbones.get(meta.encoder.name)
     encoder = backbone.load(enc_path)
+    chosen = precision.choose(asked)
+    if chosen.precision != precision.FLOAT32:
+        precision.set_compute(encoder, chosen.precision)
+    log.info("the image signatures' encoder computes in %s", chosen.describe())
     longest = meta.max_tokens
     max_length = max_length or savedmodel.default_max_length(longest)  # generated tokens (<end> included)
     info = {"checkpoint": fileio.absolute(ckpt), "encoder": meta.encoder.to_dict(), "config": config.to_dict(),
             "vocab_size": len(tokens), savedmodel.INFO_BEAM_SIZE: beam_size, savedmodel.INFO_MAX_LENGTH: max_length,
-            "signatures": list(savedmodel.SIGNATURES), "data": data_dir}
+            "signatures": list(savedmodel.SIGNATURES), "data": data_dir,
+            savedmodel.INFO_ENCODER_PRECISION: chosen.to_dict()}
     return CaptionModule(captioner, backbone, encoder, tokens, beam_size, max_length), info
 
 
 def export(job_dir: str, output: str | None = None, data_dir: str | None = None,
            beam_size: int = decoding_defaults.BEAM_SIZE,
-           max_length: int | None = None, checkpoint: str = "last") -> str:
+           max_length: int | None = None, checkpoint: str = "last", encoder_precision: str | None = None) -> str:
     """Write the SavedModel to `output` (default JOB_DIR/export). Locally it is written beside
     and renamed into place whole; on gs:// export.json, written last, marks it complete. A
     refused write (a full disk) leaves the previous export as it was and raises WriteError."""
-    module, info = build_module(job_dir, data_dir, beam_size, max_length, checkpoint)
+    module, info = build_module(job_dir, data_dir, beam_size, max_length, checkpoint, encoder_precision)
     output = (output or fileio.join(job_dir, jobdir.EXPORT)).rstrip("/")
     info = jobdir.record_data(info, info["data"], output)
     signatures = {
@@ -237,10 +248,11 @@ def main(argv=None) -> int:
                          "--early-stopping-metric); or a checkpoint path")
     ap.add_argument("--beam-size", type=int, default=decoding_defaults.BEAM_SIZE, help="serving_default's beam size")
     ap.add_argument("--max-length", type=int, default=0, help="serving_default's longest caption (0: from the data)")
+    precision.add_flag(ap, "measured when the export is made, on this machine")
     a = ap.parse_args(argv)
     if a.beam_size < 1 or a.max_length < 0:
         ap.error("--beam-size must be >= 1 and --max-length >= 0")
-    out = export(a.job_dir, a.output, a.data, a.beam_size, a.max_length or None, a.checkpoint)
+    out = export(a.job_dir, a.output, a.data, a.beam_size, a.max_length or None, a.checkpoint, a.encoder_precision)
     print(f"exported {out}")
     return 0
 

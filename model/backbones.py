@@ -64,6 +64,16 @@ class Backbone:
         images = tf.image.resize(tf.cast(images, tf.float32), (size, size), method="bilinear")
         return images / 127.5 - 1.0 if self.scaling == MINUS_ONE_TO_ONE else images
 
+    def prepare_files(self, images) -> tf.Tensor:
+        """Image file bytes (string [B]) -> the network's input [B, size, size, 3], each image
+        decoded (`decode`) and resized on its own, in TensorFlow ops (the SavedModel's images)."""
+        size = self.geometry.input_size
+
+        def one(data):
+            return self.prepare(decode(data)[None])[0]
+
+        return tf.map_fn(one, images, fn_output_signature=tf.TensorSpec([size, size, 3], tf.float32))
+
     def build(self, weights: str = "random", seed: int = 0):
         """The feature extractor: [B, size, size, 3] prepared pixels -> [B, positions, channels].
 

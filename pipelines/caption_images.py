@@ -1,7 +1,7 @@
 """Caption a folder, a glob or a list of images with an exported model, on Beam.
 
     python -m pipelines.caption_images --images PATTERN --model EXPORT --output OUT
-           [--beam-size 3] [--batch-size 32] [--coco-results] [beam options]
+           [--beam-size 3] [--batch-size 32] [--coco-results] [--encoder-precision auto] [beam options]
     python -m pipelines.caption_images --images-list FILE --model EXPORT --output OUT ...
 
 PATTERN is a folder (its files), a glob or a gs:// glob; FILE holds one path a line
@@ -39,6 +39,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from caption_io import cli, decoding_defaults, fileio, savedmodel
 from caption_serving import client
+from model import precision
 from pipelines import launcher
 from pipelines.launcher import UsageError
 from pipelines.transforms import caption
@@ -139,12 +140,13 @@ def build(p: beam.Pipeline, opts: dict) -> None:
 
     opts: pattern or images_list (+ list_dir), model, beam_size, max_length, controls
     (decoding's, as client.decoding_controls gives them), batch_size, model_copies, output,
-    num_shards (0: the runner decides), coco_results, static (summary fields).
+    num_shards (0: the runner decides), coco_results, encoder_precision (auto, float32 or bfloat16:
+    each worker decides at load), static (summary fields).
     """
     out = opts["output"]
     paths = _paths(p, opts) | "Reshuffle" >> beam.Reshuffle()  # spread the reads and the model calls
     handler = caption.CaptionHandler(opts["model"], opts["beam_size"], opts["max_length"], opts["batch_size"],
-                                     opts["model_copies"], opts["controls"])
+                                     opts["model_copies"], opts["controls"], opts["encoder_precision"])
     done = paths | "Caption" >> caption.CaptionImages(handler)
     rows, rejects = done["captioned"], done["rejected"]
     caption_files = (rows | "RowsToJson" >> beam.Map(lambda r: json.dumps(r, ensure_ascii=False))
@@ -191,6 +193,8 @@ def parse_args(argv):
     ap.add_argument("--coco-results", action="store_true",
                     help="also write coco_results.json (image ids from COCO file names)")
     ap.add_argument("--overwrite", action="store_true", help="replace the results already in --output")
+    precision.add_flag(ap, "measured by each worker when it loads the model; where the choice is not the "
+                           "export's, the worker encodes with the export's weights in it")
     client.add_decoding_flags(ap)
     args, beam_args = ap.parse_known_args(argv)
     for flag, value, low in (("--beam-size", args.beam_size, 1), ("--batch-size", args.batch_size, 1),
@@ -259,10 +263,10 @@ def prepare(args) -> dict:
     static = {"command": " ".join(["python -m pipelines.caption_images"] + list(args.argv)),
               "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
               "model": model, "beam_size": args.beam_size, "max_length": max_length, "decoding": args.controls,
-              "images": opts["pattern"] or opts["images_list"]}
+              "encoder_precision": args.encoder_precision, "images": opts["pattern"] or opts["images_list"]}
     return dict(opts, model=model, output=out, beam_size=args.beam_size, max_length=max_length, controls=args.controls,
                 batch_size=args.batch_size, model_copies=args.model_copies or None, num_shards=args.num_shards,
-                coco_results=args.coco_results, static=static)
+                coco_results=args.coco_results, encoder_precision=args.encoder_precision, static=static)
 
 
 def run(argv=None) -> dict:

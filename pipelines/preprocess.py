@@ -36,7 +36,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from caption_io import cli, datadir, fileio, tokenizer
 from caption_io import metadata as metadata_lib
 from caption_io import vocab as vocab_lib
-from model import backbones
+from model import backbones, precision
 from pipelines import launcher, shards, sources
 from pipelines.launcher import UsageError
 from pipelines.transforms import check, encode, metadata, stats, vocabulary
@@ -61,8 +61,8 @@ def build(p: beam.Pipeline, opts: dict) -> None:
 
     opts: output, splits {split: manifest path}, annotation_rejects (path), num_shards
     {split: n}, batch_size, total_images, vocab_size, min_count, tokenizer (the vocabulary's mode),
-    encoder (the backbone), encoder_path,
-    encoder_sha256, static (the planned caption_io.metadata.Metadata, which WriteMetadata completes).
+    encoder (the backbone), encoder_path, encoder_sha256, encoder_precision (float32 or bfloat16),
+    static (the planned caption_io.metadata.Metadata, which WriteMetadata completes).
     """
     out = opts["output"]
     annotation_rejects = (p | "ReadAnnotationRejects" >> beam.io.ReadFromText(opts["annotation_rejects"])
@@ -77,7 +77,7 @@ def build(p: beam.Pipeline, opts: dict) -> None:
         opts["tokenizer"], opts["vocab_size"], opts["min_count"])
     written = checked["ok"] | "EncodeShards" >> encode.EncodeShards(
         out, opts["num_shards"], vocab, opts["tokenizer"], opts["encoder"], opts["encoder_path"],
-        opts["encoder_sha256"], opts["batch_size"], opts["total_images"])
+        opts["encoder_sha256"], opts["batch_size"], opts["total_images"], opts["encoder_precision"])
     summaries = written["shards"]
 
     rejects = (annotation_rejects, checked["rejected"], written["rejected"]) | "AllRejects" >> beam.Flatten()
@@ -135,6 +135,7 @@ def parse_args(argv):
     ap.add_argument("--encoder-weights", default="imagenet",
                     help="imagenet | random | PATH to the --encoder's weights (no top, as the data directory's "
                          "encoder/ holds them)")
+    precision.add_flag(ap, "measured on this machine before the pipeline starts (on Dataflow: float32, unmeasured)")
     ap.add_argument("--seed", type=int, default=0, help="seed for random encoder weights and --max-captions")
     ap.add_argument("--num-shards", default="8",
                     help="shards per split: N, or split=N,... (e.g. train=64,val=4,test=4)")
@@ -153,6 +154,7 @@ def parse_args(argv):
     if not 0 <= args.val_fraction < 1:
         raise UsageError(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
     args.num_shards = _parse_shards(args.num_shards)
+    args.runner = launcher.runner_of(PipelineOptions(beam_args))
     return args, beam_args
 
 
@@ -276,7 +278,8 @@ def _write_manifests(out: str, splits: dict, rejects: list) -> tuple[dict, str]:
     return manifests, rejects_path
 
 
-def _static_metadata(args, source: dict, max_captions, encoder_path: str, splits: dict) -> metadata_lib.Metadata:
+def _static_metadata(args, source: dict, max_captions, encoder_path: str, splits: dict,
+                     compute: str) -> metadata_lib.Metadata:
     """metadata.json but what the pipeline counts (vocab.size, features.stats_count, the splits'
     counts and shard lists: zero here), which WriteMetadata fills in."""
     backbone = backbones.get(args.encoder)
@@ -294,7 +297,7 @@ def _static_metadata(args, source: dict, max_captions, encoder_path: str, splits
             seed=args.seed if args.encoder_weights == "random" else None,
             file=datadir.encoder_file(backbone.name), sha256=fileio.sha256(encoder_path),
             input_size=geometry.input_size, input_scaling=backbone.input_scaling, grid=geometry.grid,
-            channels=geometry.channels),
+            channels=geometry.channels, precision=compute),
         vocab=metadata_lib.Vocab(file=datadir.VOCAB_FILE, size=0, max_words=args.vocab_size,
                                  min_count=args.min_count, specials=tuple(vocab_lib.SPECIALS), built_from="train",
                                  tokenizer=args.tokenizer),
@@ -315,15 +318,17 @@ def prepare(args) -> dict:
     splits, max_captions, planned = _plan_splits(args, entries)
     _prepare_output(out, args.overwrite, planned)
     encoder_path, encoder_digest = _fix_encoder(args, out)
+    chosen = precision.choose(args.encoder_precision, measurable=not launcher.is_dataflow(args.runner))
+    log.info("the encoder computes in %s", chosen.describe())
     manifests, rejects_path = _write_manifests(out, splits, rejects)
-    static = _static_metadata(args, source, max_captions, encoder_path, splits)
+    static = _static_metadata(args, source, max_captions, encoder_path, splits, chosen.precision)
     return {"output": out, "splits": manifests, "annotation_rejects": rejects_path,
             "num_shards": {s: args.num_shards[s] for s in splits}, "batch_size": args.batch_size,
             "total_images": sum(len(e) for e in splits.values()),
             "vocab_size": args.vocab_size, "min_count": args.min_count, "tokenizer": args.tokenizer,
             "encoder": args.encoder,
             "encoder_path": encoder_path,
-            "encoder_sha256": encoder_digest, "static": static}
+            "encoder_sha256": encoder_digest, "encoder_precision": chosen.precision, "static": static}
 
 
 def run(argv=None) -> dict:

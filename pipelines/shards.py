@@ -38,11 +38,16 @@ def assign(entries: list[dict], count: int) -> None:
         entry["shard"] = rank % count
 
 
-def fingerprint(entries: list[dict], tokens: list[str], tokenizer: str, encoder_sha256: str) -> str:
+def fingerprint(entries: list[dict], tokens: list[str], tokenizer: str, encoder_sha256: str,
+                precision: str = "float32") -> str:
     """Everything a shard's bytes depend on: its images and captions (as
-    tokenised), the vocabulary and its mode, and the encoder."""
+    tokenised), the vocabulary and its mode, and the encoder with the precision
+    it computes in (a resumed run never mixes float32 and bfloat16 features)."""
     h = hashlib.sha256()
     h.update(encoder_sha256.encode())
+    # float32 adds nothing: a float32 shard's digest is that of its other inputs, as unfinished runs recorded it.
+    if precision != "float32":
+        h.update(f"precision {precision}".encode())
     h.update(tokenizer.encode())
     h.update("\n".join(tokens).encode("utf-8"))
     for e in entries:

@@ -13,6 +13,10 @@ from PIL import Image
 from caption_io import fileio
 from pipelines import synthetic
 
+# Every machine makes the suite's data and exports in float32: auto measures the CPU and would choose
+# bfloat16 where it has matrix units (tests/test_encoder_precision.py covers bfloat16).
+os.environ.setdefault("CAPTIONER_ENCODER_PRECISION", "float32")
+
 # Small enough to encode in seconds with the random-weight InceptionV3.
 N_TRAIN, N_VAL = 14, 5
 

@@ -50,11 +50,13 @@ class CaptionHandler(base.ModelHandler):
 
     model_copies=None keeps one model per worker process, shared by its threads (CPU
     workers: a process per core, each using its core); model_copies=N loads N per worker
-    machine, shared by all its processes (GPU workers: one or two per GPU).
+    machine, shared by all its processes (GPU workers: one or two per GPU). encoder_precision:
+    auto, float32 or bfloat16, decided where the model is loaded (caption_serving.reencode);
+    None encodes as the export does.
     """
 
     def __init__(self, model_dir: str, beam_size: int, max_length: int, batch_size: int,
-                 model_copies: int | None = None, controls: dict | None = None):
+                 model_copies: int | None = None, controls: dict | None = None, encoder_precision: str | None = None):
         # Batches of exactly batch_size (a bundle's last may be smaller): Beam's adaptive
         # batching would start at one image a call and grow, which wastes a CPU model's first calls.
         super().__init__(min_batch_size=batch_size, max_batch_size=batch_size, model_copies=model_copies)
@@ -62,12 +64,18 @@ class CaptionHandler(base.ModelHandler):
         self._beam_size = beam_size
         self._max_length = max_length
         self._controls = dict(controls or {})  # decoding's controls (client.caption_batch)
+        self._encoder_precision = encoder_precision
 
     def load_model(self):
         from caption_serving import client
 
         t = time.time()
-        loaded, _ = client.load_model(self._model_dir)
+        loaded, info = client.load_model(self._model_dir)
+        if self._encoder_precision is not None:
+            from caption_serving import reencode
+
+            loaded, choice = reencode.at_precision(loaded, info, self._model_dir, self._encoder_precision)
+            log.info("the image encoder computes in %s", choice.describe())
         log.info("model loaded in %.1fs: %s", time.time() - t, self._model_dir)
         return loaded
 

@@ -27,15 +27,20 @@ log = logging.getLogger("pipelines.preprocess")
 
 
 class _LoadedEncoder:
-    """The encoder and its compiled call, shared by all threads of a worker process."""
+    """The encoder and its compiled call, shared by all threads of a worker process: float32
+    features, computed in `compute` (model/precision.py: float32 or bfloat16)."""
 
-    def __init__(self, backbone, weights_path):
+    def __init__(self, backbone, weights_path, compute: str):
         import tensorflow as tf
 
+        from model import precision
+
         self.model = backbone.load(weights_path)
+        if compute != precision.FLOAT32:
+            precision.set_compute(self.model, compute)
         size = backbone.geometry.input_size
         # One trace for every batch size: the input signature leaves it open.
-        self.call = tf.function(lambda x: self.model(x, training=False), reduce_retracing=True,
+        self.call = tf.function(lambda x: precision.encode(self.model, x), reduce_retracing=True,
                                 input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32)])
 
 
@@ -76,11 +81,12 @@ class EncodeShard(beam.DoFn):
     (stats: the ChannelStats accumulator, as JSON) and its rejects (tagged).
 
     A shard whose record in shards/ says it was finished from the same inputs
-    is kept as it is: a rerun after a crash redoes only unfinished shards.
+    (and encoder precision) is kept as it is: a rerun after a crash redoes only unfinished shards.
     """
 
     def __init__(self, output: str, shard_counts: dict, tokenizer: str, encoder: str, encoder_path: str,
-                 encoder_sha256: str, shared_handle, batch_size: int, total_images: int, read_threads: int = 4):
+                 encoder_sha256: str, shared_handle, batch_size: int, total_images: int, read_threads: int = 4,
+                 precision: str = "float32"):
         self._output = output
         self._counts = dict(shard_counts)
         self._tokenizer = tokenizer  # the vocabulary's mode (caption_io.tokenizer)
@@ -91,12 +97,13 @@ class EncodeShard(beam.DoFn):
         self._batch_size = batch_size
         self._total = total_images  # images in the whole run, for the progress line
         self._threads = read_threads
+        self._precision = precision
 
     def setup(self):
         from model import backbones
 
-        backbone, path = backbones.get(self._encoder_name), self._encoder_path
-        self._encoder = self._shared.acquire(lambda: _LoadedEncoder(backbone, path))
+        backbone, path, compute = backbones.get(self._encoder_name), self._encoder_path, self._precision
+        self._encoder = self._shared.acquire(lambda: _LoadedEncoder(backbone, path, compute))
         self._prepare = backbone.prepare
         self._feature_shape = backbone.geometry.feature_shape
         self._count = 0
@@ -116,7 +123,7 @@ class EncodeShard(beam.DoFn):
         (split, index), values = element
         entries = sorted((e for e in values if e is not None), key=lambda e: (e["image_id"], e["file_name"]))
         name = datadir.shard_name(split, index, self._counts[split])
-        fingerprint = shards.fingerprint(entries, tokens, self._tokenizer, self._encoder_sha256)
+        fingerprint = shards.fingerprint(entries, tokens, self._tokenizer, self._encoder_sha256, self._precision)
         done = shards.read_done(self._output, name, fingerprint)
         if done is not None:
             Metrics.counter(NAMESPACE, "shards_kept").inc()
@@ -185,8 +192,9 @@ class EncodeShards(beam.PTransform):
     """
 
     def __init__(self, output: str, shard_counts: dict, vocab, tokenizer: str, encoder: str, encoder_path: str,
-                 encoder_sha256: str, batch_size: int, total_images: int):
+                 encoder_sha256: str, batch_size: int, total_images: int, precision: str = "float32"):
         super().__init__()
+        self._precision = precision
         self._output = output
         self._counts = dict(shard_counts)
         self._vocab = vocab
@@ -204,6 +212,6 @@ class EncodeShards(beam.PTransform):
         grouped = (keyed, every_shard) | "WithEveryShard" >> beam.Flatten() | "GroupByShard" >> beam.GroupByKey()
         out = grouped | "Encode" >> beam.ParDo(
             EncodeShard(self._output, self._counts, self._tokenizer, *self._encoder, shared.Shared(),
-                        self._batch_size, self._total),
+                        self._batch_size, self._total, precision=self._precision),
             beam.pvalue.AsSingleton(self._vocab)).with_outputs("rejected", main="shards")
         return {"shards": out.shards, "rejected": out.rejected}
