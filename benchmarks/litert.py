@@ -1,11 +1,12 @@
 """LiteRT files against the SavedModel they are made from: size per quantization, one-image
 latency and agreement, in one run.
 
-    python -m benchmarks.litert --model JOB_DIR/export --images IMG_OR_DIR... [--beam-size 3]
-            [--repeats 20] [--keep DIR]
+    python -m benchmarks.litert --model JOB_DIR/export --images IMG_OR_DIR...
+            --calibration-images IMG_OR_DIR... [--beam-size 3] [--repeats 20] [--keep DIR]
 
-Converts the export with caption_serving.litert (float32, float16 and dynamic-int8, each greedy
-and with --beam-size beams), then prints each file's size next to the SavedModel's (its
+Converts the export with caption_serving.litert (float32, float16 and int8, each greedy and with
+--beam-size beams; int8 rounded with --calibration-images, which should not be among --images),
+then prints each file's size next to the SavedModel's (its
 directory), how often each file's caption equals the SavedModel's on the images, token for token,
 and the median latency of one image, interleaved so that the machine's noise hits all alike:
 from the file's bytes to token ids for both (the LiteRT file after PIL decodes the image, the
@@ -44,17 +45,20 @@ def _dir_size(path: str) -> int:
     return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
 
 
-def _convert(model: str, folder: str, beam: int, max_length: int) -> dict:
-    """Every file: {(quantize, beam size): (path, bytes, seconds to convert)}."""
+def _convert(model: str, folder: str, beam: int, max_length: int, calibration_images: list[str]) -> dict:
+    """Every file: {(quantize, beam size): (path, bytes, seconds to convert)}. The int8 files share
+    one calibration: the second is not calibrated again (its seconds show it)."""
     from caption_serving import litert
 
     parts = litert.load_export(model)
+    calibration = litert.calibration_images(calibration_images)
     files = {}
     for quantize in litert.QUANTIZE:
         for k in sorted({1, beam}):
             path = os.path.join(folder, f"{quantize}-beam{k}.tflite")
             t = time.perf_counter()
-            size, _ = litert.write(parts, model, path, k, max_length, quantize)
+            size, _ = litert.write(parts, model, path, k, max_length, quantize,
+                                   calibration if quantize == litert.INT8 else None)
             files[quantize, k] = (path, size, time.perf_counter() - t)
             print(f"converted {path}: {size / 1e6:.1f} MB in {files[quantize, k][2]:.0f} s", file=sys.stderr)
     return files
@@ -87,6 +91,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", required=True, help="an export directory")
     ap.add_argument("--images", nargs="+", required=True, help="JPEG files, or folders of them")
+    ap.add_argument("--calibration-images", nargs="+", required=True,
+                    help="for the int8 files: images like --images (files or folders), not among them")
     ap.add_argument("--beam-size", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--keep", help="write the files here (default: a temporary folder)")
@@ -106,7 +112,7 @@ def main():
     run = lambda k, some: sig(images=tf.constant(some), **client.option_inputs(k, max_length))
     reference = {k: {n: v.numpy() for n, v in run(k, blobs).items()} for k in sorted({1, args.beam_size})}
     folder = args.keep or tempfile.mkdtemp(prefix="litert-bench-")
-    files = _convert(args.model, folder, args.beam_size, max_length)
+    files = _convert(args.model, folder, args.beam_size, max_length, args.calibration_images)
 
     calls = {f"savedmodel beam{k}": (lambda k=k: run(k, blobs[:1])["tokens"].numpy()) for k in reference}
     rows = {}

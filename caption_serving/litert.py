@@ -1,7 +1,8 @@
 """Convert an export into a LiteRT (TFLite) captioner for phones and edge devices: pixels in, token ids out.
 
     python -m caption_serving.litert --model EXPORT --output captioner.tflite
-            [--beam-size K] [--max-length N] [--quantize none|float16|dynamic-int8] [--data DATA_DIR]
+            [--beam-size K] [--max-length N] [--quantize none|float16|int8] [--data DATA_DIR]
+            [--calibration-images IMG_OR_DIR...]
 
 The file holds the export's image encoder and caption decoder, with their weights, and the
 decoding loop as a builtin WHILE: builtin LiteRT ops only (no Flex delegate). Its one signature,
@@ -19,6 +20,13 @@ beam search ships two. Beam search ranks by length-normalised score with alpha 0
 file, OUTPUT's stem + .json holds the vocabulary ("tokens", position = id) and how the file
 was made. How an app calls it: docs/serving.md, "On phones: LiteRT".
 
+--quantize: none keeps float32 weights; float16 stores them as float16 (half the size); int8
+stores those outside the decoding loop as int8 with a scale per channel and the loop's as float16
+(about a quarter), the convolutions' rounded with the help of --calibration-images, a few images
+like those the model will caption (16 are used; caption_serving/litert_int8.py says how). In all
+three every computation is float32: stored weights are turned back into float32 once, when the
+interpreter first runs the model.
+
 Why the graph is built here and not converted from the SavedModel's signatures: those decode
 JPEG bytes and spell captions with string ops (LiteRT has neither; an app decodes images and
 holds strings anyway), and their decoding loop leaves every shape open (any batch, any beam),
@@ -35,22 +43,21 @@ if __name__ == "__main__":  # the quiet start goes in before TensorFlow is impor
     quiet.install()
 
 import dataclasses
+import os
 import sys
 
 import tensorflow as tf
 
-from caption_io import cli, fileio, jobdir, metadata, savedmodel
+from caption_io import cli, fileio, images, jobdir, metadata, savedmodel
 from caption_io.vocab import END_ID, START_ID
-from caption_serving import client, litert_runner
+from caption_serving import client, litert_int8, litert_runner
 from caption_serving.litert_runner import LiteRTError
 from model import Captioner, CaptionerConfig, backbones
-
-# beam_search's loop parts, reused: its search() leaves every shape open, which LiteRT cannot lower.
-from model.beam_search import _start as start_beams
-from model.beam_search import _step as beam_step
+from model.beam_search import finished, loop_parts
 from model.decoded import DEFAULT_ALPHA, Hypotheses
 
-NONE, FLOAT16, DYNAMIC_INT8 = QUANTIZE = ("none", "float16", "dynamic-int8")
+NONE, FLOAT16, INT8 = QUANTIZE = ("none", "float16", "int8")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 
 @dataclasses.dataclass
@@ -123,20 +130,17 @@ def _beam_search(model: Captioner, features, k: int, max_length: int) -> Hypothe
     The same start, step and stopping rule; only the loop's shapes differ: every size but the
     growing caption's stays as traced (search() leaves them all open, and the converter cannot
     lower a slice that adds an axis to a tensor with two unknown sizes)."""
-    state = tf.nest.map_structure(lambda x: tf.repeat(x, k, axis=0), model.init_state(features))
-    positions = features.shape[1]
-    loop_vars = start_beams(state, k, 1, positions, START_ID)
-    body = beam_step(model, k, 1, positions, tf.constant(max_length), tf.constant(DEFAULT_ALPHA),
-                     START_ID, END_ID, None)
+    parts = loop_parts(model, features, k, 1, tf.constant(max_length), DEFAULT_ALPHA, START_ID, END_ID)
     # A size 0 at the start is the caption so far, which grows. The decoder's state changes as
     # the decoder says, but for its batch (k beams here), which stays.
+    state = parts.variables[2]
     state_shapes = tf.nest.map_structure(lambda shape, x: x.shape[:1].concatenate(shape[1:]),
-                                         model.state_invariants(state), state)
-    shapes = tuple(state_shapes if isinstance(v, tuple) else
-                   tf.TensorShape([None if d == 0 else d for d in v.shape]) for v in loop_vars)
-    out = tf.while_loop(lambda t, done, *_: tf.logical_and(t < max_length, tf.logical_not(tf.reduce_all(done))),
-                        body, loop_vars, shape_invariants=shapes, maximum_iterations=max_length)
-    return Hypotheses(*out[7:])  # after t, done, state, words and the live beams' tokens, attention, scores
+                                         parts.state_invariants, state)
+    shapes = tuple(state_shapes if v is state else
+                   tf.TensorShape([None if d == 0 else d for d in v.shape]) for v in parts.variables)
+    out = tf.while_loop(parts.cond, parts.body, parts.variables, shape_invariants=shapes,
+                        maximum_iterations=max_length)
+    return finished(out)
 
 
 def _outputs(found: Hypotheses, k: int, max_length: int) -> dict:
@@ -154,13 +158,17 @@ def _outputs(found: Hypotheses, k: int, max_length: int) -> dict:
 
 
 # ---------------------------------------------------------------------------------- converting
-def convert(parts: Parts, beam_size: int, max_length: int, quantize: str = NONE) -> bytes:
+def convert(parts: Parts, beam_size: int, max_length: int, quantize: str = NONE,
+            calibration: litert_int8.Calibration | None = None) -> bytes:
     """The LiteRT flatbuffer, checked to hold builtin ops only and its weights as constants.
 
-    quantize: none (float32), float16 (weights stored as float16, computed in float32) or
-    dynamic-int8 (weights int8; matmuls and convolutions quantize their inputs as they run)."""
+    quantize: none (float32), float16 (weights stored as float16) or int8 (convolutions' and
+    fully-connected layers' weights stored as int8 outside the decoding loop, rounded with
+    `calibration`'s images, and as float16 inside it); every computation is float32 in all three."""
     if quantize not in QUANTIZE:
         raise ValueError(f"quantize must be one of {', '.join(QUANTIZE)}, got {quantize!r}")
+    if quantize == INT8 and calibration is None:
+        raise ValueError("int8 weights are rounded with calibration images: pass a litert_int8.Calibration")
     function = caption_function(parts, beam_size, max_length)
     # The converter freezes the tf.Variables it finds on this object. Given the Keras models
     # instead, TF 2.21 keeps Keras 3's variables as resource variables with no initial value:
@@ -169,15 +177,16 @@ def convert(parts: Parts, beam_size: int, max_length: int, quantize: str = NONE)
     holder.weights = [v.value for v in parts.captioner.variables + parts.encoder.variables]
     converter = tf.lite.TFLiteConverter.from_concrete_functions([function.get_concrete_function()], holder)
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
-    if quantize != NONE:
-        converter.optimizations = [tf.lite.Optimize.DEFAULT]
     if quantize == FLOAT16:
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
         converter.target_spec.supported_types = [tf.float16]
     try:
         data = converter.convert()
     except Exception as e:  # the converter's errors are of several types, each a wall of MLIR
         lines = [line for line in str(e).splitlines() if "error:" in line] or [cli.one_line(e)]
         raise LiteRTError(f"the LiteRT converter refused the model: {lines[0].strip()[:240]}") from None
+    if quantize == INT8:
+        data = litert_int8.int8_weights(data, calibration)
     ops = litert_runner.operator_names(data)
     if litert_runner.non_builtin_ops(data) or "VAR_HANDLE" in ops:
         raise LiteRTError(f"the converted model is not self-contained builtin ops (it uses {', '.join(sorted(ops))})")
@@ -195,15 +204,39 @@ def sidecar(parts: Parts, model: str, beam_size: int, max_length: int, quantize:
 
 
 def write(parts: Parts, model: str, output: str, beam_size: int, max_length: int,
-          quantize: str = NONE) -> tuple[int, str]:
+          quantize: str = NONE, calibration: litert_int8.Calibration | None = None) -> tuple[int, str]:
     """Convert and write the file and its sidecar. -> (the file's size in bytes, the sidecar's path)."""
     _check_output(output)
-    data = convert(parts, beam_size, max_length, quantize)
+    data = convert(parts, beam_size, max_length, quantize, calibration)
     beside = litert_runner.sidecar_path(output)
     with fileio.writing(output):
         fileio.write_bytes(output, data)
         fileio.write_json(beside, sidecar(parts, model, beam_size, max_length, quantize))
     return len(data), beside
+
+
+def calibration_images(sources: list[str], count: int = litert_int8.CALIBRATION_IMAGES) -> litert_int8.Calibration:
+    """Image files, or folders of them (*.jpg, *.jpeg, *.png), -> a Calibration of `count` of them
+    spread evenly over the files in name order (all of them if there are fewer)."""
+    paths = []
+    for source in sources:
+        if os.path.isdir(source):
+            paths += sorted(os.path.join(source, f) for f in os.listdir(source) if f.lower().endswith(IMAGE_SUFFIXES))
+        elif os.path.isfile(source):
+            paths.append(source)
+        else:
+            raise LiteRTError(f"--calibration-images {source}: no such file or folder")
+    if not paths:
+        raise LiteRTError(f"--calibration-images {' '.join(sources)}: no {', '.join(IMAGE_SUFFIXES)} files there")
+    chosen = [paths[i * len(paths) // count] for i in range(min(count, len(paths)))]
+    pixels = []
+    for path in chosen:
+        try:
+            with open(path, "rb") as f:
+                pixels.append(images.decode(f.read()))
+        except (OSError, images.ImageError) as e:
+            raise LiteRTError(f"--calibration-images: {path}: {e}") from None
+    return litert_int8.Calibration(pixels)
 
 
 def _check_output(output: str) -> None:
@@ -220,18 +253,26 @@ def main(argv=None) -> int:
     ap.add_argument("--beam-size", type=int, default=0,
                     help="the beam search's beams, fixed in the file (1: greedy; default: the export's)")
     ap.add_argument("--quantize", choices=QUANTIZE, default=NONE,
-                    help="none: float32 weights; float16: half the size; dynamic-int8: a quarter (default none)")
+                    help="none: float32 weights; float16: half the size; int8: about a quarter, weights int8 with a "
+                         "scale per channel outside the decoding loop and float16 in it (needs --calibration-images). "
+                         "All computed in float32 (default none)")
+    ap.add_argument("--calibration-images", nargs="+", metavar="IMG_OR_DIR",
+                    help=f"for --quantize int8: images like those the model will caption, or folders of them "
+                         f"(e.g. the training images); {litert_int8.CALIBRATION_IMAGES} are used")
     ap.add_argument("--max-length", type=int, default=0,
                     help="the longest caption, in tokens, <end> included (default: the export's)")
     ap.add_argument("--data", help="the data directory with the vocabulary (default: the export's, from export.json)")
     a = ap.parse_args(argv)
     if a.max_length < 0 or a.beam_size < 0:
         ap.error("--beam-size and --max-length must be >= 0")
+    if (a.quantize == INT8) != bool(a.calibration_images):
+        ap.error("--quantize int8 needs --calibration-images, and only it takes them")
     _check_output(a.output)  # before the seconds that loading and converting take
+    calibration = calibration_images(a.calibration_images) if a.calibration_images else None
     parts = load_export(a.model, a.data)
     beam_size = a.beam_size or savedmodel.export_beam_size(parts.info)
     max_length = a.max_length or savedmodel.export_max_length(parts.info)
-    size, beside = write(parts, a.model, a.output, beam_size, max_length, a.quantize)
+    size, beside = write(parts, a.model, a.output, beam_size, max_length, a.quantize, calibration)
     print(f"wrote {a.output} ({size / 1e6:.1f} MB, weights {a.quantize if a.quantize != NONE else 'float32'}, "
           f"beam size {beam_size}, captions up to {max_length} tokens, builtin ops only) and {beside} "
           f"({len(parts.tokens)} tokens)")

@@ -45,7 +45,7 @@ def sidecar_path(model_path: str) -> str:
     return stem + ".json"
 
 
-def _litert(module: str):
+def litert_module(module: str):
     """A module of ai-edge-litert, which the project installs as an extra (it is not needed to
     train or to serve the SavedModel)."""
     try:
@@ -58,7 +58,7 @@ def _litert(module: str):
 def operator_names(data: bytes) -> list[str]:
     """The name of every operator code a LiteRT flatbuffer uses, in every subgraph: a builtin
     op's name (CONV_2D, WHILE, ...), or "CUSTOM:<its code>" (a Flex op is CUSTOM:FlexXxx)."""
-    schema = _litert("schema_py_generated")
+    schema = litert_module("schema_py_generated")
     names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
     model = schema.Model.GetRootAs(data, 0)
     found = []
@@ -81,7 +81,7 @@ class Runner:
     """One LiteRT captioner: its interpreter, vocabulary and the sidecar's record."""
 
     def __init__(self, path: str, record: dict, num_threads: int | None = None):
-        interpreter_module = _litert("interpreter")
+        interpreter_module = litert_module("interpreter")
         try:
             interpreter = interpreter_module.Interpreter(model_path=path, num_threads=num_threads or os.cpu_count())
         except (ValueError, RuntimeError) as e:

@@ -15,6 +15,8 @@ decoding (same tokens, same score), whatever alpha.
 The decoder state is tiled k times once; each step the decoder's `reorder` gathers it by beam
 parent (what is per image, like the encoded grid, it leaves in place).
 """
+from typing import NamedTuple
+
 import tensorflow as tf
 
 from model.decoded import Beam, Decoded, Hypotheses, length_penalty
@@ -28,16 +30,42 @@ def search(model, features, beam_size, max_length, alpha, start_id, end_id, num_
     controls a decoding_steps.Controls or None."""
     k = tf.convert_to_tensor(beam_size, tf.int32)
     max_length = tf.convert_to_tensor(max_length, tf.int32)
-    alpha = tf.cast(alpha, tf.float32)
+    parts = loop_parts(model, features, k, tf.shape(features)[0], max_length, alpha, start_id, end_id, controls)
+    out = tf.while_loop(parts.cond, parts.body, parts.variables,
+                        shape_invariants=relaxed(parts.variables, parts.state_invariants),
+                        maximum_iterations=max_length)
+    return _result(finished(out), num_captions)
+
+
+class LoopParts(NamedTuple):
+    """The search's tf.while_loop, not yet run: what loop_parts returns."""
+
+    variables: tuple        # before the first word: t, done, the decoder state, ... (see _start)
+    body: object            # one step: every live beam one word longer
+    cond: object            # (variables) -> whether any image still searches
+    state_invariants: object  # the decoder state's shape invariants (model.state_invariants)
+
+
+def loop_parts(model, features, k, batch, max_length, alpha, start_id, end_id, controls=None) -> LoopParts:
+    """The search's loop for `batch` images, unrun: search() runs it with every shape left open;
+    a caller that knows its shapes (caption_serving/litert.py: one image, a fixed k) runs the same
+    loop with its own invariants. `finished` reads the result from the loop's output.
+
+    k, batch and max_length: ints or int32 scalars; controls a decoding_steps.Controls or None."""
     state = tf.nest.map_structure(lambda x: tf.repeat(x, k, axis=0), model.init_state(features))
-    batch, positions = tf.shape(features)[0], features.shape[1]
-    loop_vars = _start(state, k, batch, positions, start_id)
-    body = _step(model, k, batch, positions, max_length, alpha, start_id, end_id, controls)
-    out = tf.while_loop(
-        lambda t, done, *_: tf.logical_and(t < max_length, tf.logical_not(tf.reduce_all(done))),
-        body, loop_vars, shape_invariants=relaxed(loop_vars, model.state_invariants(state)),
-        maximum_iterations=max_length)
-    return _result(Hypotheses(*out[7:]), num_captions)
+    positions = features.shape[1]
+    alpha = tf.cast(alpha, tf.float32)
+    return LoopParts(
+        variables=_start(state, k, batch, positions, start_id),
+        body=_step(model, k, batch, positions, max_length, alpha, start_id, end_id, controls),
+        cond=lambda t, done, *_: tf.logical_and(t < max_length, tf.logical_not(tf.reduce_all(done))),
+        state_invariants=model.state_invariants(state))
+
+
+def finished(loop_output) -> Hypotheses:
+    """The finished set from the loop's output: the fields after t, done, the decoder state, the
+    last words and the live beams' tokens, attention and scores."""
+    return Hypotheses(*loop_output[7:])
 
 
 def _start(state, k, batch, positions, start_id) -> tuple:

@@ -12,10 +12,12 @@ import pytest
 import tensorflow as tf
 
 from caption_io import images
-from caption_serving import caption, client, litert, litert_runner
+from caption_serving import caption, client, litert, litert_int8, litert_runner
+from pipelines import synthetic
+from tests.conftest import exit_code
 
-# How often a file's best caption must equal the SavedModel's: beam search, and float16 greedy. (The
-# dynamic-int8 file misses the same 0.9 on this random-weight demo: benchmarks/litert.py measures it.)
+# How often a file's best caption must equal the SavedModel's: float32 beam search, and the
+# float16 and int8 files (greedy and beam search).
 BEAM_AGREEMENT = 0.98
 QUANTIZED_AGREEMENT = 0.9
 
@@ -132,6 +134,26 @@ def test_quantized_files_are_smaller_and_agree(parts, export_dir, demo_images, s
     assert share >= QUANTIZED_AGREEMENT, same
 
 
+def test_int8_files_are_a_quarter_and_agree(parts, export_dir, demo_images, savedmodel, max_length, tmp_path):
+    """Calibrated on other scenes than the ones it is checked on (the demo's are its training
+    and val images); the beam-3 file reuses the greedy file's calibration."""
+    other = str(tmp_path / "other")
+    synthetic.generate(other, n_train=litert_int8.CALIBRATION_IMAGES, n_val=0, seed=11)
+    calibration = litert.calibration_images([os.path.join(other, "train2014")])
+    float32 = os.path.getsize(os.path.join(export_dir, "variables", "variables.data-00000-of-00001"))
+    for beam in (1, 3):
+        path = str(tmp_path / f"int8-beam{beam}.tflite")
+        size, _ = litert.write(parts, export_dir, path, beam, max_length, litert.INT8, calibration)
+        with open(path, "rb") as f:
+            data = f.read()
+        assert litert_runner.non_builtin_ops(data) == [] and "DEQUANTIZE" in litert_runner.operator_names(data)
+        share, same = agreement(litert_outputs(path, demo_images), savedmodel[beam])
+        print(f"int8 beam {beam}: {size / 1e6:.1f} MB ({size / float32:.2f} of the float32 weights), "
+              f"agreement {sum(same)}/{len(same)}")
+        assert size < 0.3 * float32
+        assert share >= QUANTIZED_AGREEMENT, same
+
+
 # ----------------------------------------------------------------------------- the command
 def test_caption_command_on_a_tflite_file(files, loaded, demo_images, savedmodel, max_length, tmp_path, capsys):
     paths = demo_images[:2]
@@ -195,7 +217,10 @@ def test_converter_refuses_bad_arguments_in_one_line(export_dir, tmp_path, capsy
     out = str(tmp_path / "a.tflite")
     for argv, words in ((["--model", str(empty), "--output", out], "not a SavedModel"),
                         (["--model", str(empty), "--output", str(tmp_path / "a.bin")], "name it *.tflite"),
-                        (["--model", str(moved), "--output", out], "pass --data DATA_DIR")):
-        assert litert.main(argv) == 2
+                        (["--model", str(moved), "--output", out], "pass --data DATA_DIR"),
+                        (["--model", str(empty), "--output", out, "--quantize", "int8"], "needs --calibration-images"),
+                        (["--model", str(empty), "--output", out, "--quantize", "int8", "--calibration-images",
+                          str(empty)], "no .jpg")):
+        assert exit_code(litert.main, argv) == 2
         [line] = capsys.readouterr().err.strip().splitlines()
         assert line.startswith("error: ") and words in line, line
