@@ -21,43 +21,28 @@ import argparse
 import json
 import os
 import shlex
-import subprocess
 import sys
-import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from benchmarks.commands import step
+
 DEMO_FLAGS = ["--batch-size", "64", "--attention-reg", "0.1"]
 # name -> (the captions' language, --tokenizer)
 RUNS = {"en": ("en", "words"), "zh": ("zh", "words"), "en-wordpiece": ("en", "wordpiece")}
-
-
-def _run(cmd: list[str], what: str) -> float:
-    print("$", shlex.join(cmd[1:]), file=sys.stderr, flush=True)
-    began = time.time()
-    proc = subprocess.run(cmd, cwd=ROOT, stderr=subprocess.PIPE, text=True)
-    if proc.returncode:
-        sys.exit(f"{what} failed ({proc.returncode}): {proc.stderr[-2000:]}")
-    return time.time() - began
-
-
-def _step(done: str, cmd: list[str], what: str) -> float | None:
-    """Run `cmd` unless `done` (a file it writes last) is there. -> its seconds, or None if reused."""
-    return None if os.path.exists(done) else _run(cmd, what)
 
 
 def run_one(work: str, name: str, a) -> dict:
     language, mode = RUNS[name]
     coco, data, job = (os.path.join(work, p) for p in (f"scenes-{language}", f"data-{name}", f"job-{name}"))
     py = sys.executable
-    _step(os.path.join(coco, "annotations", "instances_val2014.json"),
+    step(os.path.join(coco, "annotations", "instances_val2014.json"),
           [py, "-m", "pipelines.synthetic", "--output", coco, "--train", str(a.train), "--val", str(a.val),
            "--seed", str(a.seed), "--language", language], f"{name}: the scene set")
-    preprocess = _step(os.path.join(data, "metadata.json"),
+    preprocess = step(os.path.join(data, "metadata.json"),
                        [py, "-m", "pipelines.preprocess", "--coco-dir", coco, "--output", data, "--encoder-weights",
                         "random", "--seed", "0", "--num-shards", "train=4,val=1", "--tokenizer", mode,
                         "--overwrite"], f"{name}: preprocessing")
     metrics_path = os.path.join(job, "eval-val", "metrics.json")
-    train = _step(metrics_path, [py, "-m", "trainer.task", "--data", data, "--job-dir", job, "--no-progress",
+    train = step(metrics_path, [py, "-m", "trainer.task", "--data", data, "--job-dir", job, "--no-progress",
                                  "--epochs", str(a.epochs), *a.trainer_flags], f"{name}: training")
     with open(metrics_path) as f:
         m = json.load(f)

@@ -86,13 +86,13 @@ def transformer_step_flops(images: int, lengths, units=UNITS, embed=EMBED, vocab
     return 2 * (images * (2 * encoder + 3 * per_image) + 3 * (tokens * per_token + attention))
 
 
-def matmul_peak() -> float:
-    """The machine's float32 matmul rate (FLOP/s), best of a few shapes like the step's."""
+def matmul_peak(dtype: str = "float32") -> float:
+    """The machine's matmul rate in `dtype` (FLOP/s), best of a few shapes like the step's."""
     import tensorflow as tf
 
     best = 0.0
     for m, k, n in ((1536, 512, 5001), (4096, 512, 2048), (2048, 2048, 2048)):
-        a, b = tf.random.normal([m, k]), tf.random.normal([k, n])
+        a, b = tf.cast(tf.random.normal([m, k]), dtype), tf.cast(tf.random.normal([k, n]), dtype)
         f = tf.function(lambda a, b: tf.matmul(a, b))
         f(a, b).numpy()
         reps, t = 10, time.perf_counter()
@@ -103,12 +103,13 @@ def matmul_peak() -> float:
     return best
 
 
-def ours(length: int, steps: int, warmup: int, mixed: bool, jit: bool, attention_kernel: str = "auto",
-         decoder: str = "gru") -> dict:
+def built_step(length: int, mixed: bool, jit: bool, attention_kernel: str = "auto", decoder: str = "gru"):
+    """The project's train step at the tutorial's shapes, built, and 4 of the reference's own
+    synthetic batches (same shapes and token statistics) -> (trainer.steps.CaptionSteps, batches)."""
     import tensorflow as tf
 
     sys.path.insert(0, BENCH)
-    import common  # the reference's own synthetic batches, same shapes and token statistics
+    import common
 
     from model import CaptionerConfig
     from trainer.steps import CaptionSteps
@@ -117,9 +118,14 @@ def ours(length: int, steps: int, warmup: int, mixed: bool, jit: bool, attention
                              compute_dtype="bfloat16" if mixed else "float32")
     s = CaptionSteps(config, np.zeros(FEAT, np.float32), np.ones(FEAT, np.float32), tf.distribute.get_strategy(),
                      1e-3, 5.0, jit_compile=jit, attention_kernel=attention_kernel)
-    spec = (tf.TensorSpec([None, POS, FEAT], tf.float16), tf.TensorSpec([None, None], tf.int32))
-    s.build(spec)
-    batches = [(tf.constant(f, tf.float16), tf.constant(c)) for f, c in common.make_batches(4, BATCH, length)]
+    s.build((tf.TensorSpec([None, POS, FEAT], tf.float16), tf.TensorSpec([None, None], tf.int32)))
+    return s, [(tf.constant(f, tf.float16), tf.constant(c)) for f, c in common.make_batches(4, BATCH, length)]
+
+
+def ours(length: int, steps: int, warmup: int, mixed: bool, jit: bool, attention_kernel: str = "auto",
+         decoder: str = "gru") -> dict:
+    s, batches = built_step(length, mixed, jit, attention_kernel, decoder)
+    config = s.config
     # Real (non-pad) target tokens a batch holds: the packed step computes only these.
     lengths = [np.count_nonzero(c.numpy()[:, 1:], axis=1) for _, c in batches]
     real = [int(n.sum()) for n in lengths]
@@ -168,15 +174,23 @@ def input_rate(data_dir: str | None, batch: int) -> dict:
 def _rounds(length: int, args) -> tuple[dict, dict]:
     """Ours and the tutorial's, alternated over a few rounds (the machine is shared and noisy:
     ratios from neighbouring runs hold). -> (each figure's list over the rounds, ours' last run)."""
-    rounds = {"ours": [], "real": [], "flops": [], "ops": [], "eager": [], "compiled": []}
+    rounds = {k: [] for k in ("ours", "real", "flops", "ops", "eager", "compiled",
+                              "bf16", "bf16_real", "bf16_flops", "bf16_ops")}
+    run = dict(steps=args.steps, warmup=args.warmup, jit=False, decoder=args.decoder)
     for _ in range(args.rounds):
-        o = ours(length, args.steps, args.warmup, mixed=False, jit=False)
+        o = ours(length, mixed=False, **run)
         if o["fused_attention"]:  # what the kernels add: the same step with TensorFlow ops
-            rounds["ops"].append(ours(length, args.steps, args.warmup, mixed=False, jit=False,
-                                      attention_kernel="ops")["tokens_per_s"])
+            rounds["ops"].append(ours(length, mixed=False, attention_kernel="ops", **run)["tokens_per_s"])
         rounds["ours"].append(o["tokens_per_s"])
         rounds["real"].append(o["real_tokens_per_s"])
         rounds["flops"].append(o["flops_per_s"])
+        if args.mixed_precision:   # the bfloat16 step, with the kernels where they apply, and with the ops
+            b = ours(length, mixed=True, **run)
+            rounds["bf16"].append(b["tokens_per_s"])
+            rounds["bf16_real"].append(b["real_tokens_per_s"])
+            rounds["bf16_flops"].append(b["flops_per_s"])
+            if b["fused_attention"]:
+                rounds["bf16_ops"].append(ours(length, mixed=True, attention_kernel="ops", **run)["tokens_per_s"])
         if not args.skip_reference:
             rounds["compiled"].append(reference(length, args.steps, True)["tokens_per_s"])
             # Every round: the eager loop's rate moves with the machine as much as ours.
@@ -184,7 +198,7 @@ def _rounds(length: int, args) -> tuple[dict, dict]:
     return rounds, o
 
 
-def _row(length: int, rounds: dict, o: dict, peak: float, args) -> tuple[dict, str]:
+def _row(length: int, rounds: dict, o: dict, peaks: dict, args) -> tuple[dict, str]:
     """One caption length's medians and ratios -> (its RESULT entry, its printed line)."""
     from model import fused_attention
 
@@ -192,13 +206,11 @@ def _row(length: int, rounds: dict, o: dict, peak: float, args) -> tuple[dict, s
     row = {"ours": med["ours"], "ours_real_tokens_per_s": med["real"], "ours_traces": o["traces"],
            "attention": fused_attention.describe() if o["fused_attention"] else "TensorFlow ops",
            "attention_build": fused_attention.loaded_build() if o["fused_attention"] else None, "rounds": rounds}
-    if args.mixed_precision:
-        row["ours_bf16"] = ours(length, args.steps, args.warmup, mixed=True, jit=False)["tokens_per_s"]
     fpt = o["flops_per_real_token"]
     row["flops_per_real_token"] = fpt
     # The step packs captions by length and skips padding, so its arithmetic is counted on what
     # it computes: the batch's images and real tokens (counting padded positions would pass 100%).
-    row["mfu"] = med["flops"] / peak
+    row["mfu"] = med["flops"] / peaks["float32"]
     line = f"length {length}: ours {row['ours']:,.0f} tokens/s ({med['real']:,.0f} real; attention: {row['attention']})"
     if "ops" in med:
         row["ours_tensorflow_ops"] = med["ops"]
@@ -210,8 +222,16 @@ def _row(length: int, rounds: dict, o: dict, peak: float, args) -> tuple[dict, s
         line += (f" | tutorial eager {med['eager']:,.0f} ({row['x_eager']:.2f}x, target 6x)"
                  f" | tutorial tf.function {med['compiled']:,.0f} ({row['x_compiled']:.2f}x, target 2.5x)")
     line += f" | {fpt / 1e6:.1f} MFLOP/real token, MFU {100 * row['mfu']:.1f}% (target 55%)"
-    if "ours_bf16" in row:
-        line += f" | bf16 {row['ours_bf16']:,.0f} tokens/s"
+    if "bf16" in med:
+        row["ours_bf16"], row["ours_bf16_real_tokens_per_s"] = med["bf16"], med["bf16_real"]
+        row["bf16_over_float32"] = statistics.median([b / f for b, f in zip(rounds["bf16_real"], rounds["real"])])
+        row["mfu_bf16"] = med["bf16_flops"] / peaks["bfloat16"]   # against bfloat16's own matmul rate
+        line += (f" | bfloat16 {med['bf16']:,.0f} tokens/s ({row['bf16_over_float32']:.2f}x float32's step, "
+                 f"target 1.5x; MFU {100 * row['mfu_bf16']:.1f}% of the bfloat16 matmul rate)")
+        if "bf16_ops" in med:
+            row["ours_bf16_tensorflow_ops"] = med["bf16_ops"]
+            line += (f" | bfloat16 with TensorFlow ops {med['bf16_ops']:,.0f} "
+                     f"({med['bf16'] / med['bf16_ops']:.2f}x from the kernels)")
     return row, line
 
 
@@ -222,22 +242,26 @@ def main():
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=3, help="alternating rounds of ours / tutorial; medians reported")
     ap.add_argument("--data", help="a data directory for the tf.data rate (default: build a small one)")
-    ap.add_argument("--mixed-precision", action="store_true", help="also time bfloat16 compute")
+    ap.add_argument("--mixed-precision", action="store_true",
+                    help="also time the step in bfloat16 (with the fused kernels where they apply, and with the ops)")
+    ap.add_argument("--decoder", default="gru", choices=("gru", "transformer"))
     ap.add_argument("--skip-reference", action="store_true")
     args = ap.parse_args()
 
     from model import fused_attention
 
-    peak = matmul_peak()
-    print(f"float32 matmul peak on this machine: {peak / 1e9:,.1f} GFLOP/s")
+    peaks = {dtype: matmul_peak(dtype) for dtype in ("float32",) + (("bfloat16",) if args.mixed_precision else ())}
+    for dtype, peak in peaks.items():
+        print(f"{dtype} matmul peak on this machine: {peak / 1e9:,.1f} GFLOP/s")
     try:
         print(f"train step's attention: {fused_attention.describe()}")
     except fused_attention.KernelError as e:
         print(f"train step's attention: TensorFlow ops ({e})")
-    results = {"matmul_gflops": peak / 1e9, "lengths": {}}
+    results = {"matmul_gflops": peaks["float32"] / 1e9, "decoder": args.decoder, "lengths": {},
+               "matmul_gflops_by_dtype": {d: p / 1e9 for d, p in peaks.items()}}
     for length in [int(x) for x in args.lengths.split(",")]:
         rounds, o = _rounds(length, args)
-        results["lengths"][length], line = _row(length, rounds, o, peak, args)
+        results["lengths"][length], line = _row(length, rounds, o, peaks, args)
         print(line, flush=True)
     rate = input_rate(args.data, BATCH)
     shortest = results["lengths"][min(results["lengths"])]

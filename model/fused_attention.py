@@ -6,8 +6,10 @@ over memory, plus the softmax and the context around them. kernels/additive_atte
 does each direction in one pass. It is C++ against TensorFlow's own headers (tf.sysconfig),
 compiled on first use with the machine's C++ compiler and cached per source, TensorFlow
 version, compiler and CPU: tuned for this CPU where that compiles, else a portable build;
-where neither is possible (no compiler, a GPU, bfloat16) training uses the TensorFlow ops,
-which compute the same numbers (tests/test_fused_attention.py checks both against autodiff).
+where neither is possible (no compiler, a GPU) training uses the TensorFlow ops, which compute
+the same numbers (tests/test_fused_attention.py checks both against autodiff). The kernels take
+float32 or bfloat16 tensors and compute in float32 either way: a bfloat16 step reads and writes
+half the bytes, and its gradient accumulators stay float32.
 
     use = fused_attention.resolve("auto", "float32")   # True where the kernels serve
     context, weights, hidden = fused_attention.attend(features, keys, query, v)
@@ -33,6 +35,7 @@ from caption_io import cli
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels", "additive_attention.cc")
 CHOICES = ("auto", "fused", "ops")
+DTYPES = ("float32", "bfloat16")  # the compute dtypes the kernels take
 # The builds tried, in order. "tuned" targets this CPU (-march=native) but leaves out
 # AVX512-FP16: with it on (Xeon Sapphire Rapids and later) TensorFlow's bundled Eigen headers
 # stop g++ 12, and float32 kernels have no use for half-precision instructions. "portable" is
@@ -177,8 +180,8 @@ def unsupported_reason(compute_dtype: str, decoder: str = "gru") -> str | None:
     """Why the kernels do not apply to this job (None: they do)."""
     if decoder != "gru":
         return f"they compute the GRU's additive attention; the {decoder} decoder's is matmuls"
-    if compute_dtype != "float32":
-        return f"they compute in float32 and the job computes in {compute_dtype}"
+    if compute_dtype not in DTYPES:
+        return f"they take {' or '.join(DTYPES)} tensors and the job computes in {compute_dtype}"
     if tf.config.list_physical_devices("GPU"):
         return "they are CPU kernels and this machine trains on its GPUs"
     return None
@@ -207,14 +210,15 @@ def resolve(choice: str, compute_dtype: str, decoder: str = "gru") -> bool:
 
 def attend(features, keys, query, v):
     """model.attention.attend as one kernel: features [B, P, E], keys [B, P, U], query [n, U]
-    (n <= B: the first n rows of features and keys are used), v [U] ->
-    (context [n, E], weights [n, P], tanh(keys + query) [n, P, U]), float32."""
+    (n <= B: the first n rows of features and keys are used), v [U], all float32 or all bfloat16 ->
+    (context [n, E], weights [n, P] float32, tanh(keys + query) [n, P, U])."""
     return load().sat_additive_attention(features, keys, query, v)
 
 
 def attend_grad(features, hidden, weights, d_context, d_weights, v, d_keys):
     """The gradient of attend, but for the features' (sum_t weights d_context, left to the
-    caller): -> (d_query [n, U], d_v [U], d_keys [B, P, U] with this step's gradient added to
-    its first n rows)."""
+    caller): -> (d_query [n, U], d_v [U] float32, d_keys [B, P, U] float32 with this step's
+    gradient added to its first n rows). weights, d_weights and d_keys are float32; the others
+    are of attend's dtype."""
     return load().sat_additive_attention_grad(features, hidden, weights, d_context, d_weights,
                                               v, d_keys)

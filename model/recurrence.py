@@ -24,7 +24,8 @@ tests/test_model.py checks these gradients against autodiff of the same forward.
 
 fused=True computes the attention and its gradient with the CPU kernels of
 model/fused_attention.py (one pass over the [n, P, U] tensors each) instead of TensorFlow
-ops; same arithmetic, for float32 training on CPUs.
+ops; same arithmetic, for training on CPUs. In bfloat16 they also keep the per-image dkeys
+and dv sums in float32, where the ops add each step's bfloat16 share in bfloat16.
 """
 import collections
 
@@ -259,10 +260,12 @@ def _backward(layout, features, keys, h0, w, gate, outputs, saved, d_hidden, d_a
         arrays = tuple(x.write(t, y) for x, y in zip(arrays, (d_pre, d_gx, d_ctx)))
         return t - 1, dh, d_keys, d_v + d_v_t, arrays
 
-    loop_vars = (layout.steps - 1, tf.zeros_like(h0), tf.zeros_like(keys), tf.zeros_like(v),
+    sums = tf.float32 if fused else dt    # the dkeys and dv accumulators
+    loop_vars = (layout.steps - 1, tf.zeros_like(h0), tf.zeros_like(keys, sums), tf.zeros_like(v, sums),
                  arrays)
     _, dh0, d_keys, d_v, arrays = tf.while_loop(lambda t, *_: t >= 0, body, loop_vars,
                                                 maximum_iterations=layout.steps)
+    d_keys, d_v = tf.cast(d_keys, dt), tf.cast(d_v, dt)
     d_features, d_gx, d_rec_kernel, d_rec_bias, d_ctx_kernel = _weight_grads(
         layout, alpha, h_prev, pre_ta, ctx_ta, arrays, gate, u)
     return (d_features, d_keys, dh0, d_gx, d_rec_kernel, d_rec_bias, d_ctx_kernel, d_v)

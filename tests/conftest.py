@@ -13,9 +13,11 @@ from PIL import Image
 from caption_io import fileio
 from pipelines import synthetic
 
-# Every machine makes the suite's data and exports in float32: auto measures the CPU and would choose
-# bfloat16 where it has matrix units (tests/test_encoder_precision.py covers bfloat16).
+# Every machine makes the suite's data, exports and trains in float32: auto measures the CPU and would
+# choose bfloat16 where it has matrix units (tests/test_encoder_precision.py and
+# tests/test_train_precision.py cover bfloat16).
 os.environ.setdefault("CAPTIONER_ENCODER_PRECISION", "float32")
+os.environ.setdefault("CAPTIONER_TRAIN_PRECISION", "float32")
 
 # Small enough to encode in seconds with the random-weight InceptionV3.
 N_TRAIN, N_VAL = 14, 5

@@ -150,8 +150,7 @@ def test_vocab_size_that_does_not_match_the_checkpoint_is_refused(small_data, tm
     (["--data", "{data}", "--job-dir", "{job}", "--bucket-boundaries", "20,10"], "--bucket-boundaries"),
     (["--data", "{data}", "--job-dir", "{job}", "--word-dropout", "nan"], "--word-dropout must be a finite number"),
     (["--data", "{data}", "--job-dir", "{job}", "--word-dropout", "1"], "--word-dropout must be below 1.0"),
-    (["--data", "{data}", "--job-dir", "{job}", "--attention-kernel", "fused", "--mixed-precision"],
-     "--attention-kernel fused: not available: they compute in float32 and the job computes in bfloat16"),
+    (["--data", "{data}", "--job-dir", "{job}", "--precision", "float16"], "--precision"),
 ])
 def test_bad_inputs_one_line_before_training(args, words, small_data, tmp_path, capsys, clean_logging):
     # In-process: the command's main with an argv; the process's own exit is the test below.
@@ -198,16 +197,42 @@ def test_sigkill_after_a_checkpoint_then_rerun_finishes_the_same(small_data, tmp
 
 
 @pytest.mark.parametrize("decoder", ["gru", "transformer"])
-def test_mixed_precision_trains_and_exports_in_float32(decoder, small_data, tmp_path):
+def test_bfloat16_trains_and_exports_in_float32(decoder, small_data, tmp_path, monkeypatch):
     from caption_serving import export
+    from model import fused_attention
+    from model import precision as matmul_precision
+    from trainer import precision
 
-    m = loop.train(_settings(small_data, tmp_path / "job", "--epochs", "3", "--learning-rate", "3e-3",
-                             "--mixed-precision", "--decoder", decoder))
+    job = tmp_path / "job"
+    if decoder == "gru":
+        # auto on a machine whose matrix units pass the probe: the job's own step is timed in both
+        # precisions (the real timing), and bfloat16 taken (forced: on this CPU it may be slower).
+        monkeypatch.delenv(precision.ENV)
+        monkeypatch.setattr(matmul_precision, "measure", lambda: matmul_precision.Probe(3.0, "CPU", 0.0))
+        monkeypatch.setattr(precision, "STEP_MARGIN", 0.0)
+        asked = ["--precision", "auto"]
+    else:
+        asked = ["--mixed-precision"]   # the shorthand for --precision bfloat16
+    m = loop.train(_settings(small_data, job, "--epochs", "3", "--learning-rate", "3e-3", *asked, "--decoder", decoder))
     h = m["history"]
     assert all(np.isfinite(r["train_loss"]) for r in h)
     assert h[-1]["train_xent"] < h[0]["train_xent"]
-    assert json.load(open(tmp_path / "job" / "config.json"))["compute_dtype"] == "bfloat16"
-    info = export.build_module(str(tmp_path / "job"))[1]
+    assert json.load(open(job / "config.json"))["compute_dtype"] == "bfloat16"
+    assert m["precision"]["precision"] == "bfloat16"
+    if decoder == "gru":
+        assert m["precision"]["speedup"] > 0 and "this job's bfloat16 step measured" in m["precision"]["why"]
+        try:   # the fused kernels take bfloat16 too
+            fused_attention.load()
+            assert m["attention_kernel"] == "fused"
+        except fused_attention.KernelError:
+            assert m["attention_kernel"] == "ops"
+    else:
+        assert m["precision"] == {"asked": "bfloat16", "precision": "bfloat16", "why": "asked for", "speedup": None}
+        # resumed with auto (the suite pins auto to float32): the job keeps its first run's precision
+        again = loop.train(_settings(small_data, job, "--epochs", "4", "--decoder", decoder, "--learning-rate", "3e-3"))
+        assert again["epochs_completed"] == 4
+        assert again["precision"]["precision"] == "bfloat16" and "first run" in again["precision"]["why"]
+    info = export.build_module(str(job))[1]
     assert info["config"]["compute_dtype"] == "float32"
 
 

@@ -1,5 +1,6 @@
 """What a job is built from, before its first step: the data it reads, the settings resolved for
-this machine (XLA, the learning-rate schedule, the model config a resumed job must keep), the
+this machine (XLA, the step's precision, the learning-rate schedule, the model config a resumed job
+must keep), the
 steps of both stages (the SCST step with its reward scorer) and the checkpoint that holds them.
 
 Each is a function of the settings and what came before it; trainer/loop.py calls them in order
@@ -7,7 +8,9 @@ and runs what they build.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import logging
 import math
 from typing import NamedTuple
 
@@ -17,20 +20,24 @@ import tensorflow as tf
 from caption_io import fileio, geometry, jobdir, metadata
 from caption_io.jobdir import CONFIG_FILE
 from model import CaptionerConfig, fused_attention
-from trainer import data
+from model.precision import Choice
+from trainer import data, distribute, precision
 from trainer.errors import TrainError
 from trainer.settings import JIT_CHOICES, Settings
 from trainer.steps import CaptionSteps
 
+log = logging.getLogger(__name__)
 
-def model_config(s: Settings, vocab_size: int, features: geometry.Geometry = geometry.DEFAULT) -> CaptionerConfig:
+
+def model_config(s: Settings, vocab_size: int, features: geometry.Geometry = geometry.DEFAULT,
+                 compute_dtype: str = precision.FLOAT32) -> CaptionerConfig:
     """The model the settings ask for, over `features` (the data's geometry: its grid, flattened,
-    and channels)."""
+    and channels), computing in `compute_dtype` (--precision, resolved)."""
     return CaptionerConfig(vocab_size=vocab_size, embedding_dim=s.embedding_dim, units=s.units,
                            num_positions=features.positions, feature_dim=features.channels,
                            decoder=s.decoder, layers=s.layers, heads=s.heads, ff_units=s.ff_units,
                            dropout=s.dropout, word_dropout=s.word_dropout, attention_reg=s.attention_reg, gate=s.gate,
-                           compute_dtype="bfloat16" if s.mixed_precision else "float32")
+                           compute_dtype=compute_dtype)
 
 
 def resolve_jit(choice: str, replicas: int) -> bool:
@@ -46,15 +53,18 @@ def resolve_jit(choice: str, replicas: int) -> bool:
     return choice == "on"
 
 
-def resolve_config(s: Settings, meta, vocab_size: int) -> CaptionerConfig:
-    """The config of a new job, or the saved one of a job being resumed (which
-    must agree with the data and the flags)."""
-    wanted = model_config(s, vocab_size, meta.geometry)
+def resolve_config(s: Settings, meta, vocab_size: int, choose_precision) -> tuple[CaptionerConfig, Choice]:
+    """The config of a new job, or the saved one of a job being resumed (which must agree with the
+    data and the flags), and the step's precision: choose_precision(the resumed job's compute dtype
+    or None, the config in float32) -> Choice (train_precision below)."""
     path = fileio.join(s.job_dir, CONFIG_FILE)
-    if not fileio.exists(path):
-        return wanted
-    metadata.check_encoder(jobdir.recorded_encoder(s.job_dir), meta, f"--job-dir {s.job_dir}", f"--data {s.data}")
-    saved = CaptionerConfig.from_json(fileio.read_text(path))
+    saved = CaptionerConfig.from_json(fileio.read_text(path)) if fileio.exists(path) else None
+    if saved is not None:
+        metadata.check_encoder(jobdir.recorded_encoder(s.job_dir), meta, f"--job-dir {s.job_dir}", f"--data {s.data}")
+    choice = choose_precision(saved.compute_dtype if saved else None, model_config(s, vocab_size, meta.geometry))
+    wanted = model_config(s, vocab_size, meta.geometry, choice.precision)
+    if saved is None:
+        return wanted, choice
     if (saved.num_positions, saved.feature_dim) != (wanted.num_positions, wanted.feature_dim):
         raise TrainError(f"--job-dir {s.job_dir}: trained on features of {saved.num_positions} positions x "
                          f"{saved.feature_dim} channels, and --data {s.data} holds {meta.geometry.describe()} "
@@ -67,7 +77,31 @@ def resolve_config(s: Settings, meta, vocab_size: int) -> CaptionerConfig:
         k, (old, new) = next(iter(diff.items()))
         raise TrainError(f"--job-dir {s.job_dir}: the job was started with {k}={old}, now {k}={new}; "
                          "resume with the same flags or use a new --job-dir")
-    return saved
+    return saved, choice
+
+
+def train_precision(s: Settings, meta, strategy, mean, std, train_files: list[str]):
+    """resolve_config's choose_precision for this job on this machine: trainer/precision.py's
+    choice, auto timing the job's own step on its first batch where the matmul probe passes."""
+    def choose(resumed, config: CaptionerConfig) -> Choice:
+        def step_speedup() -> float:
+            batch = next(iter(data.caption_dataset(train_files, s.batch_size // strategy.num_replicas_in_sync,
+                                                   feature_shape=meta.features.shape, shuffle=False)))
+            jit = resolve_jit(s.jit_compile, strategy.num_replicas_in_sync)
+            seconds = precision.time_steps(
+                lambda dtype: CaptionSteps(dataclasses.replace(config, compute_dtype=dtype), mean, std, strategy,
+                                           s.learning_rate, s.clip_norm, jit_compile=jit,
+                                           attention_kernel=s.attention_kernel), batch)
+            return seconds[precision.FLOAT32] / seconds[precision.BFLOAT16]
+
+        try:
+            choice = precision.choose(s.precision, resumed=resumed, workers=distribute.workers(strategy),
+                                      step_speedup=step_speedup)
+        except fused_attention.KernelError as e:
+            raise TrainError(str(e)) from None
+        log.info("train step precision: %s", choice.describe())
+        return choice
+    return choose
 
 
 def learning_rate(s: Settings, total_steps: int):

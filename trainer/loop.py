@@ -50,7 +50,9 @@ class Trainer:
         self.feature_shape = meta.features.shape
         self.train_files, self.val_files = build.shard_files(s, meta)
         mean, std = metadata.load_feature_stats(s.data, meta)
-        self.config = build.resolve_config(s, meta, len(self.vocab))
+        # Before the seed is set: auto's measurement builds throwaway models.
+        self.config, self.precision = build.resolve_config(
+            s, meta, len(self.vocab), build.train_precision(s, meta, self.strategy, mean, std, self.train_files))
 
         keras.utils.set_random_seed(s.seed)
         self.chief = distribute.is_chief(self.strategy)
@@ -320,7 +322,7 @@ class Trainer:
             scst_steps=int(self.state.scst_steps), best_loss=self.best.value("loss"),
             best_cider=self.best.value("cider"), metric=self.s.early_stopping_metric, initial_val=self.initial_val,
             reason=reason, seconds=seconds, tokens=self.trained_tokens, replicas=self.strategy.num_replicas_in_sync,
-            fused=self.steps.fused_attention, jit_compile=self.jit_compile)
+            fused=self.steps.fused_attention, jit_compile=self.jit_compile, precision=self.precision)
         if self.chief:
             report.write_final(self.s.job_dir, metrics)
             self.save_weights()

@@ -88,8 +88,9 @@ def initial_val_path(job_dir: str) -> str:
 
 def final_metrics(history: list[dict], *, steps: int, epochs_completed: int, scst_steps: int, best_loss, best_cider,
                   metric: str, initial_val: dict | None, reason: str, seconds: float, tokens: int, replicas: int,
-                  fused: bool, jit_compile: bool) -> dict:
-    """metrics.json: where the job ended, its best and final figures, and this run's speed."""
+                  fused: bool, jit_compile: bool, precision) -> dict:
+    """metrics.json: where the job ended, its best and final figures, and this run's speed and how it
+    ran (precision: trainer/precision.py's Choice)."""
     last = history[-1] if history else {}
     xent = [h for h in history if "train_loss" in h]
     return {"steps": steps, "epochs_completed": epochs_completed,
@@ -101,7 +102,7 @@ def final_metrics(history: list[dict], *, steps: int, epochs_completed: int, scs
             "tokens_per_s_this_run": round(tokens / max(seconds, 1e-9), 1), "replicas": replicas,
             "attention_kernel": "fused" if fused else "ops",
             "attention_kernel_build": fused_attention.loaded_build() if fused else None,
-            "jit_compile": jit_compile, "history": history}
+            "jit_compile": jit_compile, "precision": precision.to_dict(), "history": history}
 
 
 def write_final(job_dir: str, metrics: dict) -> None:

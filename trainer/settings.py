@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from model import fused_attention
 from model.decoders import NAMES as DECODERS
 from trainer import distribute
+from trainer import precision as train_precision
 from trainer.scst import BASELINES as SCST_BASELINES
 from trainer.scst import XENT_WEIGHT as SCST_XENT_WEIGHT
 
@@ -29,10 +30,12 @@ class SettingsError(ValueError):
 
 
 def _setting(default, help: str, *, low=None, positive=False, below=None, choices=None, flag=None, alias=None,
-             off=None):
-    """off: for a setting with choices, the choice a `--no-NAME` flag stands for."""
+             off=None, shorthand=None):
+    """off: for a setting with choices, the choice a `--no-NAME` flag stands for; shorthand: (flag, choice),
+    another flag that stands for one of the choices."""
     return field(default=default, metadata={"help": help, "low": low, "positive": positive, "below": below,
-                                            "choices": choices, "flag": flag, "alias": alias, "off": off})
+                                            "choices": choices, "flag": flag, "alias": alias, "off": off,
+                                            "shorthand": shorthand})
 
 
 def _buckets(text: str) -> tuple:
@@ -81,7 +84,11 @@ class Settings:
                                    low=0.0, below=1.0)
     attention_reg: float = _setting(1.0, "lambda of the doubly stochastic attention regulariser (0: off)", low=0.0)
     gate: bool = _setting(False, "the paper's gating scalar beta on the context")
-    mixed_precision: bool = _setting(False, "bfloat16 compute (GPU/AMX), float32 variables and logits")
+    precision: str = _setting(
+        "auto", "the train step's compute dtype: bfloat16 (float32 variables, logits and loss) or float32; auto "
+        "times both where bfloat16 matrix products are fast (CPUs with AMX, recent GPUs) and takes the faster, keeps "
+        "a resumed job's, and is $CAPTIONER_TRAIN_PRECISION where set; metrics.json records the choice",
+        choices=train_precision.CHOICES, shorthand=("--mixed-precision", "bfloat16"))
     attention_kernel: str = _setting(
         "auto", "the time loop's attention on CPU: fused kernels built on first use, or TensorFlow ops (auto: the "
         "kernels where they build; GPUs and bfloat16 use the ops)", choices=fused_attention.CHOICES)
@@ -198,6 +205,10 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
             if m["off"] is not None:
                 parser.add_argument("--no-" + name[2:], dest=f.name, action="store_const", const=m["off"],
                                     help=f"the same as {name} {m['off']}")
+            if m["shorthand"] is not None:
+                other, choice = m["shorthand"]
+                parser.add_argument(other, dest=f.name, action="store_const", const=choice,
+                                    help=f"the same as {name} {choice}")
 
 
 def _shown(default) -> str:

@@ -4,17 +4,21 @@
 // model/fused_attention.py, which falls back to the same arithmetic in TensorFlow ops when
 // this cannot be compiled.
 //
-//   SatAdditiveAttention(features [B, P, E], keys [B, P, U], query [n, U], v [U]), n <= B,
+//   T (float or bfloat16): the dtype the step computes in. Arithmetic is float32 either way;
+//   bfloat16 tensors are widened as they are read and rounded once as they are written, and
+//   the softmax weights and the gradient accumulators (d_keys, d_v) stay float32.
+//
+//   SatAdditiveAttention(features [B, P, E], keys [B, P, U], query [n, U], v [U]: T), n <= B,
 //   uses the first n rows of features and keys:
-//     hidden  = tanh(keys + query[:, None, :])            [n, P, U] (kept for the gradient)
-//     weights = softmax_p(hidden . v)                      [n, P]
-//     context = sum_p weights[:, p] features[:, p]         [n, E]
+//     hidden  = tanh(keys + query[:, None, :])            [n, P, U] T (kept for the gradient)
+//     weights = softmax_p(hidden . v)                      [n, P]    float32
+//     context = sum_p weights[:, p] features[:, p]         [n, E]    T
 //   SatAdditiveAttentionGrad(features, hidden, weights, d_context [n, E], d_weights [n, P],
-//                            v, d_keys [B, P, U]):
+//                            v, d_keys [B, P, U] float32):
 //     d_score    = weights * (g - sum_p weights g),  g = features . d_context + d_weights
 //     d_in       = d_score[..., None] * v * (1 - hidden^2)        (d of keys + query)
-//     d_query    = sum_p d_in                                      [n, U]
-//     d_v        = sum_{b, p} d_score * hidden                      [U]
+//     d_query    = sum_p d_in                                      [n, U] T
+//     d_v        = sum_{b, p} d_score * hidden                      [U]    float32
 //     d_keys_out = d_keys with d_in added to its first n rows (in place when TensorFlow lets
 //                  the input buffer be reused, as in a while loop's accumulator)
 //   The features' own gradient (sum_t weights d_context) is left to one batched matmul
@@ -42,17 +46,27 @@ using tensorflow::TensorShape;
 using tensorflow::errors::InvalidArgument;
 namespace shape_inference = tensorflow::shape_inference;
 
-using Row = Eigen::Map<Eigen::Array<float, Eigen::Dynamic, 1>>;
-using ConstRow = Eigen::Map<const Eigen::Array<float, Eigen::Dynamic, 1>>;
+template <typename T>
+using Row = Eigen::Map<Eigen::Array<T, Eigen::Dynamic, 1>>;
+template <typename T>
+using ConstRow = Eigen::Map<const Eigen::Array<T, Eigen::Dynamic, 1>>;
+using Floats = Eigen::ArrayXf;
+
+// A row of T read as float32 (a no-op for float).
+template <typename T>
+auto Widened(const T* data, int64_t size) {
+  return ConstRow<T>(data, size).template cast<float>();
+}
 
 REGISTER_OP("SatAdditiveAttention")
-    .Input("features: float")
-    .Input("keys: float")
-    .Input("query: float")
-    .Input("v: float")
-    .Output("context: float")
+    .Attr("T: {float, bfloat16} = DT_FLOAT")
+    .Input("features: T")
+    .Input("keys: T")
+    .Input("query: T")
+    .Input("v: T")
+    .Output("context: T")
     .Output("weights: float")
-    .Output("hidden: float")
+    .Output("hidden: T")
     .SetShapeFn([](shape_inference::InferenceContext* c) {
       shape_inference::ShapeHandle features, keys, query, v;
       TF_RETURN_IF_ERROR(c->WithRank(c->input(0), 3, &features));
@@ -67,14 +81,15 @@ REGISTER_OP("SatAdditiveAttention")
     });
 
 REGISTER_OP("SatAdditiveAttentionGrad")
-    .Input("features: float")
-    .Input("hidden: float")
+    .Attr("T: {float, bfloat16} = DT_FLOAT")
+    .Input("features: T")
+    .Input("hidden: T")
     .Input("weights: float")
-    .Input("d_context: float")
+    .Input("d_context: T")
     .Input("d_weights: float")
-    .Input("v: float")
+    .Input("v: T")
     .Input("d_keys: float")
-    .Output("d_query: float")
+    .Output("d_query: T")
     .Output("d_v: float")
     .Output("d_keys_out: float")
     .SetShapeFn([](shape_inference::InferenceContext* c) {
@@ -109,6 +124,7 @@ std::string Shapes(OpKernelContext* ctx) {
   return out;
 }
 
+template <typename T>
 class AdditiveAttentionOp : public OpKernel {
  public:
   explicit AdditiveAttentionOp(OpKernelConstruction* ctx) : OpKernel(ctx) {}
@@ -133,36 +149,37 @@ class AdditiveAttentionOp : public OpKernel {
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({n, E}), &context));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(1, TensorShape({n, P}), &weights));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(2, TensorShape({n, P, U}), &hidden));
-    const float* f = features.flat<float>().data();
-    const float* k = keys.flat<float>().data();
-    const float* q = query.flat<float>().data();
-    const float* w = v.flat<float>().data();
-    float* c = context->flat<float>().data();
+    const T* f = features.flat<T>().data();
+    const T* k = keys.flat<T>().data();
+    const T* q = query.flat<T>().data();
     float* a = weights->flat<float>().data();
-    float* h = hidden->flat<float>().data();
+    T* c = context->flat<T>().data();
+    T* h = hidden->flat<T>().data();
+    const Floats vf = Widened(v.flat<T>().data(), U);
     Pool(ctx)->ParallelFor(n, 14 * P * U, [&](int64_t start, int64_t end) {
-      ConstRow vr(w, U);
+      Floats qf(U), hf(U), cf(E);
       for (int64_t b = start; b < end; ++b) {
-        ConstRow qb(q + b * U, U);
+        qf = Widened(q + b * U, U);
         float* ab = a + b * P;
         // scores, then softmax over the P positions (max subtracted), then the context
         for (int64_t p = 0; p < P; ++p) {
           const int64_t r = b * P + p;
-          Row hr(h + r * U, U);
-          hr = (ConstRow(k + r * U, U) + qb).tanh();
-          ab[p] = (hr * vr).sum();
+          hf = (Widened(k + r * U, U) + qf).tanh();
+          Row<T>(h + r * U, U) = hf.template cast<T>();
+          ab[p] = (hf * vf).sum();
         }
-        Row weights_b(ab, P);
+        Row<float> weights_b(ab, P);
         weights_b = (weights_b - weights_b.maxCoeff()).exp();
         weights_b /= weights_b.sum();
-        Row cb(c + b * E, E);
-        cb.setZero();
-        for (int64_t p = 0; p < P; ++p) cb += ab[p] * ConstRow(f + (b * P + p) * E, E);
+        cf.setZero();
+        for (int64_t p = 0; p < P; ++p) cf += ab[p] * Widened(f + (b * P + p) * E, E);
+        Row<T>(c + b * E, E) = cf.template cast<T>();
       }
     });
   }
 };
 
+template <typename T>
 class AdditiveAttentionGradOp : public OpKernel {
  public:
   explicit AdditiveAttentionGradOp(OpKernelConstruction* ctx) : OpKernel(ctx) {}
@@ -199,49 +216,55 @@ class AdditiveAttentionGradOp : public OpKernel {
     if (k != in_keys) {  // not reusable (still referenced elsewhere): copy, then add
       std::copy_n(in_keys, d_keys.NumElements(), k);
     }
-    const float* f = features.flat<float>().data();
-    const float* h = hidden.flat<float>().data();
+    const T* f = features.flat<T>().data();
+    const T* h = hidden.flat<T>().data();
     const float* a = weights.flat<float>().data();
-    const float* dc = d_context.flat<float>().data();
+    const T* dc = d_context.flat<T>().data();
     const float* da = d_weights.flat<float>().data();
-    const float* w = v.flat<float>().data();
-    float* dq = d_query->flat<float>().data();
+    T* dq = d_query->flat<T>().data();
+    const Floats vf = Widened(v.flat<T>().data(), U);
     // d_v per image row first, summed in row order below: no races, a fixed order.
     std::vector<float> dv_rows(static_cast<size_t>(n * U));
     Pool(ctx)->ParallelFor(n, 12 * P * U, [&](int64_t start, int64_t end) {
-      ConstRow vr(w, U);
-      Eigen::ArrayXf d_in(U), d_score(P);
+      Floats d_in(U), hf(U), qf(U), dcf(E), d_score(P);
       for (int64_t b = start; b < end; ++b) {
-        ConstRow dcb(dc + b * E, E);
+        dcf = Widened(dc + b * E, E);
         const float* ab = a + b * P;
         for (int64_t p = 0; p < P; ++p) {
-          d_score[p] = (ConstRow(f + (b * P + p) * E, E) * dcb).sum() + da[b * P + p];
+          d_score[p] = (Widened(f + (b * P + p) * E, E) * dcf).sum() + da[b * P + p];
         }
-        const float mean = (ConstRow(ab, P) * d_score).sum();
-        d_score = ConstRow(ab, P) * (d_score - mean);
-        Row qb(dq + b * U, U), vb(dv_rows.data() + b * U, U);
-        qb.setZero();
+        const float mean = (ConstRow<float>(ab, P) * d_score).sum();
+        d_score = ConstRow<float>(ab, P) * (d_score - mean);
+        Row<float> vb(dv_rows.data() + b * U, U);
+        qf.setZero();
         vb.setZero();
         for (int64_t p = 0; p < P; ++p) {
           const int64_t r = b * P + p;
-          ConstRow hr(h + r * U, U);
+          hf = Widened(h + r * U, U);
           const float g = d_score[p];
-          d_in = (g * vr) * (1.0f - hr * hr);
-          Row(k + r * U, U) += d_in;
-          qb += d_in;
-          vb += g * hr;
+          d_in = (g * vf) * (1.0f - hf * hf);
+          Row<float>(k + r * U, U) += d_in;
+          qf += d_in;
+          vb += g * hf;
         }
+        Row<T>(dq + b * U, U) = qf.template cast<T>();
       }
     });
-    Row dv(d_v->flat<float>().data(), U);
+    Row<float> dv(d_v->flat<float>().data(), U);
     dv.setZero();
-    for (int64_t b = 0; b < n; ++b) dv += ConstRow(dv_rows.data() + b * U, U);
+    for (int64_t b = 0; b < n; ++b) dv += ConstRow<float>(dv_rows.data() + b * U, U);
   }
 };
 
-REGISTER_KERNEL_BUILDER(Name("SatAdditiveAttention").Device(tensorflow::DEVICE_CPU),
-                        AdditiveAttentionOp);
-REGISTER_KERNEL_BUILDER(Name("SatAdditiveAttentionGrad").Device(tensorflow::DEVICE_CPU),
-                        AdditiveAttentionGradOp);
+#define REGISTER(T)                                                                      \
+  REGISTER_KERNEL_BUILDER(                                                               \
+      Name("SatAdditiveAttention").Device(tensorflow::DEVICE_CPU).TypeConstraint<T>("T"), \
+      AdditiveAttentionOp<T>);                                                           \
+  REGISTER_KERNEL_BUILDER(                                                               \
+      Name("SatAdditiveAttentionGrad").Device(tensorflow::DEVICE_CPU).TypeConstraint<T>("T"), \
+      AdditiveAttentionGradOp<T>);
+REGISTER(float)
+REGISTER(Eigen::bfloat16)
+#undef REGISTER
 
 }  // namespace

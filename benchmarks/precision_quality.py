@@ -1,0 +1,93 @@
+"""bfloat16 against float32 from end to end, in one run: the same scene set preprocessed with the
+encoder in each precision, trained in each (same seed, same epochs), exported and evaluated.
+
+    python -m benchmarks.precision_quality --work DIR [--train 3000] [--val 200] [--epochs 6] [-- trainer flags]
+
+float32: `pipelines.preprocess --encoder-precision float32`, `trainer.task --precision float32`;
+bfloat16: `--encoder-precision bfloat16` and `--precision bfloat16`. Both jobs use the demo's
+flags (--batch-size 64 --attention-reg 0.1, or those after `--`) and are evaluated by the trainer
+(the SavedModel's beam-search captions of the val split: eval-val/). Finished steps are reused.
+Prints one RESULT line of JSON and a table: CIDEr and BLEU-4 of each, the share of val images
+whose captions are the same word for word, and each stage's wall time.
+
+The targets: bfloat16's CIDEr within 2% of float32's, and the same caption on at least 95% of
+the val images. The times are the stages' own (a CPU without bfloat16 matrix units emulates it).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+
+from benchmarks.commands import step
+
+DEMO_FLAGS = ["--batch-size", "64", "--attention-reg", "0.1"]
+PRECISIONS = ("float32", "bfloat16")
+
+
+def run_one(work: str, coco: str, precision: str, a) -> dict:
+    data, job = (os.path.join(work, f"{p}-{precision}") for p in ("data", "job"))
+    py = sys.executable
+    preprocess = step(os.path.join(data, "metadata.json"),
+                      [py, "-m", "pipelines.preprocess", "--coco-dir", coco, "--output", data, "--encoder-weights",
+                       "random", "--seed", "0", "--num-shards", "train=4,val=1", "--encoder-precision", precision,
+                       "--overwrite"], f"{precision}: preprocessing")
+    metrics_path = os.path.join(job, "eval-val", "metrics.json")
+    train = step(metrics_path, [py, "-m", "trainer.task", "--data", data, "--job-dir", job, "--no-progress",
+                                "--epochs", str(a.epochs), "--precision", precision, *a.trainer_flags],
+                 f"{precision}: training")
+    with open(metrics_path) as f:
+        m = json.load(f)
+    with open(os.path.join(job, "eval-val", "results.json")) as f:
+        captions = {r["image_id"]: r["caption"] for r in json.load(f)}
+    with open(os.path.join(job, "metrics.json")) as f:
+        trained = json.load(f)
+    return {"CIDEr": m["CIDEr"], "BLEU-4": m["BLEU-4"], "captions": captions, "preprocess_s": preprocess,
+            "train_s": train, "train_wall_s": trained["wall_seconds"], "precision": trained["precision"],
+            "attention_kernel": trained["attention_kernel"]}
+
+
+def compare(results: dict) -> dict:
+    """bfloat16's CIDEr over float32's, and the share of images captioned the same in both."""
+    a, b = results["float32"], results["bfloat16"]
+    shared = sorted(set(a["captions"]) & set(b["captions"]))
+    same = sum(a["captions"][i] == b["captions"][i] for i in shared)
+    return {"cider_ratio": b["CIDEr"] / a["CIDEr"], "same_captions": same, "images": len(shared),
+            "agreement": same / max(len(shared), 1)}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--work", required=True, help="where the scene set, data and jobs go (kept: reused)")
+    ap.add_argument("--train", type=int, default=3000, help="training pictures (default 3000, the demo's)")
+    ap.add_argument("--val", type=int, default=200, help="val pictures (default 200, the demo's)")
+    ap.add_argument("--seed", type=int, default=0, help="the scene set's seed (default 0)")
+    ap.add_argument("--epochs", type=int, default=6, help="epochs of both jobs (default 6, the demo's)")
+    ap.add_argument("flags", nargs=argparse.REMAINDER, help="-- then trainer flags for both jobs")
+    a = ap.parse_args(argv)
+    a.trainer_flags = [f for f in a.flags if f != "--"] or DEMO_FLAGS
+    os.makedirs(a.work, exist_ok=True)
+    coco = os.path.join(a.work, "scenes")
+    step(os.path.join(coco, "annotations", "instances_val2014.json"),
+         [sys.executable, "-m", "pipelines.synthetic", "--output", coco, "--train", str(a.train), "--val",
+          str(a.val), "--seed", str(a.seed)], "the scene set")
+    results = {p: run_one(a.work, coco, p, a) for p in PRECISIONS}
+    summary = compare(results)
+    print("RESULT " + json.dumps({"runs": {p: {k: v for k, v in r.items() if k != "captions"}
+                                           for p, r in results.items()}, **summary}))
+    print(f"\n{a.train} training and {a.val} val pictures, {a.epochs} epochs, trainer flags "
+          f"{shlex.join(a.trainer_flags)}; beam search on val")
+    print(f"{'':9} {'CIDEr':>7} {'BLEU-4':>7} {'preprocess s':>13} {'train+eval s':>13}  attention")
+    for p, r in results.items():
+        times = [f"{t:13.0f}" if t is not None else f"{'(reused)':>13}" for t in (r["preprocess_s"], r["train_s"])]
+        print(f"{p:9} {r['CIDEr']:7.3f} {r['BLEU-4']:7.3f} {times[0]} {times[1]}  {r['attention_kernel']}")
+    print(f"bfloat16 / float32, CIDEr: {summary['cider_ratio']:.3f} (target: within 2%)")
+    print(f"the same caption: {summary['same_captions']} of {summary['images']} val images "
+          f"({100 * summary['agreement']:.1f}%, target 95%)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
