@@ -34,9 +34,10 @@ EXTRAS = {
     # python -m caption_serving.litert and `caption --model X.tflite`: LiteRT's interpreter (59 MB).
     "litert": LITERT,
     # The GCS tests serve a bucket from a loopback emulator; the serve tests drive Chromium with selenium.
-    # pytest-xdist: make test runs a worker a core.
-    "test": ["pytest>=8", "pytest-xdist>=3.8,<4", "pycocoevalcap>=1.2", "google-cloud-aiplatform>=1.60",
-             "gcp-storage-emulator>=2024.1", "ruff>=0.17,<0.18", *SERVE, *LITERT, "httpx>=0.27", "selenium>=4.30,<5",
+    # pytest-xdist: make test runs a worker a core; filelock: its workers share the trained fixtures.
+    "test": ["pytest>=8", "pytest-xdist>=3.8,<4", "filelock>=3.12", "pycocoevalcap>=1.2",
+             "google-cloud-aiplatform>=1.60", "gcp-storage-emulator>=2024.1", "ruff>=0.17,<0.18", *SERVE, *LITERT,
+             "httpx>=0.27", "selenium>=4.30,<5",
              # The docs site (mkdocs.yml): `make test` builds it with --strict (no broken link or page).
              "mkdocs>=1.6,<2", "mkdocs-material>=9.8,<10"],
 }

@@ -1,4 +1,5 @@
-"""Shared fixtures: a small scene set, and the same with faults mixed in."""
+"""Shared fixtures: a small scene set, and the same with faults mixed in; the small data set and a
+small trained job of each decoder made from it, once for all of the run's workers."""
 from __future__ import annotations
 
 import json
@@ -35,11 +36,31 @@ def pytest_collection_modifyitems(items):
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))   # stable: the rest keep their order
 
 
+def _once_a_run(tmp_path_factory, name: str, make) -> str:
+    """make(folder) once for the whole test run, shared by its pytest-xdist workers (a session
+    fixture is otherwise made once a worker): the first worker to ask makes it, under a lock, and
+    the others wait for it and reuse it. Those folders are read, never changed, by the tests."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        out = str(tmp_path_factory.mktemp(name))
+        make(out)
+        return out
+    from filelock import FileLock
+
+    shared = tmp_path_factory.getbasetemp().parent     # the run's folder, above each worker's own
+    out, done = shared / name, shared / f"{name}.done"
+    with FileLock(str(shared / f"{name}.lock")):
+        if not done.exists():
+            shutil.rmtree(out, ignore_errors=True)      # a worker that failed making it left a part
+            out.mkdir()
+            make(str(out))
+            done.touch()
+    return str(out)
+
+
 @pytest.fixture(scope="session")
 def scene_dir(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("scene"))
-    synthetic.generate(out, n_train=N_TRAIN, n_val=N_VAL, seed=3)
-    return out
+    return _once_a_run(tmp_path_factory, "scene",
+                       lambda out: synthetic.generate(out, n_train=N_TRAIN, n_val=N_VAL, seed=3))
 
 
 def _load(path):
@@ -138,34 +159,33 @@ def small_data(scene_dir, tmp_path_factory):
     """The small scene set through the pipeline: a data directory to train on."""
     from pipelines import preprocess
 
-    out = str(tmp_path_factory.mktemp("small_data"))
-    preprocess.run(["--coco-dir", scene_dir, "--output", out, "--encoder-weights", "random", "--seed", "1",
-                    "--num-shards", "train=2,val=1"])
-    return out
+    return _once_a_run(tmp_path_factory, "small_data", lambda out: preprocess.run(
+        ["--coco-dir", scene_dir, "--output", out, "--encoder-weights", "random", "--seed", "1",
+         "--num-shards", "train=2,val=1"]))
 
 
-def _trained(small_data, tmp_path_factory, *flags):
+def _trained(small_data, tmp_path_factory, name, *flags):
     from caption_serving import export
     from trainer import loop, task
 
-    job = str(tmp_path_factory.mktemp("job"))
-    loop.train(task.parse_args(["--data", small_data, "--job-dir", job, "--units", "64", "--embedding-dim", "32",
-                                "--batch-size", "8", "--epochs", "6", "--learning-rate", "3e-3", "--no-progress",
-                                "--eval-images", "0", *flags]))
-    export.export(job)
-    return job
+    def make(job):
+        loop.train(task.parse_args(["--data", small_data, "--job-dir", job, "--units", "64", "--embedding-dim", "32",
+                                    "--batch-size", "8", "--epochs", "6", "--learning-rate", "3e-3", "--no-progress",
+                                    "--eval-images", "0", *flags]))
+        export.export(job)
+    return _once_a_run(tmp_path_factory, name, make)
 
 
 @pytest.fixture(scope="session")
 def trained_job(small_data, tmp_path_factory):
     """A small model (the GRU decoder) trained briefly on the small scene set, exported to JOB/export."""
-    return _trained(small_data, tmp_path_factory)
+    return _trained(small_data, tmp_path_factory, "job")
 
 
 @pytest.fixture(scope="session")
 def trained_transformer_job(small_data, tmp_path_factory):
     """The same with the Transformer decoder: the one small job of that family the tests share."""
-    return _trained(small_data, tmp_path_factory, "--decoder", "transformer")
+    return _trained(small_data, tmp_path_factory, "transformer_job", "--decoder", "transformer")
 
 
 @pytest.fixture(params=["trained_job", "trained_transformer_job"], ids=["gru", "transformer"])

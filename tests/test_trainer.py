@@ -280,8 +280,11 @@ def test_xla_step_computes_the_loss_and_gradients_of_the_graph_step(decoder):
 
 
 def test_jit_compile_on_trains_like_the_graph_step_on_bucketed_lengths(small_data, tmp_path):
+    # One boundary given: two buckets (under 12 tokens, and up to the longest caption), so XLA compiles
+    # the step twice (the default boundaries made six compiles of it here, the test's largest cost).
     common = ("--epochs", "1", "--dropout", "0", "--attention-kernel", "ops", "--no-validate")
-    xla = loop.Trainer(_settings(small_data, tmp_path / "xla", *common, "--jit-compile", "on"))
+    xla = loop.Trainer(_settings(small_data, tmp_path / "xla", *common, "--jit-compile", "on",
+                                 "--bucket-boundaries", "12"))
     m_xla = xla.run()
     m_graph = loop.train(_settings(small_data, tmp_path / "graph", *common, "--jit-compile", "off",
                                    "--bucket-boundaries", ",".join(map(str, xla.buckets))))
