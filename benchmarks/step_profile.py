@@ -22,12 +22,13 @@ import time
 from benchmarks.train_throughput import built_step
 
 VARIANTS = {"float32": (False, "auto"), "bfloat16": (True, "auto"), "bfloat16, ops": (True, "ops")}  # (bf16, kernel)
-_OP = re.compile(r"^[\w/.\-]+:([A-Z]\w*)$")   # a TensorFlow op's event: "scope/name:OpType"
+_OP = re.compile(r"^[\w/.\-]+:(_?[A-Z]\w*)$")   # a TensorFlow op's event: "scope/name:OpType" (_FusedMatMul too)
 
 
 def op_type(event_name: str) -> str:
+    """An op event's type; anything else on TensorFlow's threads is the executor's own work."""
     found = _OP.match(event_name)
-    return found.group(1) if found else "(runtime)"
+    return found.group(1) if found else "(executor)"
 
 
 def _close(stack: list, until: float, totals: collections.Counter) -> None:
@@ -40,13 +41,16 @@ def _close(stack: list, until: float, totals: collections.Counter) -> None:
 
 
 def self_times(space) -> collections.Counter:
-    """Picoseconds by op type over the host planes of an XSpace, each event's own time."""
+    """Picoseconds by op type over the host planes of an XSpace, each event's own time, on TensorFlow's
+    threads (the calling Python thread only waits for the step)."""
     totals = collections.Counter()
     for plane in space.planes:
         if not plane.name.startswith("/host:CPU"):
             continue
         names = {k: m.name for k, m in plane.event_metadata.items()}
         for line in plane.lines:
+            if line.name == "python":
+                continue
             stack = []   # open events: [end, name, duration, nested time]
             for start, duration, name in sorted((e.offset_ps, e.duration_ps, names.get(e.metadata_id, ""))
                                                 for e in line.events):

@@ -112,3 +112,35 @@ def test_transformer_step_flops_counts_its_matmuls_by_hand():
     want = 2 * (images * (2 * encoder_macs + 3 * image_macs) + 3 * (3 * token_macs + attention_macs))
     got = transformer_step_flops(images, lengths, units=D, embed=E, vocab=V, pos=P, feat=F, layers=L, ff=FF)
     assert got == want == 2 * (2 * (462 + 504) + 3 * (486 + 200))
+
+
+def test_step_profile_counts_each_ops_own_time_on_tensorflows_threads():
+    from tensorflow.tsl.profiler.protobuf import xplane_pb2
+
+    from benchmarks.step_profile import self_times
+
+    space = xplane_pb2.XSpace()
+    plane = space.planes.add(name="/host:CPU")
+    for i, name in enumerate(["ExecutorState::Process", "dense/MatMul:MatMul", "fc/BiasAdd:_FusedMatMul",
+                              "gru/Tanh:Tanh", "train_step"]):
+        plane.event_metadata[i + 1].name = name
+
+    def events(line, *spans):   # (metadata id, start, duration) in picoseconds
+        for meta, start, duration in spans:
+            line.events.add(metadata_id=meta, offset_ps=start, duration_ps=duration)
+
+    # the executor (0-100) runs a matmul (10-40) with a tanh inside it (20-25), then a fused matmul (50-90)
+    events(plane.lines.add(name="tf_Compute/1"), (1, 0, 100), (2, 10, 30), (4, 20, 5), (3, 50, 40))
+    events(plane.lines.add(name="python"), (5, 0, 120))    # the caller, waiting: not counted
+    totals = self_times(space)
+    assert totals == {"(executor)": 30, "MatMul": 25, "Tanh": 5, "_FusedMatMul": 40}
+
+
+def test_precision_quality_compares_the_captions_image_by_image():
+    from benchmarks.precision_quality import compare
+
+    f32 = {"CIDEr": 2.0, "captions": {1: "a red square", 2: "a blue circle", 3: "a green star"}}
+    bf16 = {"CIDEr": 1.96, "captions": {1: "a red square", 2: "a blue square", 3: "a green star", 4: "extra"}}
+    summary = compare({"float32": f32, "bfloat16": bf16})
+    assert summary == {"cider_ratio": pytest.approx(0.98), "same_captions": 2, "images": 3,
+                       "agreement": pytest.approx(2 / 3)}
