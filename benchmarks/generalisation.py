@@ -34,8 +34,9 @@ import subprocess
 import sys
 import time
 
+from benchmarks.commands import trainer_flags
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEMO_FLAGS = ["--batch-size", "64", "--attention-reg", "0.1"]
 
 
 def _job(data: str, job: str, flags: list[str]) -> dict:
@@ -125,7 +126,7 @@ def main(argv=None) -> int:
     ap.add_argument("--scst-from", default="base", help="the variant SCST continues from (default base)")
     ap.add_argument("flags", nargs=argparse.REMAINDER, help="-- then trainer flags for every job")
     a = ap.parse_args(argv)
-    common = [f for f in a.flags if f != "--"] or DEMO_FLAGS
+    common = trainer_flags(a)
     variants = dict(a.variant or [("base", [])])
     weights = [float(w) for w in a.scst_weights.split(",") if w.strip()]
     if weights and a.scst_from not in variants:

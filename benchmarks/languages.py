@@ -17,15 +17,13 @@ en-wordpiece's CIDEr within 5% of en's.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shlex
 import sys
 
-from benchmarks.commands import step
+from benchmarks.commands import preprocess_and_train, scene_job_parser, step, trainer_flags
 
-DEMO_FLAGS = ["--batch-size", "64", "--attention-reg", "0.1"]
 # name -> (the captions' language, --tokenizer)
 RUNS = {"en": ("en", "words"), "zh": ("zh", "words"), "en-wordpiece": ("en", "wordpiece")}
 
@@ -37,15 +35,8 @@ def run_one(work: str, name: str, a) -> dict:
     step(os.path.join(coco, "annotations", "instances_val2014.json"),
           [py, "-m", "pipelines.synthetic", "--output", coco, "--train", str(a.train), "--val", str(a.val),
            "--seed", str(a.seed), "--language", language], f"{name}: the scene set")
-    preprocess = step(os.path.join(data, "metadata.json"),
-                       [py, "-m", "pipelines.preprocess", "--coco-dir", coco, "--output", data, "--encoder-weights",
-                        "random", "--seed", "0", "--num-shards", "train=4,val=1", "--tokenizer", mode,
-                        "--overwrite"], f"{name}: preprocessing")
-    metrics_path = os.path.join(job, "eval-val", "metrics.json")
-    train = step(metrics_path, [py, "-m", "trainer.task", "--data", data, "--job-dir", job, "--no-progress",
-                                 "--epochs", str(a.epochs), *a.trainer_flags], f"{name}: training")
-    with open(metrics_path) as f:
-        m = json.load(f)
+    preprocess, train, m = preprocess_and_train(coco, data, job, name, ["--tokenizer", mode],
+                                                ["--epochs", str(a.epochs), *a.trainer_flags])
     with open(os.path.join(data, "metadata.json")) as f:
         vocab_size = json.load(f)["vocab"]["size"]
     exact = m["exact_objects"]
@@ -56,16 +47,10 @@ def run_one(work: str, name: str, a) -> dict:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--work", required=True, help="where the scene sets, data and jobs go (kept: reused)")
-    ap.add_argument("--train", type=int, default=1000, help="training pictures (default 1000)")
-    ap.add_argument("--val", type=int, default=300, help="val pictures (default 300)")
-    ap.add_argument("--seed", type=int, default=0, help="the scene set's seed (default 0)")
-    ap.add_argument("--epochs", type=int, default=6, help="epochs of every job (default 6)")
+    ap = scene_job_parser(__doc__.split("\n\n")[0], train=1000, val=300)
     ap.add_argument("--runs", default=",".join(RUNS), help=f"which of {', '.join(RUNS)} (default all)")
-    ap.add_argument("flags", nargs=argparse.REMAINDER, help="-- then trainer flags for every job")
     a = ap.parse_args(argv)
-    a.trainer_flags = [f for f in a.flags if f != "--"] or DEMO_FLAGS
+    a.trainer_flags = trainer_flags(a)
     names = [n.strip() for n in a.runs.split(",") if n.strip()]
     unknown = [n for n in names if n not in RUNS]
     if unknown:

@@ -15,31 +15,21 @@ the val images. The times are the stages' own (a CPU without bfloat16 matrix uni
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shlex
 import sys
 
-from benchmarks.commands import step
+from benchmarks.commands import preprocess_and_train, scene_job_parser, step, trainer_flags
 
-DEMO_FLAGS = ["--batch-size", "64", "--attention-reg", "0.1"]
 PRECISIONS = ("float32", "bfloat16")
 
 
 def run_one(work: str, coco: str, precision: str, a) -> dict:
     data, job = (os.path.join(work, f"{p}-{precision}") for p in ("data", "job"))
-    py = sys.executable
-    preprocess = step(os.path.join(data, "metadata.json"),
-                      [py, "-m", "pipelines.preprocess", "--coco-dir", coco, "--output", data, "--encoder-weights",
-                       "random", "--seed", "0", "--num-shards", "train=4,val=1", "--encoder-precision", precision,
-                       "--overwrite"], f"{precision}: preprocessing")
-    metrics_path = os.path.join(job, "eval-val", "metrics.json")
-    train = step(metrics_path, [py, "-m", "trainer.task", "--data", data, "--job-dir", job, "--no-progress",
-                                "--epochs", str(a.epochs), "--precision", precision, *a.trainer_flags],
-                 f"{precision}: training")
-    with open(metrics_path) as f:
-        m = json.load(f)
+    preprocess, train, m = preprocess_and_train(
+        coco, data, job, precision, ["--encoder-precision", precision],
+        ["--epochs", str(a.epochs), "--precision", precision, *a.trainer_flags])
     with open(os.path.join(job, "eval-val", "results.json")) as f:
         captions = {r["image_id"]: r["caption"] for r in json.load(f)}
     with open(os.path.join(job, "metrics.json")) as f:
@@ -59,15 +49,9 @@ def compare(results: dict) -> dict:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--work", required=True, help="where the scene set, data and jobs go (kept: reused)")
-    ap.add_argument("--train", type=int, default=3000, help="training pictures (default 3000, the demo's)")
-    ap.add_argument("--val", type=int, default=200, help="val pictures (default 200, the demo's)")
-    ap.add_argument("--seed", type=int, default=0, help="the scene set's seed (default 0)")
-    ap.add_argument("--epochs", type=int, default=6, help="epochs of both jobs (default 6, the demo's)")
-    ap.add_argument("flags", nargs=argparse.REMAINDER, help="-- then trainer flags for both jobs")
+    ap = scene_job_parser(__doc__.split("\n\n")[0], train=3000, val=200)
     a = ap.parse_args(argv)
-    a.trainer_flags = [f for f in a.flags if f != "--"] or DEMO_FLAGS
+    a.trainer_flags = trainer_flags(a)
     os.makedirs(a.work, exist_ok=True)
     coco = os.path.join(a.work, "scenes")
     step(os.path.join(coco, "annotations", "instances_val2014.json"),
