@@ -1,7 +1,7 @@
 """What a job is built from, before its first step: the data it reads, the settings resolved for
 this machine (XLA, the step's precision, the learning-rate schedule, the model config a resumed job
-must keep), the
-steps of both stages (the SCST step with its reward scorer) and the checkpoint that holds them.
+must keep), the steps of both stages (the SCST step with its reward scorer) and the checkpoint that
+holds them.
 
 Each is a function of the settings and what came before it; trainer/loop.py calls them in order
 and runs what they build.
