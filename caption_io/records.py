@@ -74,7 +74,9 @@ def make_example(image_id: int, file_name: str, features: np.ndarray,
         CAPTION_TEXT: tf.train.Feature(bytes_list=tf.train.BytesList(
             value=[t.encode("utf-8") for t in caption_texts])),
     }
-    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+    # deterministic: the feature map's keys in order, so a record's bytes (and a shard's sha256) are the
+    # same from every process; protobuf's map order otherwise changes from one process to the next.
+    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString(deterministic=True)
 
 
 _SPEC = {

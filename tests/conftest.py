@@ -164,16 +164,20 @@ def small_data(scene_dir, tmp_path_factory):
          "--num-shards", "train=2,val=1"]))
 
 
-def _trained(small_data, tmp_path_factory, name, *flags):
+def train_small_job(data: str, job: str, *flags) -> str:
+    """The suite's small job: a small model trained briefly on `data`, exported to JOB/export."""
     from caption_serving import export
     from trainer import loop, task
 
-    def make(job):
-        loop.train(task.parse_args(["--data", small_data, "--job-dir", job, "--units", "64", "--embedding-dim", "32",
-                                    "--batch-size", "8", "--epochs", "6", "--learning-rate", "3e-3", "--no-progress",
-                                    "--eval-images", "0", *flags]))
-        export.export(job)
-    return _once_a_run(tmp_path_factory, name, make)
+    loop.train(task.parse_args(["--data", data, "--job-dir", job, "--units", "64", "--embedding-dim", "32",
+                                "--batch-size", "8", "--epochs", "6", "--learning-rate", "3e-3", "--no-progress",
+                                "--eval-images", "0", *flags]))
+    export.export(job)
+    return job
+
+
+def _trained(small_data, tmp_path_factory, name, *flags):
+    return _once_a_run(tmp_path_factory, name, lambda job: train_small_job(small_data, job, *flags))
 
 
 @pytest.fixture(scope="session")

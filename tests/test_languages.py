@@ -17,7 +17,7 @@ from caption_eval import evaluate
 from caption_io import cjk, metadata, records, savedmodel, tokenizer, vocab
 from caption_serving import caption, client
 from pipelines import preprocess, synthetic
-from tests.conftest import N_TRAIN, N_VAL, _trained
+from tests.conftest import N_TRAIN, N_VAL, train_small_job
 
 ONLY_CJK = re.compile(f"{cjk.PYTHON.pattern}+")
 
@@ -32,7 +32,7 @@ def chinese(tmp_path_factory):
     # MobileNetV3: the cheapest encoder to build and run; the language is what is tested here.
     preprocess.run(["--coco-dir", coco, "--output", data, "--encoder", "mobilenet_v3_large",
                     "--encoder-weights", "random", "--seed", "1", "--num-shards", "1"])
-    job = _trained(data, tmp_path_factory)
+    job = train_small_job(data, str(tmp_path_factory.mktemp("job")))
     return coco, data, job
 
 
