@@ -6,9 +6,10 @@ where the machine multiplies bfloat16 matrices fast (CPUs with AMX, GPUs with bf
 cores); elsewhere TensorFlow emulates it and the step is slower.
 
 auto is decided by measurement, the cheap one first:
-  1. model.precision.measure(): a matrix product and a convolution in bfloat16 against float32,
-     about 0.5 s, once a process. Under its 1.5x margin the step cannot gain (its matmuls are most of its arithmetic):
-     float32, and nothing more is timed.
+  1. The encoder's decision (model.precision.choose): a matrix product and a convolution timed in
+     bfloat16 against float32, about 0.5 s, once a process. Where it keeps float32 (under its 1.5x
+     margin) the step cannot gain, its matmuls being most of its arithmetic: float32, and nothing
+     more is timed.
   2. Else the job's own train step, on its first batch, in both precisions (built, warmed up,
      then timed alternately, median of ROUNDS): bfloat16 where it is at least STEP_MARGIN times as
      fast. This costs two traces and a few steps, once a job.
@@ -51,16 +52,13 @@ def choose(value: str, *, resumed: str | None = None, workers: int = 1, probe=No
     if workers > 1:
         return Choice(value, FLOAT32, f"auto, unmeasured: {workers} workers would each decide alone; name "
                                       f"{FLAG} bfloat16 for workers with bfloat16 matrix units")
-    found = (probe or encoder_precision.measure)()
-    if found.speedup < encoder_precision.MARGIN:
-        return Choice(value, FLOAT32, f"auto: bfloat16 matrix arithmetic measured {found.speedup:.2f}x float32's "
-                                      f"speed on this {found.device}, under {encoder_precision.MARGIN}x; "
-                                      "the step was not timed", found.speedup)
+    gate = encoder_precision.choose(AUTO, probe)    # the encoder's own decision on the same probe
+    if gate.precision == FLOAT32:
+        return Choice(value, FLOAT32, f"{gate.why}; the step was not timed", gate.speedup)
     speedup = step_speedup()
     picked = BFLOAT16 if speedup >= STEP_MARGIN else FLOAT32
-    return Choice(value, picked, f"auto: this job's bfloat16 step measured {speedup:.2f}x float32's on this "
-                                 f"{found.device}, {'at least' if picked == BFLOAT16 else 'under'} {STEP_MARGIN}x",
-                  speedup)
+    return Choice(value, picked, f"auto: this job's bfloat16 step measured {speedup:.2f}x float32's, "
+                                 f"{'at least' if picked == BFLOAT16 else 'under'} {STEP_MARGIN}x", speedup)
 
 
 def time_steps(make_steps, batch, rounds: int = ROUNDS) -> dict[str, float]:
