@@ -178,7 +178,8 @@ def build_module(job_dir: str, data_dir: str | None = None, beam_size: int = dec
         raise ExportError(f"{enc_path}: not the encoder that made the features (sha256 differs from metadata.json)")
     backbone = backbones.get(meta.encoder.name)
     encoder = backbone.load(enc_path)
-    chosen = precision.choose(asked)
+    size = backbone.geometry.input_size
+    chosen = precision.choose(asked, encoder_speedup=lambda: precision.time_encoder(encoder, size))
     if chosen.precision != precision.FLOAT32:
         precision.set_compute(encoder, chosen.precision)
     log.info("the image signatures' encoder computes in %s", chosen.describe())

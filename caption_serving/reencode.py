@@ -23,7 +23,11 @@ class ReencodeError(ValueError, cli.UserError):
 def at_precision(loaded, info: dict, path: str, asked: str, probe=None):
     """-> (a captioner for client.caption_batch, the model.precision Choice made). loaded, info:
     client.load_model's; path: the export's directory; probe: model.precision.choose's."""
-    choice = precision.choose(asked, probe)
+    def encoder_speedup():
+        backbone, encoder = load_encoder(info, path)
+        return precision.time_encoder(encoder, backbone.geometry.input_size)
+
+    choice = precision.choose(asked, probe, encoder_speedup=encoder_speedup if "encoder" in info else None)
     if choice.precision == savedmodel.export_encoder_precision(info):
         return loaded, choice
     if "encoder" not in info:

@@ -45,9 +45,10 @@ class AttentionGRUDecoder(keras.layers.Layer):
         self.output_dropout = keras.layers.Dropout(c.dropout, name="output_dropout",
                                                  dtype=policy)
         self.fc1 = keras.layers.Dense(c.units, name="fc1", dtype=policy)
-        # The vocabulary projection computes in float32 even under mixed precision, so
-        # logits (and the softmax over 5,000 words) keep full precision.
-        self.fc2 = keras.layers.Dense(c.vocab_size, name="fc2", dtype="float32")
+        # The vocabulary projection computes in the compute dtype, as every other matmul (in a
+        # bfloat16 step it is over a third of the FLOPs); its logits are cast to float32 before the
+        # softmax and the loss (`logits`). Its variables are float32 in either.
+        self.fc2 = keras.layers.Dense(c.vocab_size, name="fc2", dtype=policy)
 
     def build(self, input_shape=None):
         c = self.config
@@ -81,7 +82,7 @@ class AttentionGRUDecoder(keras.layers.Layer):
     def logits(self, outputs, training=False):
         """GRU outputs [..., U] -> float32 logits [..., V]."""
         x = self.fc1(self.output_dropout(outputs, training=training))
-        return self.fc2(tf.cast(x, tf.float32))
+        return tf.cast(self.fc2(x), tf.float32)
 
     def word_gates(self, tokens, training=False):
         """Token ids [...] -> the embedding's share of the GRU input gates [..., 3U]."""

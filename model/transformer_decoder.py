@@ -5,7 +5,7 @@ Each of `layers` blocks (pre-norm, x [B, T, D], D = units, `heads` heads of D / 
     x += Wo  softmax(q k^T / sqrt(d) + causal mask) v     self-attention over the words so far
     x += Wo' softmax(q' m_k^T / sqrt(d)) m_v               cross-attention over the grid's cells
     x += W2 relu(W1 LN(x))                                 feed-forward, ff_units wide
-    logits = fc(LN(x))                                     float32, as the GRU's
+    logits = fc(LN(x))                                     cast to float32, as the GRU's
 Words enter as embedding * sqrt(D) + a sinusoidal position (no length limit); the grid's cells
 as the encoded features (already standardised and projected by the encoder) + a learned
 embedding per cell (where a thing is in the picture is what the position words of a caption
@@ -51,8 +51,8 @@ class TransformerDecoder(keras.layers.Layer):
         for i in range(c.layers):
             setattr(self, f"block_{i}", _Block(c, name=f"block_{i}", dtype=policy))
         self.final_norm = keras.layers.LayerNormalization(epsilon=1e-6, name="final_norm", dtype=policy)
-        # The vocabulary projection in float32 even under mixed precision (logits, softmax).
-        self.fc = keras.layers.Dense(c.vocab_size, name="fc", dtype="float32")
+        # The vocabulary projection in the compute dtype, as the GRU's; logits cast to float32.
+        self.fc = keras.layers.Dense(c.vocab_size, name="fc", dtype=policy)
 
     def build(self, input_shape=None):
         c = self.config
@@ -89,7 +89,7 @@ class TransformerDecoder(keras.layers.Layer):
     def logits(self, outputs, training=False):
         """Normalised outputs [..., D] -> float32 logits [..., V]."""
         del training
-        return self.fc(tf.cast(outputs, tf.float32))
+        return tf.cast(self.fc(outputs), tf.float32)
 
     # ------------------------------------------------------------------ public
     def initial_state(self, encoded):

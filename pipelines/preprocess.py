@@ -251,9 +251,10 @@ def _plan_splits(args, entries: dict) -> tuple[dict, metadata_lib.MaxCaptions | 
     return splits, max_captions, planned
 
 
-def _fix_encoder(args, out: str) -> tuple[str, str]:
+def _fix_encoder(args, out: str) -> tuple:
     """Builds the encoder (--encoder with --encoder-weights, seeded) and saves it into the data
-    directory, where export will load exactly these weights. -> (its path, the digest of its weights)."""
+    directory, where export will load exactly these weights. -> (the model, its path, the digest of
+    its weights)."""
     t = time.time()
     try:
         encoder = backbones.get(args.encoder).build(args.encoder_weights, args.seed)
@@ -263,7 +264,7 @@ def _fix_encoder(args, out: str) -> tuple[str, str]:
     backbones.save(encoder, encoder_path)
     encoder_digest = backbones.weights_sha256(encoder)
     log.info("encoder ready in %.1fs: %s", time.time() - t, encoder_path)
-    return encoder_path, encoder_digest
+    return encoder, encoder_path, encoder_digest
 
 
 def _write_manifests(out: str, splits: dict, rejects: list) -> tuple[dict, str]:
@@ -317,8 +318,10 @@ def prepare(args) -> dict:
     entries, rejects, source = _read_annotations(args)
     splits, max_captions, planned = _plan_splits(args, entries)
     _prepare_output(out, args.overwrite, planned)
-    encoder_path, encoder_digest = _fix_encoder(args, out)
-    chosen = precision.choose(args.encoder_precision, measurable=not launcher.is_dataflow(args.runner))
+    encoder, encoder_path, encoder_digest = _fix_encoder(args, out)
+    size = backbones.get(args.encoder).geometry.input_size
+    chosen = precision.choose(args.encoder_precision, measurable=not launcher.is_dataflow(args.runner),
+                              encoder_speedup=lambda: precision.time_encoder(encoder, size))
     log.info("the encoder computes in %s", chosen.describe())
     manifests, rejects_path = _write_manifests(out, splits, rejects)
     static = _static_metadata(args, source, max_captions, encoder_path, splits, chosen.precision)
