@@ -1,9 +1,10 @@
 """The train step's compute precision: --precision auto|float32|bfloat16.
 
-bfloat16 is Keras' mixed_bfloat16 policy on the decoder (model/captioner.py): variables, logits
-and the loss in float32, the rest in bfloat16, the fused CPU attention kernels included. It pays
-where the machine multiplies bfloat16 matrices fast (CPUs with AMX, GPUs with bfloat16 tensor
-cores); elsewhere TensorFlow emulates it and the step is slower.
+bfloat16 is Keras' mixed_bfloat16 policy on the decoder (model/captioner.py): variables, the
+softmax and the loss in float32, the rest in bfloat16 (the vocabulary projection and the fused CPU
+attention kernels included). It pays where the machine multiplies bfloat16 matrices fast (CPUs with
+AMX or AVX512-BF16, GPUs with bfloat16 tensor cores); elsewhere TensorFlow emulates it and the
+step is slower.
 
 auto is decided by measurement, the cheap one first:
   1. The encoder's decision (model.precision.choose): a matrix product and a convolution timed in

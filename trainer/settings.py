@@ -85,8 +85,9 @@ class Settings:
     attention_reg: float = _setting(1.0, "lambda of the doubly stochastic attention regulariser (0: off)", low=0.0)
     gate: bool = _setting(False, "the paper's gating scalar beta on the context")
     precision: str = _setting(
-        "auto", "the train step's compute dtype: bfloat16 (float32 variables, logits and loss) or float32; auto "
-        "times both where bfloat16 matrix products are fast (CPUs with AMX, recent GPUs) and takes the faster, keeps "
+        "auto", "the train step's compute dtype: bfloat16 (float32 variables, softmax and loss) or float32; auto "
+        "times both where bfloat16 matrix products are fast (CPUs with AMX or AVX512-BF16, recent GPUs) and takes the "
+        "faster, keeps "
         "a resumed job's, and is $CAPTIONER_TRAIN_PRECISION where set; metrics.json records the choice",
         choices=train_precision.CHOICES, shorthand=("--mixed-precision", "bfloat16"))
     attention_kernel: str = _setting(
