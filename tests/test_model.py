@@ -167,6 +167,8 @@ def test_bfloat16_close_to_float32_with_same_weights():
     l32, a32 = f32.teacher_forced(features, tokens)
     l16, a16 = bf16.teacher_forced(features, tokens)
     assert {v.dtype for v in bf16.weights} <= {"float32", "int64", "uint32"}
+    # The vocabulary projection computes in bfloat16 as the other matmuls do; its logits are float32.
+    assert bf16.decoder.fc2.compute_dtype == "bfloat16" and l16.dtype == tf.float32
     np.testing.assert_allclose(l16, l32, atol=0.05)
     np.testing.assert_allclose(a16, a32, atol=0.02)
     fast16, fast32 = bf16.teacher_forced_loss(features, tokens), f32.teacher_forced_loss(

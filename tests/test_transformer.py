@@ -154,7 +154,7 @@ def test_padded_path_compiles_with_xla_and_bfloat16_keeps_float32_outputs(model)
     half = transformer(seed=1, compute_dtype="bfloat16")
     half.set_weights(model.get_weights())
     logits, attention = half.teacher_forced(features, tokens)
-    assert logits.dtype == attention.dtype == tf.float32
+    assert logits.dtype == attention.dtype == tf.float32 and half.decoder.fc.compute_dtype == "bfloat16"
     assert np.max(np.abs(logits - model.teacher_forced(features, tokens)[0])) < 0.15
     check_well_formed(decoding.beam_search(half, features, 2, 5), 5)
 
