@@ -84,7 +84,7 @@ def measure(encoder: str, batch_size: int, repeats: int, weights: str, seed: int
     computed = _cosines(features["bfloat16"], features["float32"])
     stored = _cosines(*(features[n].astype(np.float16).astype(np.float32) for n in ("bfloat16", "float32")))
     probe = precision.measure()
-    auto = precision.choose(precision.AUTO, lambda: probe, encoder_speedup=lambda: rate["bfloat16"] / rate["float32"])
+    auto = precision.choose(precision.AUTO, lambda: probe, work_speedup=lambda: rate["bfloat16"] / rate["float32"])
     return {"encoder": encoder, "weights": weights, "batch_size": batch_size, "repeats": repeats, "cpu": _cpu(),
             "images_per_s": {n: round(v, 2) for n, v in rate.items()},
             "bfloat16_over_float32": round(rate["bfloat16"] / rate["float32"], 3),

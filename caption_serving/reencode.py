@@ -27,7 +27,7 @@ def at_precision(loaded, info: dict, path: str, asked: str, probe=None):
         backbone, encoder = load_encoder(info, path)
         return precision.time_encoder(encoder, backbone.geometry.input_size)
 
-    choice = precision.choose(asked, probe, encoder_speedup=encoder_speedup if "encoder" in info else None)
+    choice = precision.choose(asked, probe, work_speedup=encoder_speedup if "encoder" in info else None)
     if choice.precision == savedmodel.export_encoder_precision(info):
         return loaded, choice
     if "encoder" not in info:

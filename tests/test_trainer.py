@@ -220,7 +220,7 @@ def test_bfloat16_trains_and_exports_in_float32(decoder, small_data, tmp_path, m
     assert json.load(open(job / "config.json"))["compute_dtype"] == "bfloat16"
     assert m["precision"]["precision"] == "bfloat16"
     if decoder == "gru":
-        assert m["precision"]["speedup"] > 0 and "this job's bfloat16 step measured" in m["precision"]["why"]
+        assert m["precision"]["speedup"] > 0 and "this job's step measured" in m["precision"]["why"]
         try:   # the fused kernels take bfloat16 too
             fused_attention.load()
             assert m["attention_kernel"] == "fused"

@@ -7,10 +7,10 @@ AMX or AVX512-BF16, GPUs with bfloat16 tensor cores); elsewhere TensorFlow emula
 step is slower.
 
 auto is decided by measurement, the cheap one first:
-  1. The encoder's decision (model.precision.choose): a matrix product and a convolution timed in
-     bfloat16 against float32, about 0.5 s, once a process. Where it keeps float32 (under its 1.5x
-     margin) the step cannot gain, its matmuls being most of its arithmetic: float32, and nothing
-     more is timed.
+  1. The encoder's probe (model.precision.choose): a matrix product and a convolution timed in
+     bfloat16 against float32, about 0.5 s, once a process. Under its PROBE_MARGIN (1.25x: bfloat16
+     is emulated here) the step cannot gain, its matmuls being most of its arithmetic: float32,
+     and nothing more is timed.
   2. Else the job's own train step, on its first batch, in both precisions (built, warmed up,
      then timed alternately, median of ROUNDS): bfloat16 where it is at least STEP_MARGIN times as
      fast. This costs two traces and a few steps, once a job.
@@ -53,13 +53,9 @@ def choose(value: str, *, resumed: str | None = None, workers: int = 1, probe=No
     if workers > 1:
         return Choice(value, FLOAT32, f"auto, unmeasured: {workers} workers would each decide alone; name "
                                       f"{FLAG} bfloat16 for workers with bfloat16 matrix units")
-    gate = encoder_precision.choose(AUTO, probe)    # the encoder's own decision on the same probe
-    if gate.precision == FLOAT32:
-        return Choice(value, FLOAT32, f"{gate.why}; the step was not timed", gate.speedup)
-    speedup = step_speedup()
-    picked = BFLOAT16 if speedup >= STEP_MARGIN else FLOAT32
-    return Choice(value, picked, f"auto: this job's bfloat16 step measured {speedup:.2f}x float32's, "
-                                 f"{'at least' if picked == BFLOAT16 else 'under'} {STEP_MARGIN}x", speedup)
+    # The encoder's two-stage decision, the job's own step as the work timed after the probe.
+    return encoder_precision.choose(AUTO, probe, work_speedup=step_speedup, margin=STEP_MARGIN,
+                                    work="this job's step")
 
 
 def time_steps(make_steps, batch, rounds: int = ROUNDS) -> dict[str, float]:
