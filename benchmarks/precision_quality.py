@@ -37,11 +37,16 @@ from model import backbones
 PRECISIONS = ("float32", "bfloat16")
 
 
+def tag(encoder: str, precision: str) -> str:
+    """A run's name in its data and job folders: the precision, after the encoder unless InceptionV3."""
+    return precision if encoder == backbones.DEFAULT else f"{encoder}-{precision}"
+
+
 def run_one(work: str, coco: str, precision: str, a) -> dict:
-    tag = precision if a.encoder == backbones.DEFAULT else f"{a.encoder}-{precision}"
-    data, job = (os.path.join(work, f"{p}-{tag}") for p in ("data", "job"))
+    name = tag(a.encoder, precision)
+    data, job = (os.path.join(work, f"{p}-{name}") for p in ("data", "job"))
     preprocess, train, m = preprocess_and_train(
-        coco, data, job, tag, ["--encoder", a.encoder, "--encoder-precision", precision],
+        coco, data, job, name, ["--encoder", a.encoder, "--encoder-precision", precision],
         ["--epochs", str(a.epochs), "--precision", precision, *a.trainer_flags])
     with open(os.path.join(job, "eval-val", "results.json")) as f:
         captions = {r["image_id"]: r["caption"] for r in json.load(f)}
@@ -52,13 +57,14 @@ def run_one(work: str, coco: str, precision: str, a) -> dict:
             "attention_kernel": trained["attention_kernel"]}
 
 
-def serve(work: str, coco: str, job: str, tag: str, encoder: str) -> dict:
-    """`job`'s export captioning the val pictures with its encoder in `encoder` precision."""
-    out = os.path.join(work, f"serve-{tag}-encoder-{encoder}")
+def serve(work: str, coco: str, name: str, encoder: str) -> dict:
+    """The export of job `name` captioning the val pictures with its encoder in `encoder` precision."""
+    out = os.path.join(work, f"serve-{name}-encoder-{encoder}")
     seconds = step(os.path.join(out, "summary.json"),
                    [sys.executable, "-m", "pipelines.caption_images", "--images", os.path.join(coco, "val2014"),
-                    "--model", os.path.join(job, "export"), "--output", out, "--coco-results", "--overwrite",
-                    "--encoder-precision", encoder], f"the {tag} export, encoder in {encoder}: captioning val")
+                    "--model", os.path.join(work, f"job-{name}", "export"), "--output", out, "--coco-results",
+                    "--overwrite", "--encoder-precision", encoder],
+                   f"the {name} export, encoder in {encoder}: captioning val")
     with open(os.path.join(out, "coco_results.json")) as f:
         results = json.load(f)
     with open(os.path.join(coco, "annotations", "captions_val2014.json")) as f:
@@ -92,8 +98,7 @@ def main(argv=None) -> int:
           str(a.val), "--seed", str(a.seed)], "the scene set")
     results = {p: run_one(a.work, coco, p, a) for p in PRECISIONS}
     summary = compare(results)
-    tag = "float32" if a.encoder == backbones.DEFAULT else f"{a.encoder}-float32"
-    served = {p: serve(a.work, coco, os.path.join(a.work, f"job-{tag}"), tag, p) for p in PRECISIONS}
+    served = {p: serve(a.work, coco, tag(a.encoder, "float32"), p) for p in PRECISIONS}
     serving = compare(served)
 
     def figures(runs):

@@ -178,8 +178,7 @@ def build_module(job_dir: str, data_dir: str | None = None, beam_size: int = dec
         raise ExportError(f"{enc_path}: not the encoder that made the features (sha256 differs from metadata.json)")
     backbone = backbones.get(meta.encoder.name)
     encoder = backbone.load(enc_path)
-    size = backbone.geometry.input_size
-    chosen = precision.choose(asked, work_speedup=lambda: precision.time_encoder(encoder, size))
+    chosen = precision.choose(asked, work_speedup=lambda: precision.time_encoder(encoder))
     if chosen.precision != precision.FLOAT32:
         precision.set_compute(encoder, chosen.precision)
     log.info("the image signatures' encoder computes in %s", chosen.describe())

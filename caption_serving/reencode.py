@@ -23,18 +23,22 @@ class ReencodeError(ValueError, cli.UserError):
 def at_precision(loaded, info: dict, path: str, asked: str, probe=None):
     """-> (a captioner for client.caption_batch, the model.precision Choice made). loaded, info:
     client.load_model's; path: the export's directory; probe: model.precision.choose's."""
-    def encoder_speedup():
-        backbone, encoder = load_encoder(info, path)
-        return precision.time_encoder(encoder, backbone.geometry.input_size)
+    rebuilt = []  # the export's encoder, loaded once: where auto times it, that is the one re-encoding
 
-    choice = precision.choose(asked, probe, work_speedup=encoder_speedup if "encoder" in info else None)
+    def encoder():
+        if not rebuilt:
+            rebuilt.extend(load_encoder(info, path))
+        return rebuilt
+
+    choice = precision.choose(asked, probe, work_speedup=(lambda: precision.time_encoder(encoder()[1]))
+                              if "encoder" in info else None)
     if choice.precision == savedmodel.export_encoder_precision(info):
         return loaded, choice
     if "encoder" not in info:
         raise ReencodeError(f"{path}: its export.json does not name its encoder, so it cannot encode in "
                             f"{choice.precision}; export the job again, or pass {precision.FLAG} "
                             f"{savedmodel.export_encoder_precision(info)}")
-    return Reencoded(loaded, info, path, choice.precision), choice
+    return Reencoded(loaded, encoder(), choice.precision), choice
 
 
 def load_encoder(info: dict, path: str):
@@ -54,13 +58,13 @@ def load_encoder(info: dict, path: str):
 
 
 class Reencoded:
-    """A loaded export whose caption_images signature encodes in `compute`; its other signatures
-    are the export's own."""
+    """A loaded export whose caption_images signature encodes in `compute` with `rebuilt`, its
+    encoder as `load_encoder` gives it; its other signatures are the export's own."""
 
-    def __init__(self, loaded, info: dict, path: str, compute: str):
+    def __init__(self, loaded, rebuilt, compute: str):
         import tensorflow as tf
 
-        backbone, encoder = load_encoder(info, path)
+        backbone, encoder = rebuilt
         precision.set_compute(encoder, compute)
 
         @tf.function(input_signature=[tf.TensorSpec([None], tf.string)])

@@ -1,6 +1,6 @@
 """The image encoder's compute precision: float32, or bfloat16 where this machine runs it clearly faster.
 
-    choice = precision.choose("auto", work_speedup=lambda: precision.time_encoder(encoder, size))
+    choice = precision.choose("auto", work_speedup=lambda: precision.time_encoder(encoder))
     precision.set_compute(encoder, choice.precision)     # the backbone's layers compute in it
     features = precision.encode(encoder, pixels)         # float32 out, whatever it computed in
 
@@ -127,14 +127,14 @@ def set_compute(model, precision: str) -> None:
         layer.dtype_policy = _POLICIES[precision]
 
 
-def time_encoder(model, input_size: int, batch: int = TIMING_BATCH, rounds: int = 3) -> float:
+def time_encoder(model, batch: int = TIMING_BATCH, rounds: int = 3) -> float:
     """`model`'s (a backbone: [B, size, size, 3] -> features) bfloat16 speed over its float32 speed:
-    a batch of seeded noise pictures, each precision traced and warmed, then `rounds` calls of
-    each in turns, medians. Its layers compute as they did before, after."""
+    a batch of seeded noise pictures at its input size, each precision traced and warmed, then
+    `rounds` calls of each in turns, medians. Its layers compute as they did before, after."""
     import tensorflow as tf
 
     before = [(layer, layer.dtype_policy) for layer in _layers(model)]
-    pixels = tf.random.stateless_uniform([batch, input_size, input_size, 3], seed=[0, 1], minval=-1.0, maxval=1.0)
+    pixels = tf.random.stateless_uniform([batch, *model.input_shape[1:]], seed=[0, 1], minval=-1.0, maxval=1.0)
     calls = {}
     try:
         for name in (FLOAT32, BFLOAT16):  # each traced under its own policies

@@ -319,9 +319,8 @@ def prepare(args) -> dict:
     splits, max_captions, planned = _plan_splits(args, entries)
     _prepare_output(out, args.overwrite, planned)
     encoder, encoder_path, encoder_digest = _fix_encoder(args, out)
-    size = backbones.get(args.encoder).geometry.input_size
     chosen = precision.choose(args.encoder_precision, measurable=not launcher.is_dataflow(args.runner),
-                              work_speedup=lambda: precision.time_encoder(encoder, size))
+                              work_speedup=lambda: precision.time_encoder(encoder))
     log.info("the encoder computes in %s", chosen.describe())
     manifests, rejects_path = _write_manifests(out, splits, rejects)
     static = _static_metadata(args, source, max_captions, encoder_path, splits, chosen.precision)

@@ -78,11 +78,11 @@ def test_time_encoder_runs_both_precisions_and_leaves_the_layers_as_they_were():
     x = keras.layers.Conv2D(8, 3, padding="same", activation="relu")(inputs)
     x = keras.layers.BatchNormalization()(x)
     model = keras.Model(inputs, keras.layers.Reshape((256, 8))(x))
-    speedup = precision.time_encoder(model, 16, batch=2, rounds=1)
+    speedup = precision.time_encoder(model, batch=2, rounds=1)
     assert np.isfinite(speedup) and speedup > 0
     assert {layer.compute_dtype for layer in model.layers} == {"float32"}
     precision.set_compute(model, "bfloat16")
-    precision.time_encoder(model, 16, batch=2, rounds=1)
+    precision.time_encoder(model, batch=2, rounds=1)
     assert {layer.compute_dtype for layer in model.layers} == {"bfloat16"}  # what it was before, again
 
 
@@ -91,7 +91,8 @@ def test_preprocessing_auto_times_its_own_encoder(scene_dir, tmp_path, monkeypat
     (injected: 1.2x) and keeps float32; the plan it hands the workers says so."""
     monkeypatch.setattr(precision, "measure", _probe(3.0))
     timed = []
-    monkeypatch.setattr(precision, "time_encoder", lambda model, size, **_: timed.append((model.name, size)) or 1.2)
+    monkeypatch.setattr(precision, "time_encoder",
+                        lambda model, **_: timed.append((model.name, model.input_shape[1])) or 1.2)
     argv = ["--coco-dir", scene_dir, "--output", str(tmp_path / "data"), "--encoder", "mobilenet_v3_large",
             "--encoder-weights", "random", "--encoder-precision", "auto"]
     args, _ = preprocess.parse_args(argv)
@@ -209,8 +210,8 @@ def test_the_export_encodes_in_its_choice_and_a_loader_may_choose_another(traine
     monkeypatch.setattr(precision, "measure", _probe(3.0))
     timed = []
 
-    def encoder_speedup(model, size, **_):
-        timed.append((model.name, size))
+    def encoder_speedup(model, **_):
+        timed.append((model.name, model.input_shape[1]))
         return 2.5 if len(timed) != 2 else 1.1
 
     monkeypatch.setattr(precision, "time_encoder", encoder_speedup)
