@@ -22,9 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import tempfile
-import time
 
 import numpy as np
 
@@ -74,13 +72,9 @@ def measure(encoder: str, batch_size: int, repeats: int, weights: str, seed: int
         calls[name] = tf.function(lambda x: precision.encode(model, x), input_signature=spec)
         features[name] = calls[name](pixels).numpy()  # the trace and a warm-up call
         calls[name](pixels).numpy()
-    seconds = {name: [] for name in calls}
-    for r in range(repeats):
-        for name in (list(calls) if r % 2 == 0 else list(calls)[::-1]):
-            t = time.perf_counter()
-            calls[name](pixels).numpy()
-            seconds[name].append(time.perf_counter() - t)
-    rate = {name: batch_size / statistics.median(s) for name, s in seconds.items()}
+    seconds = precision.in_turns({name: (lambda call=call: call(pixels).numpy()) for name, call in calls.items()},
+                                 repeats)
+    rate = {name: batch_size / s for name, s in seconds.items()}
     computed = _cosines(features["bfloat16"], features["float32"])
     stored = _cosines(*(features[n].astype(np.float16).astype(np.float32) for n in ("bfloat16", "float32")))
     probe = precision.measure()

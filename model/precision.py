@@ -144,13 +144,21 @@ def time_encoder(model, batch: int = TIMING_BATCH, rounds: int = 3) -> float:
     finally:
         for layer, policy in before:
             layer.dtype_policy = policy
+    seconds = in_turns({name: (lambda call=call: call(pixels).numpy()) for name, call in calls.items()}, rounds)
+    return seconds[FLOAT32] / seconds[BFLOAT16]
+
+
+def in_turns(calls: dict, rounds: int) -> dict:
+    """Median seconds of each of `calls` (name -> a function that runs its work to the end), called
+    `rounds` times in turns, the order reversed every other round so that neither always follows
+    the other (and inherits its caches or its heat). Trace and warm each up before."""
     times = {name: [] for name in calls}
     for r in range(rounds):
-        for name in (FLOAT32, BFLOAT16)[:: 1 if r % 2 else -1]:
-            t = time.perf_counter()
-            calls[name](pixels).numpy()
-            times[name].append(time.perf_counter() - t)
-    return statistics.median(times[FLOAT32]) / statistics.median(times[BFLOAT16])
+        for name in list(calls)[:: -1 if r % 2 else 1]:
+            start = time.perf_counter()
+            calls[name]()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def _layers(layer):
@@ -221,9 +229,6 @@ def _measure(device: str) -> Probe:
     repeats = 1
     while _seconds(f32, repeats) < _MIN_SECONDS and repeats < 1024:
         repeats *= 4
-    times = {tf.float32: [], tf.bfloat16: []}
-    for r in range(_ROUNDS):
-        for dtype, fn in ((tf.float32, f32), (tf.bfloat16, bf16))[:: 1 if r % 2 else -1]:
-            times[dtype].append(_seconds(fn, repeats))
-    speedup = statistics.median(times[tf.float32]) / statistics.median(times[tf.bfloat16])
+    seconds = in_turns({FLOAT32: lambda: f32(repeats).numpy(), BFLOAT16: lambda: bf16(repeats).numpy()}, _ROUNDS)
+    speedup = seconds[FLOAT32] / seconds[BFLOAT16]
     return Probe(speedup, device, time.perf_counter() - start)

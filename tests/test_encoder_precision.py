@@ -86,6 +86,22 @@ def test_time_encoder_runs_both_precisions_and_leaves_the_layers_as_they_were():
     assert {layer.compute_dtype for layer in model.layers} == {"bfloat16"}  # what it was before, again
 
 
+def test_in_turns_reverses_the_order_every_other_round_and_takes_medians(monkeypatch):
+    """The timing under auto's measurements (the probe, the encoder, the trainer's step): neither
+    precision always runs first, and one slow call does not move the figure."""
+    clock, order = [0.0], []
+    costs = {"float32": iter([1.0, 5.0, 2.0]), "bfloat16": iter([4.0, 3.0, 90.0])}
+    monkeypatch.setattr(precision.time, "perf_counter", lambda: clock[0])
+
+    def call(name):
+        order.append(name)
+        clock[0] += next(costs[name])
+
+    seconds = precision.in_turns({name: (lambda name=name: call(name)) for name in costs}, rounds=3)
+    assert order == ["float32", "bfloat16", "bfloat16", "float32", "float32", "bfloat16"]
+    assert seconds == {"float32": 2.0, "bfloat16": 4.0}
+
+
 def test_preprocessing_auto_times_its_own_encoder(scene_dir, tmp_path, monkeypatch):
     """The pipeline's auto, where the probe passes (injected), times the encoder it has just built
     (injected: 1.2x) and keeps float32; the plan it hands the workers says so."""

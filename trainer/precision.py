@@ -12,7 +12,7 @@ auto is decided by measurement, the cheap one first:
      is emulated here) the step cannot gain, its matmuls being most of its arithmetic: float32,
      and nothing more is timed.
   2. Else the job's own train step, on its first batch, in both precisions (built, warmed up,
-     then timed alternately, median of ROUNDS): bfloat16 where it is at least STEP_MARGIN times as
+     then timed in turns, median of ROUNDS): bfloat16 where it is at least STEP_MARGIN times as
      fast. This costs two traces and a few steps, once a job.
 A resumed job keeps the precision it started with (config.json). Else $CAPTIONER_TRAIN_PRECISION
 decides for auto where it is set (a machine, or a test suite, pinned to one precision). A job of
@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import logging
 import os
-import statistics
-import time
 
 from model import precision as encoder_precision
 from model.precision import BFLOAT16, CHOICES, FLOAT32, Choice  # noqa: F401 - CHOICES: the flag's
@@ -61,7 +59,7 @@ def choose(value: str, *, resumed: str | None = None, workers: int = 1, probe=No
 def time_steps(make_steps, batch, rounds: int = ROUNDS) -> dict[str, float]:
     """Seconds of one train step in each precision (median of `rounds`). make_steps(compute_dtype) ->
     trainer.steps.CaptionSteps of the job's model; batch: (features, tokens) of one replica. Both
-    are built and run once first (trace, kernels, optimizer slots), then timed alternately."""
+    are built and run once first (trace, kernels, optimizer slots), then timed in turns."""
     import tensorflow as tf
 
     features, tokens = batch
@@ -71,12 +69,8 @@ def time_steps(make_steps, batch, rounds: int = ROUNDS) -> dict[str, float]:
         steps[dtype] = make_steps(dtype)
         steps[dtype].build(spec)
         float(steps[dtype].train_step(batch)["loss"])
-    times = {dtype: [] for dtype in steps}
-    for _ in range(rounds):
-        for dtype, s in steps.items():
-            start = time.perf_counter()
-            float(s.train_step(batch)["loss"])   # the step's last op, so the step has run
-            times[dtype].append(time.perf_counter() - start)
-    seconds = {dtype: statistics.median(t) for dtype, t in times.items()}
+    # The loss is the step's last op: read, the step has run.
+    seconds = encoder_precision.in_turns(
+        {dtype: (lambda s=s: float(s.train_step(batch)["loss"])) for dtype, s in steps.items()}, rounds)
     log.info("train step timed in each precision: %s", ", ".join(f"{d} {t * 1e3:.0f} ms" for d, t in seconds.items()))
     return seconds
