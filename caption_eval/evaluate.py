@@ -203,43 +203,45 @@ def evaluate(model_dir: str, data_dir: str | None = None, split: str = "val",
              max_length: int | None = None, output: str | None = None, images_dir: str | None = None,
              instances: str | None = None, gallery_size: int = 12, spice: bool = False,
              batch_size: int = 32, controls: dict | None = None) -> dict:
-    """Run the whole evaluation, write its files, return metrics.json's content."""
+    """Run the whole evaluation, write its files, return metrics.json's content. METEOR's Java
+    process is started first: it loads (seconds) while the export loads and captions the split."""
     from caption_eval import gallery
     from caption_eval.evaluators import coco_metrics
     from caption_io import metadata, savedmodel
 
-    model, info, data_dir = _open_export(model_dir, data_dir)
-    meta = metadata.read(data_dir)
-    files = metadata.shard_files(data_dir, split, meta)
-    max_length = max_length or savedmodel.export_max_length(info)
-    output = output or _default_output(model_dir, split)
+    with coco_metrics.Meteor() as meteor:
+        model, info, data_dir = _open_export(model_dir, data_dir)
+        meta = metadata.read(data_dir)
+        files = metadata.shard_files(data_dir, split, meta)
+        max_length = max_length or savedmodel.export_max_length(info)
+        output = output or _default_output(model_dir, split)
 
-    boxes_from, boxes = split_boxes(meta, split, instances)
-    coco = coco_metrics.CocoMetrics(spice=spice)
-    nested = split_evaluators(boxes, coco, meta.geometry.grid)
-    evaluators = [coco] + [e for e in nested.values() if e]
+        boxes_from, boxes = split_boxes(meta, split, instances)
+        coco = coco_metrics.CocoMetrics(spice=spice, meteor=meteor)
+        nested = split_evaluators(boxes, coco, meta.geometry.grid)
+        evaluators = [coco] + [e for e in nested.values() if e]
 
-    start = time.time()
-    items = caption_split(model, files, meta.features.shape, beam_size, max_length, batch_size, controls=controls)
-    shown = _feed(items, evaluators, gallery_size, batch_size, meta.splits[split].images.written or None, start)
-    caption_seconds = time.time() - start
-    try:
-        metrics = coco.summary()
-    except ValueError as e:  # the shards hold an image twice, or one without captions
-        raise UsageError(f"--data {data_dir}, {split} split: {e}") from None
-    metrics.update({"split": split, "beam_size": beam_size, "max_length": max_length, "decoding": controls or {},
-                    "model": model_dir,
-                    "data": data_dir, "text_normalisation": "caption_io.text.normalize (tensorflow-text)",
-                    "caption_seconds": round(caption_seconds, 1),
-                    "score_seconds": round(time.time() - start - caption_seconds, 1)})
-    metrics["instances"] = boxes_from
-    if not boxes:
-        looked = ", ".join(default_instances(meta, split)) or "nowhere: the data's source has no COCO layout"
-        metrics["instances_note"] = f"no object boxes, so no attention figures (looked {looked}; pass --instances)"
-    metrics.update({key: e.summary() if e else None for key, e in nested.items()})
-    shown = annotate(gallery.choose(shown, coco.image_cider, gallery_size), coco, boxes)
-    _write_outputs(output, metrics, coco.results, shown, gallery_size, images_dir, meta, split, boxes)
-    return metrics
+        start = time.time()
+        items = caption_split(model, files, meta.features.shape, beam_size, max_length, batch_size, controls=controls)
+        shown = _feed(items, evaluators, gallery_size, batch_size, meta.splits[split].images.written or None, start)
+        caption_seconds = time.time() - start
+        try:
+            metrics = coco.summary()
+        except ValueError as e:  # the shards hold an image twice, or one without captions
+            raise UsageError(f"--data {data_dir}, {split} split: {e}") from None
+        metrics.update({"split": split, "beam_size": beam_size, "max_length": max_length, "decoding": controls or {},
+                        "model": model_dir,
+                        "data": data_dir, "text_normalisation": "caption_io.text.normalize (tensorflow-text)",
+                        "caption_seconds": round(caption_seconds, 1),
+                        "score_seconds": round(time.time() - start - caption_seconds, 1)})
+        metrics["instances"] = boxes_from
+        if not boxes:
+            looked = ", ".join(default_instances(meta, split)) or "nowhere: the data's source has no COCO layout"
+            metrics["instances_note"] = f"no object boxes, so no attention figures (looked {looked}; pass --instances)"
+        metrics.update({key: e.summary() if e else None for key, e in nested.items()})
+        shown = annotate(gallery.choose(shown, coco.image_cider, gallery_size), coco, boxes)
+        _write_outputs(output, metrics, coco.results, shown, gallery_size, images_dir, meta, split, boxes)
+        return metrics
 
 
 def table(metrics: dict) -> str:
