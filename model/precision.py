@@ -36,7 +36,8 @@ FLAG = "--encoder-precision"
 ENV = "CAPTIONER_ENCODER_PRECISION"
 MARGIN = 1.5  # bfloat16 must run at least this many times as fast as float32 for auto to choose it
 # The probe's bar for timing the real work: bfloat16 runs in hardware here. Emulated, the probe
-# measures 0.92-0.95x (AMD Zen 2); with AVX512-BF16, 1.56-1.68x (Zen 4), with AMX more.
+# measures 0.92-0.95x (AMD Zen 2), 0.20-0.35x (Intel Ice Lake); with AVX512-BF16, 1.56-1.68x
+# (Zen 4), with AMX more.
 PROBE_MARGIN = 1.25
 _POLICIES = {FLOAT32: "float32", BFLOAT16: "mixed_bfloat16"}
 _ROUNDS = 5
