@@ -12,6 +12,8 @@ outputs. Where the choice is the export's, the loaded export is used as it is.
 """
 from __future__ import annotations
 
+import functools
+
 from caption_io import cli, fileio, savedmodel
 from model import backbones, precision
 
@@ -23,13 +25,8 @@ class ReencodeError(ValueError, cli.UserError):
 def at_precision(loaded, info: dict, path: str, asked: str, probe=None):
     """-> (a captioner for client.caption_batch, the model.precision Choice made). loaded, info:
     client.load_model's; path: the export's directory; probe: model.precision.choose's."""
-    rebuilt = []  # the export's encoder, loaded once: where auto times it, that is the one re-encoding
-
-    def encoder():
-        if not rebuilt:
-            rebuilt.extend(load_encoder(info, path))
-        return rebuilt
-
+    # The export's encoder, loaded once: where auto times it, that is the one re-encoding.
+    encoder = functools.cache(lambda: load_encoder(info, path))
     choice = precision.choose(asked, probe, work_speedup=(lambda: precision.time_encoder(encoder()[1]))
                               if "encoder" in info else None)
     if choice.precision == savedmodel.export_encoder_precision(info):

@@ -11,7 +11,7 @@ import shutil
 import pytest
 import tensorflow as tf
 
-from caption_io import checkpoints, datadir, metadata, savedmodel
+from caption_io import checkpoints, datadir, metadata
 from caption_serving import export
 from trainer import task
 
@@ -82,7 +82,7 @@ def test_summaries_refused_by_a_full_disk_name_the_event_file(small_data, refere
 
 
 def test_an_export_refused_by_a_full_disk_keeps_the_previous_export(trained_job, small_disk, capsys):
-    from caption_serving.client import load_model
+    from caption_serving.client import export_info, load_model
 
     out = os.path.join(small_disk.path, "export")
     shutil.copytree(os.path.join(trained_job, "export"), out)  # the previous export (the fixture's)
@@ -99,7 +99,7 @@ def test_an_export_refused_by_a_full_disk_keeps_the_previous_export(trained_job,
 
     small_disk.make_room()
     assert export.main(["--job-dir", trained_job, "--output", out]) == 0
-    info = json.load(open(os.path.join(out, savedmodel.EXPORT_INFO)))  # (the new export loads: test_export)
+    info = export_info(out)  # (the new export loads: test_export)
     assert info["checkpoint"] == tf.train.latest_checkpoint(os.path.join(trained_job, "checkpoints"))
 
 
